@@ -1,0 +1,409 @@
+"""Stream a pruned model into an HF-loadable safetensors checkpoint, one tensor at a time.
+
+Rank 0 gathers one full tensor at a time and hands it to `StreamingExport.write`; every shard's
+safetensors header is computed up front from the `TensorSpec`s, so each tensor's bytes are appended
+as they arrive (hashed and zero-counted on the way) and only the current tensor is ever in memory.
+Everything is written into a temporary sibling directory that is renamed into place by `finish`.
+
+Directory layout (as `save_pretrained` writes it): config.json, model.safetensors or
+model-0000i-of-0000n.safetensors + model.safetensors.index.json, extra files (tokenizer, ...), and
+sparsity.json (our provenance record: per-tensor zeros, shard sha256; see `finish`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from dist_prune import __version__
+from dist_prune.errors import UserError
+
+PRODUCER = f"dist-prune {__version__}"
+SPARSITY_FILE = "sparsity.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_RESERVED = {"producer", "format_version", "tensors", "overall_sparsity", "shards", "total_size"}
+
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32",
+    torch.uint64: "U64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(int(d) for d in self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Greedy in order; a shard never exceeds max_shard_size bytes of tensor data unless a single
+    tensor is larger (then it is alone). Shards are contiguous runs of `specs`, so writing the
+    tensors in `specs` order fills one shard file after the other."""
+    if max_shard_size <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
+    shards: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    size = 0
+    for spec in specs:
+        n = spec.nbytes
+        if current and size + n > max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(spec)
+        size += n
+        if size > max_shard_size:  # a single oversize tensor: alone in its shard
+            shards.append(current)
+            current, size = [], 0
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _shard_names(n: int) -> list[str]:
+    return [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _header(shard: Sequence[TensorSpec]) -> bytes:
+    """The complete safetensors prefix: 8-byte LE length + space-padded JSON header."""
+    meta: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in shard:
+        if spec.dtype not in _DTYPES:
+            raise ValueError(f"{spec.name}: dtype {spec.dtype} cannot be stored in safetensors")
+        meta[spec.name] = {"dtype": _DTYPES[spec.dtype], "shape": list(spec.shape),
+                           "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    body = json.dumps(meta, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    return len(body).to_bytes(8, "little") + body
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj, **kw) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, **kw) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _is_dist_prune_export(path: Path) -> bool:
+    try:
+        meta = json.loads((path / SPARSITY_FILE).read_text())
+        return str(meta.get("producer", "")).startswith("dist-prune")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_destination(final_dir: Path) -> None:
+    """Refuse an existing destination that is not empty and not a dist-prune export."""
+    if not final_dir.exists():
+        return
+    if not final_dir.is_dir():
+        raise UserError(f"export target {final_dir} exists and is not a directory")
+    if any(final_dir.iterdir()) and not _is_dist_prune_export(final_dir):
+        raise UserError(f"export target {final_dir} exists and is not a dist-prune export; "
+                        "choose another directory or remove it")
+
+
+def _module_name(tensor_name: str) -> str:
+    return tensor_name.rsplit(".", 1)[0] if "." in tensor_name else tensor_name
+
+
+class StreamingExport:
+    """Writes an HF-loadable checkpoint directory one tensor at a time (see module docstring).
+
+    An existing `final_dir` is accepted if it is empty or a previous dist-prune export (it is
+    replaced only at the final rename); anything else is refused with UserError.
+    """
+
+    def __init__(self, final_dir: Path, specs: Sequence[TensorSpec], max_shard_size: int):
+        if sys.byteorder != "little":
+            raise RuntimeError("safetensors export needs a little-endian host")
+        self.final_dir = Path(final_dir).absolute()
+        self.specs = list(specs)
+        if not self.specs:
+            raise ValueError("nothing to export: no tensor specs")
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in specs")
+        check_destination(self.final_dir)
+        self.shards = plan_shards(self.specs, max_shard_size)
+        self.files = _shard_names(len(self.shards))
+        self._order = [(fi, spec) for fi, shard in enumerate(self.shards) for spec in shard]
+        self._next = 0
+        self._fh = None
+        self._hash = None
+        self.sha256: dict[str, str] = {}
+        self.zeros: dict[str, int] = {}
+        self.final_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = self.final_dir.parent / f".{self.final_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+        self.tmp_dir.mkdir()
+        self._done = False
+
+    # -- context manager ----------------------------------------------------------------------
+    def __enter__(self) -> "StreamingExport":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            self.abort()
+
+    # -- writing ------------------------------------------------------------------------------
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._done:
+            raise RuntimeError("export already finished or aborted")
+        if self._next >= len(self._order):
+            raise ValueError(f"unexpected tensor {name!r}: all {len(self._order)} tensors already written")
+        fi, spec = self._order[self._next]
+        if name != spec.name:
+            raise ValueError(f"tensor {name!r} arrived out of order; expected {spec.name!r}")
+        if tuple(tensor.shape) != tuple(spec.shape) or tensor.dtype != spec.dtype:
+            raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, "
+                             f"spec says {tuple(spec.shape)} {spec.dtype}")
+        if self._fh is None:  # first tensor of this shard: open the file, write the header
+            self._fh = open(self.tmp_dir / self.files[fi], "wb")
+            self._hash = hashlib.sha256()
+            head = _header(self.shards[fi])
+            self._fh.write(head)
+            self._hash.update(head)
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        try:
+            nonzero = int(torch.count_nonzero(t))
+        except (RuntimeError, NotImplementedError):  # e.g. float8 on older torch
+            nonzero = int(torch.count_nonzero(t.float()))
+        self.zeros[name] = spec.numel - nonzero
+        if spec.numel:
+            buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            self._fh.write(buf)
+            self._hash.update(buf)
+        self._next += 1
+        if self._next == len(self._order) or self._order[self._next][0] != fi:
+            self._close_shard(fi)
+
+    def _close_shard(self, fi: int) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+        self.sha256[self.files[fi]] = self._hash.hexdigest()
+
+    def finish(self, config: dict, extra_files: Sequence[Path], report: dict) -> Path:
+        """Write config.json, extra files, index, sparsity.json; fsync; rename into place.
+
+        config.json gets a top-level "sparsity_config" block (compressed-tensors convention).
+        Its "targets" and "ignore" hold *module* names (tensor name minus the last component,
+        e.g. "model.layers.0.mlp.up_proj"), which is what compressed-tensors matches against:
+        targets = modules with at least one pruned tensor, ignore = every other module.
+        """
+        if self._done:
+            raise RuntimeError("export already finished or aborted")
+        if self._next != len(self._order):
+            missing = [s.name for _, s in self._order[self._next:]]
+            raise ValueError(f"export incomplete: {len(missing)} tensors not written, next is {missing[0]!r}")
+        clash = _RESERVED & set(report)
+        if clash:
+            raise ValueError(f"report may not set reserved keys {sorted(clash)}")
+        pruned = set(report.get("pruned_tensors", ()))
+        unknown = pruned - {s.name for s in self.specs}
+        if unknown:
+            raise ValueError(f"pruned_tensors names unknown tensors: {sorted(unknown)[:5]}")
+
+        tensors, p_numel, p_zeros = {}, 0, 0
+        for s in self.specs:
+            z = self.zeros[s.name]
+            tensors[s.name] = {"shape": list(s.shape), "numel": s.numel, "zeros": z,
+                               "sparsity": z / s.numel if s.numel else 0.0, "pruned": s.name in pruned}
+            if s.name in pruned:
+                p_numel += s.numel
+                p_zeros += z
+        overall = p_zeros / p_numel if p_numel else 0.0
+
+        targets = sorted({_module_name(n) for n in pruned})
+        ignore = sorted({_module_name(s.name) for s in self.specs} - set(targets))
+        cfg = dict(config)
+        cfg["sparsity_config"] = {"format": "dense", "global_sparsity": overall,
+                                  "sparsity_structure": report.get("structure", "unstructured"),
+                                  "targets": targets, "ignore": ignore,
+                                  "registry_requires_subclass": False}
+        _write_json(self.tmp_dir / "config.json", cfg, indent=2, sort_keys=True)
+
+        for src in extra_files:
+            src = Path(src)
+            if not src.is_file():
+                raise UserError(f"extra file {src} does not exist or is not a file")
+            if src.name in set(self.files) | {"config.json", INDEX_FILE, SPARSITY_FILE}:
+                raise UserError(f"extra file {src} would overwrite the export's own {src.name}")
+            dst = self.tmp_dir / src.name
+            shutil.copyfile(src, dst)
+            with open(dst, "rb") as f:
+                os.fsync(f.fileno())
+
+        total_size = sum(s.nbytes for s in self.specs)
+        if len(self.files) > 1:
+            weight_map = {s.name: self.files[fi] for fi, s in self._order}
+            index = {"metadata": {"total_parameters": sum(s.numel for s in self.specs),
+                                  "total_size": total_size},
+                     "weight_map": weight_map}
+            _write_json(self.tmp_dir / INDEX_FILE, index, indent=2, sort_keys=True)
+
+        record = {"producer": PRODUCER, "format_version": 1,
+                  **{k: v for k, v in report.items() if k != "pruned_tensors"},
+                  "tensors": tensors, "overall_sparsity": overall, "total_size": total_size,
+                  "shards": dict(self.sha256)}
+        _write_json(self.tmp_dir / SPARSITY_FILE, record, indent=2, default=str)
+        _fsync_dir(self.tmp_dir)
+        self._publish()
+        self._done = True
+        return self.final_dir
+
+    def _publish(self) -> None:
+        check_destination(self.final_dir)  # re-check: something may have appeared meanwhile
+        old = None
+        if self.final_dir.exists():
+            old = self.final_dir.parent / f".{self.final_dir.name}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(self.final_dir, old)
+        try:
+            os.rename(self.tmp_dir, self.final_dir)
+        except BaseException:
+            if old is not None:
+                os.rename(old, self.final_dir)
+            raise
+        _fsync_dir(self.final_dir.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Remove the temporary directory; nothing appears at final_dir."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if not self._done:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._done = True
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_header(path: Path) -> dict:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise UserError(f"shard {path} is truncated (no header)")
+        n = int.from_bytes(raw, "little")
+        if n > size - 8:
+            raise UserError(f"shard {path} is truncated (header runs past end of file)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise UserError(f"shard {path} has a corrupt safetensors header") from None
+    try:
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError, AttributeError):
+        raise UserError(f"shard {path} has a corrupt safetensors header") from None
+    if 8 + n + end != size:
+        raise UserError(f"shard {path} is truncated or padded: {size} bytes, header says {8 + n + end}")
+    return header
+
+
+def verify_export(directory: Path) -> dict:
+    """Check sparsity.json, every listed shard (exists, complete, sha256) and the index; return
+    the parsed sparsity.json. UserError naming the file on any mismatch."""
+    directory = Path(directory)
+    meta_path = directory / SPARSITY_FILE
+    if not meta_path.is_file():
+        raise UserError(f"{meta_path} is missing: {directory} is not a dist-prune export")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{meta_path} is unreadable: {e}") from None
+    if not isinstance(meta, dict) or not str(meta.get("producer", "")).startswith("dist-prune"):
+        raise UserError(f"{meta_path} was not written by dist-prune")
+    shards = meta.get("shards")
+    if not isinstance(shards, dict) or not shards:
+        raise UserError(f"{meta_path} lists no shards")
+    stored: set[str] = set()
+    for name, digest in shards.items():
+        path = directory / name
+        if not path.is_file():
+            raise UserError(f"shard {path} listed in {SPARSITY_FILE} is missing")
+        stored |= set(_read_header(path)) - {"__metadata__"}
+        if _sha256_file(path) != digest:
+            raise UserError(f"shard {path} is corrupt: sha256 does not match {SPARSITY_FILE}")
+    index_path = directory / INDEX_FILE
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{index_path} is unreadable: {e}") from None
+        files = set(weight_map.values())
+        if files != set(shards):
+            raise UserError(f"{index_path} names shards {sorted(files ^ set(shards))} "
+                            f"that disagree with {SPARSITY_FILE}")
+        if set(weight_map) != stored:
+            raise UserError(f"{index_path} weight_map disagrees with the shards' tensors")
+    elif set(shards) != {SINGLE_FILE}:
+        raise UserError(f"{index_path} is missing but {SPARSITY_FILE} lists {len(shards)} shards")
+    if isinstance(meta.get("tensors"), dict) and set(meta["tensors"]) != stored:
+        raise UserError(f"{meta_path} lists tensors that disagree with the shards' contents")
+    return meta
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """"2GB", "500MB", "1.5GiB", "100 kb", 1000 -> bytes (decimal KB/MB/GB, binary KiB/MiB/GiB,
+    as transformers does). UserError on anything else or a non-positive size."""
+    if isinstance(text, bool):
+        raise UserError(f"invalid size {text!r}: expected e.g. 2GB, 500MB, 1.5GiB or a byte count")
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise UserError(f"invalid size {text!r}: expected e.g. 2GB, 500MB, 1.5GiB or a byte count")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise UserError(f"invalid size {text!r}: must be positive")
+    return value

@@ -1,0 +1,285 @@
+"""Register a verified export in the MLflow model registry, and pull a registered version back.
+
+Everything goes through an explicit `MlflowClient(tracking_uri, registry_uri)`; the global MLflow
+state (tracking URI, active run) is never touched. In MLflow 3, `register_model("runs:/..")` on
+plain artifacts fails, so the export directory is logged as run artifacts under "model/" and
+registered with `MlflowClient.create_model_version(name, source=<artifact URI of model/>)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+from dist_prune import __version__
+from dist_prune.errors import UserError
+from dist_prune.export import verify_export
+
+MAX_PARAM_VALUE = 6000      # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_KEY = 250               # MAX_ENTITY_KEY_LENGTH
+MAX_TAG_VALUE = 5000        # model-registry tag value limit (run tags allow more)
+BATCH = 100                 # MAX_PARAMS_TAGS_PER_BATCH
+READY_TIMEOUT_S = 300
+# A param/tag key is dropped when its last dotted part names a credential (hf_token, db.password,
+# api_key; not max_tokens or pad_token); env vars whose names say so have their values masked.
+_SECRET_KEY = re.compile(r"(?:.*[_\-])?(?:password|passwd|secret|secret_key|api_?key|access_?key|credentials?"
+                         r"|private_?key|(?<!bos_)(?<!eos_)(?<!pad_)(?<!unk_)(?<!sep_)(?<!cls_)(?<!mask_)token)", re.I)
+_SECRET_ENV = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN(?!IZER)|API_?KEY|ACCESS_?KEY|CREDENTIAL|PRIVATE_?KEY", re.I)
+_MODEL_URI = (re.compile(r"models:/([^/@]+)@([\w\-]+)"), re.compile(r"models:/([^/@]+)/(\d+)"))
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    run_id: str
+    version: int
+    uri: str        # models:/NAME/VERSION
+    alias_uri: str  # models:/NAME@ALIAS
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _redact_uri(uri: str) -> str:
+    """Drop user:password@ from a URI so that it can be printed."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.username or parts.password:
+        return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    return uri
+
+
+def _env_secrets() -> list[str]:
+    return [v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 6]
+
+
+def _is_secret(key: str) -> bool:
+    return _SECRET_KEY.fullmatch(key.rsplit(".", 1)[-1]) is not None
+
+
+def _scrub(value: str, secrets: Sequence[str]) -> str:
+    """Mask secret env values and user:password@ in URIs."""
+    for s in secrets:
+        value = value.replace(s, "***")
+    return re.sub(r"(\w+://)[^/\s:@]+:[^/\s@]+@", r"\1***@", value)
+
+
+def _key(key: str) -> str:
+    key = re.sub(r"[^\w.\- /:]", "_", key).strip("/ ")
+    key = re.sub(r"/+", "/", key).replace("..", "._")
+    return key[:MAX_KEY] or "_"
+
+
+def _flatten(d: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flatten(v, name + ".")
+        else:
+            yield name, v
+
+
+def flatten_params(params: dict) -> dict[str, str]:
+    """Nested dicts become a.b.c keys; lists are JSON; values are cut to MLflow's 6000 chars;
+    keys that look like secrets are dropped and secret env values are masked."""
+    secrets = _env_secrets()
+    out: dict[str, str] = {}
+    for name, v in _flatten(params):
+        if _is_secret(name):
+            continue
+        if isinstance(v, (list, tuple)):
+            text = json.dumps(v, default=str)
+        else:
+            text = "None" if v is None else str(v)
+        text = _scrub(text, secrets)
+        if len(text) > MAX_PARAM_VALUE:
+            text = text[: MAX_PARAM_VALUE - 3] + "..."
+        out[_key(name)] = text
+    return out
+
+
+@contextlib.contextmanager
+def _mlflow_errors(uri: str, action: str) -> Iterator[None]:
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    try:
+        yield
+    except UserError:
+        raise
+    except (MlflowException, RequestException, OSError) as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"MLflow at {_redact_uri(uri)}: {action} failed: {_scrub(msg, _env_secrets())}") from e
+
+
+def _client(tracking_uri: str | None):
+    import mlflow
+    from mlflow import MlflowClient
+
+    if tracking_uri is None:
+        tracking_uri, registry_uri = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    else:
+        registry_uri = tracking_uri
+    if urlsplit(tracking_uri).scheme in ("http", "https"):
+        import requests
+
+        try:
+            requests.get(tracking_uri.rstrip("/") + "/health", timeout=10)
+        except requests.RequestException as e:
+            raise UserError(f"cannot reach MLflow tracking server at {_redact_uri(tracking_uri)}: "
+                            f"{type(e).__name__}") from e
+    with _mlflow_errors(tracking_uri, "connecting"):
+        return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri), tracking_uri, registry_uri
+
+
+def _is_code(e: Exception, *codes: str) -> bool:
+    return getattr(e, "error_code", None) in codes
+
+
+# -- register ------------------------------------------------------------------------------------
+
+def register_export(export_dir: Path, *, tracking_uri: str | None, experiment: str, model_name: str,
+                    alias: str, params: dict, metrics: dict, artifacts: Sequence[Path] = (),
+                    tags: dict | None = None, artifact_location: str | None = None) -> RegisteredModel:
+    """Log one MLflow run (params, metrics, artifacts, the export under "model/"), create model
+    version N of `model_name` from it, wait for READY and point `alias` at it.
+
+    `artifact_location` is used only when the experiment does not exist yet."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    export_dir = Path(export_dir)
+    meta = verify_export(export_dir)  # nothing unverified is registered
+    for a in artifacts:
+        if not Path(a).exists():
+            raise UserError(f"artifact {a} does not exist")
+    client, uri, _ = _client(tracking_uri)
+    secrets = _env_secrets()
+    all_tags = {"dist_prune.version": __version__, "dist_prune.producer": str(meta.get("producer")),
+                "dist_prune.overall_sparsity": f"{meta.get('overall_sparsity', 0.0):.6f}",
+                **{k: meta[k] for k in ("method", "structure", "scope") if k in meta and not isinstance(meta[k], dict)},
+                **(tags or {})}
+    all_tags = {_key(k): _scrub(str(v), secrets)[:MAX_TAG_VALUE] for k, v in all_tags.items()
+                if not _is_secret(k)}
+    flat_params = flatten_params(params)
+    now = int(time.time() * 1000)
+    metric_list = [Metric(_key(k), float(v), now, 0) for k, v in _flatten(metrics)
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    metric_list += [Metric(_key(k), float(x), now, step) for k, v in _flatten(metrics)
+                    if isinstance(v, (list, tuple)) for step, x in enumerate(v) if isinstance(x, (int, float))]
+    metric_list.append(Metric("overall_sparsity", float(meta.get("overall_sparsity", 0.0)), now, 0))
+
+    with _mlflow_errors(uri, f"experiment {experiment!r}"):
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
+        elif exp.lifecycle_stage != "active":
+            raise UserError(f"MLflow experiment {experiment!r} at {_redact_uri(uri)} is deleted; restore it or pick another name")
+        else:
+            exp_id = exp.experiment_id
+        run = client.create_run(exp_id, tags=all_tags)
+    run_id = run.info.run_id
+    status = "FAILED"
+    try:
+        with _mlflow_errors(uri, f"logging run {run_id}"):
+            plist = [Param(k, v) for k, v in flat_params.items()]
+            for i in range(0, max(len(plist), len(metric_list)), BATCH):
+                client.log_batch(run_id, metrics=metric_list[i:i + BATCH], params=plist[i:i + BATCH])
+            for a in map(Path, artifacts):
+                if a.is_dir():
+                    client.log_artifacts(run_id, str(a), a.name)
+                else:
+                    client.log_artifact(run_id, str(a))
+            client.log_artifacts(run_id, str(export_dir), "model")
+        source = run.info.artifact_uri.rstrip("/") + "/model"
+        with _mlflow_errors(uri, f"registering model {model_name!r}"):
+            try:
+                client.create_registered_model(model_name)
+            except Exception as e:  # MlflowException; an existing model is fine
+                if not _is_code(e, "RESOURCE_ALREADY_EXISTS"):
+                    raise
+            mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=all_tags)
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while mv.status == "PENDING_REGISTRATION" and time.monotonic() < deadline:
+                time.sleep(1)
+                mv = client.get_model_version(model_name, mv.version)
+            if mv.status != "READY":
+                raise UserError(f"MLflow at {_redact_uri(uri)}: model {model_name!r} version {mv.version} "
+                                f"is {mv.status}: {mv.status_message or 'no message'}")
+            client.set_registered_model_alias(model_name, alias, str(mv.version))
+        status = "FINISHED"
+    finally:
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, status)
+    version = int(mv.version)
+    return RegisteredModel(run_id=run_id, version=version, uri=f"models:/{model_name}/{version}",
+                           alias_uri=f"models:/{model_name}@{alias}")
+
+
+# -- pull ------------------------------------------------------------------------------------------
+
+def parse_model_uri(model_uri: str) -> tuple[str, str | None, int | None]:
+    """models:/NAME@ALIAS -> (NAME, ALIAS, None); models:/NAME/VERSION -> (NAME, None, VERSION)."""
+    for i, pattern in enumerate(_MODEL_URI):
+        m = pattern.fullmatch(model_uri.strip())
+        if m:
+            return (m.group(1), m.group(2), None) if i == 0 else (m.group(1), None, int(m.group(2)))
+    raise UserError(f"invalid model URI {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+def pull(model_uri: str, dst: Path, *, tracking_uri: str | None = None) -> Path:
+    """Download a registered dist-prune export into `dst` (must not exist or be empty), verified."""
+    import mlflow.artifacts
+
+    name, alias, version = parse_model_uri(model_uri)
+    dst = Path(dst).absolute()
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise UserError(f"destination {dst} already exists and is not empty")
+    client, uri, registry_uri = _client(tracking_uri)
+    where = _redact_uri(uri)
+    with _mlflow_errors(uri, f"resolving {model_uri}"):
+        try:
+            client.get_registered_model(name)
+        except Exception as e:
+            if _is_code(e, "RESOURCE_DOES_NOT_EXIST"):
+                raise UserError(f"no registered model named {name!r} at {where}") from None
+            raise
+        try:
+            mv = (client.get_model_version_by_alias(name, alias) if alias is not None
+                  else client.get_model_version(name, str(version)))
+        except Exception as e:
+            if _is_code(e, "RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                what = f"alias {alias!r}" if alias is not None else f"version {version}"
+                raise UserError(f"registered model {name!r} at {where} has no {what}") from None
+            raise
+        if mv.status != "READY":
+            raise UserError(f"{model_uri} (version {mv.version}) is {mv.status}, not READY")
+        source = client.get_model_version_download_uri(name, str(mv.version))
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.pull-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        with _mlflow_errors(uri, f"downloading {model_uri} from {_redact_uri(source)}"):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
+                                                             tracking_uri=uri, registry_uri=registry_uri))
+        if not local.is_dir():
+            raise UserError(f"{model_uri} does not point at a directory of artifacts")
+        try:
+            verify_export(local)
+        except UserError as e:
+            raise UserError(f"{model_uri} failed verification after download: {e}") from None
+        if dst.exists():
+            dst.rmdir()  # empty, checked above
+        os.rename(local, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst

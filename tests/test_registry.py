@@ -1,0 +1,168 @@
+"""MLflow registry round trip on a throw-away sqlite store (one store per module: MLflow's schema
+migration costs several seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from dist_prune.errors import UserError
+from dist_prune.export import SPARSITY_FILE, StreamingExport, TensorSpec
+from dist_prune.registry import flatten_params, parse_model_uri, pull, register_export
+
+SECRET = "hunter2-very-secret"
+NAME = "tiny-llama-sparse"
+
+
+def make_export(root: Path, seed: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A tiny random Llama, half of its decoder linear weights zeroed, exported in several shards."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                         tie_word_embeddings=False))
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    pruned = [k for k in sd if ".layers." in k and k.endswith("_proj.weight")]
+    for k in pruned:
+        sd[k][sd[k].abs() <= sd[k].abs().median()] = 0
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
+    with StreamingExport(root / f"export-{seed}", specs, 20_000) as ex:
+        for k, v in sd.items():
+            ex.write(k, v)
+        out = ex.finish(model.config.to_dict(), [], {"method": "magnitude", "structure": "unstructured",
+                                                     "scope": "global", "pruned_tensors": pruned})
+    return out, sd
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # MLflow's defaults (mlflow.db, mlruns/) would land here, not in the repo
+        mp.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+        uri = f"sqlite:///{root}/mlflow.db"
+        export_dir, sd = make_export(root, 0)
+        notes = root / "notes.txt"
+        notes.write_text("calibration notes")
+        reg = register_export(
+            export_dir, tracking_uri=uri, experiment="dist-prune-test", model_name=NAME, alias="candidate",
+            params={"method": "wanda", "prune": {"sparsity": 0.5, "scope": {"kind": "global"}},
+                    "layers": [0, 1], "long": "x" * 7000, "mlflow_password": SECRET, "echo": f"pw={SECRET}"},
+            metrics={"ppl_sparse": 123.4, "per_layer": {"l0": 0.5}, "curve": [3.0, 2.0, 1.0]},
+            artifacts=[notes], tags={"team": "compression"},
+            artifact_location=(root / "artifacts").as_uri())
+        yield {"root": root, "uri": uri, "reg": reg, "sd": sd, "export": export_dir}
+
+
+def assert_same_weights(directory: Path, sd: dict[str, torch.Tensor]) -> None:
+    lsd = AutoModelForCausalLM.from_pretrained(directory).state_dict()
+    assert set(lsd) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(lsd[k], v), k
+
+
+def test_flatten_params(monkeypatch):
+    monkeypatch.setenv("MY_API_TOKEN", "tok-123456")
+    flat = flatten_params({"a": {"b": {"c": 1}}, "l": [1, "x"], "n": None, "s": "y" * 7000,
+                           "api_key": "k", "db": {"password": "p"}, "url": "https://u:tok-123456@h",
+                           "bad key[0]": 2, "db_uri": "postgresql://me:pw1@db/x", "calib": {"max_tokens": 5, "pad_token": 0, "hf_token": "t"}})
+    assert flat["a.b.c"] == "1" and flat["l"] == '[1, "x"]' and flat["n"] == "None"
+    assert len(flat["s"]) == 6000 and flat["s"].endswith("...")
+    assert "api_key" not in flat and "db.password" not in flat
+    assert "tok-123456" not in flat["url"]
+    assert flat["bad key_0_"] == "2" and flat["db_uri"] == "postgresql://***@db/x"
+    assert flat["calib.max_tokens"] == "5" and flat["calib.pad_token"] == "0" and "calib.hf_token" not in flat
+
+
+def test_register_logs_run(store):
+    from mlflow import MlflowClient
+
+    reg = store["reg"]
+    assert reg.version == 1 and reg.uri == f"models:/{NAME}/1" and reg.alias_uri == f"models:/{NAME}@candidate"
+    client = MlflowClient(tracking_uri=store["uri"], registry_uri=store["uri"])
+    run = client.get_run(reg.run_id)
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    assert p["prune.scope.kind"] == "global" and p["layers"] == "[0, 1]" and len(p["long"]) == 6000
+    assert m["ppl_sparse"] == 123.4 and m["per_layer.l0"] == 0.5 and m["curve"] == 1.0
+    assert m["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert t["dist_prune.version"] and t["team"] == "compression" and t["method"] == "magnitude"
+    assert run.info.status == "FINISHED"
+    dumped = json.dumps([p, t, {k: str(v) for k, v in m.items()}])
+    assert SECRET not in dumped and "mlflow_password" not in p
+    names = {a.path for a in client.list_artifacts(reg.run_id)}
+    assert {"model", "notes.txt"} <= names
+    assert {a.path for a in client.list_artifacts(reg.run_id, "model")} >= {"model/config.json", f"model/{SPARSITY_FILE}"}
+    assert client.get_model_version_by_alias(NAME, "candidate").version in ("1", 1)
+    assert not (Path.cwd() / "mlflow.db").exists() or Path.cwd() == store["root"]
+
+
+def test_pull_by_alias_and_version(store, tmp_path):
+    for uri in (f"models:/{NAME}@candidate", f"models:/{NAME}/1"):
+        dst = tmp_path / uri.replace("/", "_").replace(":", "_").replace("@", "_")
+        assert pull(uri, dst, tracking_uri=store["uri"]) == dst.absolute()
+        assert_same_weights(dst, store["sd"])
+        assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in store["export"].iterdir())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pull(f"models:/{NAME}/1", empty, tracking_uri=store["uri"])
+    assert (empty / SPARSITY_FILE).exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))  == []  # no temp left
+
+
+def test_pull_errors(store, tmp_path):
+    uri = store["uri"]
+    for bad in ["models:/x", "runs:/abc/model", "models:/a@b/c", f"models:/{NAME}/latest", "NAME@alias"]:
+        with pytest.raises(UserError, match="models:/NAME@ALIAS or models:/NAME/VERSION"):
+            pull(bad, tmp_path / "x", tracking_uri=uri)
+    with pytest.raises(UserError, match="no registered model named 'nope'"):
+        pull("models:/nope@candidate", tmp_path / "x", tracking_uri=uri)
+    with pytest.raises(UserError, match="no alias 'prod'"):
+        pull(f"models:/{NAME}@prod", tmp_path / "x", tracking_uri=uri)
+    with pytest.raises(UserError, match="no version 99"):
+        pull(f"models:/{NAME}/99", tmp_path / "x", tracking_uri=uri)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "f").write_text("x")
+    with pytest.raises(UserError, match="not empty"):
+        pull(f"models:/{NAME}/1", full, tracking_uri=uri)
+    with pytest.raises(UserError, match="127.0.0.1:9"):
+        pull(f"models:/{NAME}/1", tmp_path / "x", tracking_uri="http://127.0.0.1:9")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+    assert parse_model_uri("models:/a-b.c@prod_1") == ("a-b.c", "prod_1", None)
+    assert parse_model_uri("models:/m/12") == ("m", None, 12)
+
+
+def test_unverified_export_is_not_registered(store, tmp_path):
+    export_dir, _ = make_export(tmp_path, 2)
+    shard = next(export_dir.glob("model-00001-*"))
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\x7f")
+    with pytest.raises(UserError, match="model-00001-of-.*corrupt"):
+        register_export(export_dir, tracking_uri=store["uri"], experiment="dist-prune-test",
+                        model_name="never", alias="candidate", params={}, metrics={})
+    with pytest.raises(UserError, match="no registered model named 'never'"):
+        pull("models:/never/1", tmp_path / "x", tracking_uri=store["uri"])
+
+
+def test_second_version_and_tampered_artifact(store, tmp_path):
+    export_dir, sd = make_export(tmp_path, 1)
+    reg = register_export(export_dir, tracking_uri=store["uri"], experiment="dist-prune-test", model_name=NAME,
+                          alias="candidate", params={"method": "magnitude"}, metrics={})
+    assert reg.version == 2 and reg.uri == f"models:/{NAME}/2"
+    dst = pull(f"models:/{NAME}@candidate", tmp_path / "v2", tracking_uri=store["uri"])  # alias moved
+    assert_same_weights(dst, sd)
+
+    from mlflow import MlflowClient
+
+    source = MlflowClient(tracking_uri=store["uri"]).get_model_version_download_uri(NAME, "2")
+    stored = Path(source.removeprefix("file://"))
+    shard = next(stored.glob("model-00002-*"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="failed verification.*model-00002-of-.*corrupt"):
+        pull(f"models:/{NAME}/2", tmp_path / "bad", tracking_uri=store["uri"])
+    assert not (tmp_path / "bad").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]
