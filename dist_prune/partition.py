@@ -1,0 +1,94 @@
+"""Stage 1b, load: build the model straight into DeepSpeed ZeRO-3 partitions.
+
+ZeRO-3 flattens every parameter, pads it to a multiple of the world size W and gives
+rank r the flat elements [r*ps, (r+1)*ps), ps = ceil(numel / W). We construct the model
+under `deepspeed.zero.Init` (each module is partitioned as soon as it is built) and
+then fill each rank's slice from the checkpoint, reading only the rows that cover it.
+No process ever holds the whole model; a forward pass gathers one layer at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from dist_prune.checkpoint import Checkpoint
+from dist_prune.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(name: str, use_gpu: bool) -> torch.dtype:
+    """`model.dtype`: auto means bfloat16 on GPU, float32 on CPU (CPU bf16 matmuls are slow)."""
+    if name == "auto":
+        return torch.bfloat16 if use_gpu else torch.float32
+    return DTYPES[name]
+
+
+def zero3_config(dtype: torch.dtype) -> dict:
+    """The DeepSpeed config of the pruning workers.
+
+    stage3_param_persistence_threshold=0: otherwise parameters under 1e5 elements stay
+    whole on every rank, and small models (and norms) would not be partitioned at all.
+    """
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+    }
+
+
+def local_range(param: torch.nn.Parameter) -> tuple[int, int]:
+    """Flat [start, stop) of the full parameter held by this rank (padding excluded)."""
+    group = getattr(param, "ds_process_group", None)
+    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    size = param.ds_tensor.numel()
+    start = min(rank * size, param.ds_numel)
+    return start, min(start + size, param.ds_numel)
+
+
+def local_weight(param: torch.nn.Parameter) -> torch.Tensor:
+    """A 1-D view of this rank's elements of `param` (writes go to the partition)."""
+    start, stop = local_range(param)
+    return param.ds_tensor.data[: stop - start]
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Full parameters on every rank inside the block, partitions again after it.
+    Collective: every rank must enter with the same parameters."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+        yield
+
+
+def build_partitioned_model(model_dir: Path, checkpoint: Checkpoint, dtype: torch.dtype,
+                            *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model of `model_dir`, each rank holding only its ZeRO-3 slice of every parameter."""
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with deepspeed.zero.Init(config_dict_or_path=zero3_config(dtype), dtype=dtype):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
+    model.eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # a tied weight appears once
+            start, stop = local_range(param)
+            flat = checkpoint.read_flat(name, start, stop)
+            if not torch.isfinite(flat).all():
+                raise UserError(f"checkpoint tensor {name} contains NaN or Inf values")
+            if tuple(checkpoint.shape(name)) != tuple(param.ds_shape):
+                raise UserError(f"checkpoint tensor {name} has shape {checkpoint.shape(name)}, "
+                                f"config.json implies {tuple(param.ds_shape)}")
+            param.ds_tensor.data[: stop - start].copy_(flat)
+    return model

@@ -1,0 +1,95 @@
+"""What the user sees: stage timings, progress bars, the summary table and the plot."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+
+class StageTimer:
+    """Seconds per stage; a stage entered several times (per layer) accumulates."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int, desc: str, *, enabled: bool):
+    """A progress bar on rank 0 only. Inside Ray workers, Ray's tqdm shows it on the driver."""
+    if not enabled or total <= 0:
+        return _NoBar()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+            return ray_tqdm(total=total, desc=desc)
+    except ImportError:
+        pass
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc)
+
+
+def summary_table(metrics: dict, model_uri: str | None, export_dir: str) -> str:
+    """The final table printed by `dist-prune run`."""
+    rows = [("dense perplexity", _fmt(metrics.get("perplexity_dense"))),
+            ("sparse perplexity", _fmt(metrics.get("perplexity_sparse"))),
+            ("achieved sparsity", f"{metrics['sparsity']:.4f} "
+                                  f"({metrics['pruned']:,} of {metrics['prunable']:,} weights)")]
+    rows += [(f"seconds: {k.removeprefix('seconds_')}", f"{v:.1f}")
+             for k, v in metrics.items() if k.startswith("seconds_")]
+    rows += [("export", export_dir), ("model", model_uri or "(not registered)")]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 2 + max(len(v) for _, v in rows))
+    return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def layer_sparsity_plot(tensors: dict[str, dict], path: Path) -> Path:
+    """Bar chart of the sparsity of each decoder layer's pruned weights (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_layer: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for name, info in tensors.items():
+        match = re.search(r"\.layers\.(\d+)\.", name)
+        if info.get("pruned") and match:
+            per_layer[int(match.group(1))][0] += info["zeros"]
+            per_layer[int(match.group(1))][1] += info["numel"]
+    layers = sorted(per_layer)
+    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.25), 3.5))
+    ax.bar(layers, [per_layer[i][0] / per_layer[i][1] for i in layers], color="#4c72b0")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("sparsity (zeros / weights)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Sparsity per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

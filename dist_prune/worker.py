@@ -1,0 +1,220 @@
+"""The pruning recipe, as every Ray worker runs it: load -> calibrate -> score -> select
+-> mask -> evaluate -> export. Read it top to bottom.
+
+Every function here is collective: all ranks call it in the same order, each with
+its own slice of every weight and its own share of the data.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dist_prune.calibrate import InputNormCollector
+from dist_prune.checkpoint import cache_dir, open_checkpoint
+from dist_prune.config import JobConfig, config_from_dict, scope_of
+from dist_prune.data import shard
+from dist_prune.errors import UserError
+from dist_prune.evaluate import perplexity
+from dist_prune.export import StreamingExport, TensorSpec
+from dist_prune.layerwise import LayerRunner
+from dist_prune.masking import Target, apply_mask, find_targets, local_start, pruned_counts
+from dist_prune.partition import (DTYPES, build_partitioned_model, compute_dtype, gathered,
+                                  local_weight)
+from dist_prune.report import StageTimer, progress
+from dist_prune.scoring import SCORERS, LocalSlice, Scorer
+from dist_prune.selection import Segment, group_sizes, prune_counts, select_pruned
+
+
+@dataclass
+class WorkerJob:
+    """Everything a worker needs; built and validated by the driver, small to pickle."""
+
+    config: dict  # JobConfig as a dict
+    model_dir: str  # Hugging Face safetensors directory
+    calibration: torch.Tensor | None  # [num_samples, seq_len] token ids, or None
+    evaluation: torch.Tensor | None  # [num_windows, seq_len] token ids, or None
+    export_dir: str
+    report: dict  # extra keys for sparsity.json (method, config hash, source, ...)
+
+
+def run_worker(job: WorkerJob) -> dict:
+    """Prune, evaluate and export; returns the job's metrics (identical on every rank)."""
+    cfg = config_from_dict(job.config)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    timer, metrics = StageTimer(), {}
+    scorer = SCORERS[cfg.prune.method]
+
+    with timer("load"):
+        checkpoint = open_checkpoint(Path(job.model_dir))
+        dtype = compute_dtype(cfg.model.dtype, cfg.cluster.use_gpu)
+        model = build_partitioned_model(Path(job.model_dir), checkpoint, dtype,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+        targets = find_targets(model, cfg.prune.exclude)
+
+    layers = len(model.get_decoder().layers)
+    eval_windows = None if job.evaluation is None else shard(job.evaluation, rank, world)
+    if eval_windows is not None and cfg.eval.dense:
+        with timer("evaluate"):
+            bar = progress(layers, "perplexity (dense)", enabled=rank == 0)
+            metrics["perplexity_dense"] = perplexity(model, eval_windows, bar)
+            bar.close()
+
+    calibration = None if job.calibration is None else shard(job.calibration, rank, world)
+    masks = prune(model, targets, scorer, cfg, calibration, timer, show=rank == 0)
+    counts = pruned_counts(targets, masks)
+
+    if eval_windows is not None:
+        with timer("evaluate"):
+            bar = progress(layers, "perplexity (sparse)", enabled=rank == 0)
+            metrics["perplexity_sparse"] = perplexity(model, eval_windows, bar)
+            bar.close()
+
+    with timer("export"):
+        export_model(model, checkpoint, cfg, Path(job.export_dir),
+                     dict(job.report, pruned_tensors=sorted(counts), pruned_counts=counts))
+
+    prunable = sum(t.numel for t in targets)
+    metrics.update(pruned=sum(counts.values()), prunable=prunable,
+                   sparsity=sum(counts.values()) / max(prunable, 1), world_size=world)
+    metrics.update({f"seconds_{k}": v for k, v in timer.seconds.items()})
+    return metrics
+
+
+def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: JobConfig,
+          calibration: torch.Tensor | None, timer: StageTimer, show: bool) -> dict[str, torch.Tensor]:
+    """Score, select and mask every target; returns the local masks (True = pruned).
+
+    Scorers that need activations calibrate layer by layer. With `sequential`, each
+    layer is pruned before its outputs feed the next layer, so later layers see the
+    inputs they will see at inference (Wanda / SparseGPT reference behaviour).
+    """
+    scope = scope_of(cfg.prune)
+    if not scorer.needs_activations:
+        with timer("score+select+mask"):
+            return select_and_mask(targets, {}, scorer, cfg.prune.sparsity, scope)
+
+    sequential = cfg.data.calibration.sequential and scope != "global"
+    runner = LayerRunner(model)
+    by_layer: dict[int, list[Target]] = {}
+    for t in targets:
+        by_layer.setdefault(t.layer, []).append(t)
+    if None in by_layer:
+        raise UserError(f"prune.method {cfg.prune.method} calibrates decoder layers only; add "
+                         f"{by_layer[None][0].name} to prune.exclude")
+
+    masks, stats = {}, {}
+    bar = progress(len(runner.layers), f"calibrate+prune ({cfg.prune.method})", enabled=show)
+    with timer("calibrate"):
+        batches = runner.start(calibration)
+    for index in range(len(runner.layers)):
+        layer_targets = by_layer.get(index, [])
+        with timer("calibrate"):
+            with InputNormCollector({t.name: t.module for t in layer_targets}) as collector:
+                outputs = runner.run_layer(index, batches)
+            stats.update(collector.reduce())
+        if sequential and layer_targets:
+            with timer("score+select+mask"):
+                masks.update(select_and_mask(layer_targets, stats, scorer, cfg.prune.sparsity, scope))
+            with timer("calibrate"):
+                outputs = runner.run_layer(index, batches)  # what the pruned layer passes on
+        batches = outputs
+        bar.update(1)
+    bar.close()
+    if not sequential:
+        with timer("score+select+mask"):
+            masks = select_and_mask(targets, stats, scorer, cfg.prune.sparsity, scope)
+    return masks
+
+
+def select_and_mask(targets: list[Target], stats: dict, scorer: Scorer, sparsity: float,
+                    scope: str) -> dict[str, torch.Tensor]:
+    """Score each local slice, agree on the exact per-group thresholds, zero the pruned."""
+    segments = []
+    for index, t in enumerate(targets):
+        start = local_start(t)
+        local = LocalSlice(local_weight(t.param), start, t.shape)
+        segments.append(Segment(scorer.score(local, stats.get(t.name, {})), index, start))
+    numels = [t.numel for t in targets]
+    row_lengths = [t.shape[1] for t in targets]
+    counts = prune_counts(sparsity, group_sizes(numels, scope, row_lengths))
+    pruned = select_pruned(segments, numels, counts, scope=scope, row_lengths=row_lengths)
+    for t, mask in zip(targets, pruned):
+        apply_mask(t, mask)
+    return {t.name: mask for t, mask in zip(targets, pruned)}
+
+
+def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir: Path,
+                 report: dict) -> None:
+    """Gather one full tensor at a time; rank 0 streams it into safetensors shards.
+
+    A failure on rank 0 (disk full, ...) must not leave the other ranks waiting in a
+    gather forever: rank 0 keeps taking part in the gathers and the outcome is agreed
+    by one all-reduce at the end.
+    """
+    from dist_prune.export import parse_size
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    params = list(model.named_parameters())
+    specs = [TensorSpec(name, tuple(p.ds_shape), _export_dtype(cfg, checkpoint, name))
+             for name, p in params]
+    writer, failure = None, None
+    if rank == 0:
+        try:
+            writer = StreamingExport(export_dir, specs, parse_size(cfg.export.max_shard_size))
+        except Exception as e:  # noqa: BLE001 - reported collectively below
+            failure = e
+    for (name, param), spec in zip(params, specs):
+        with gathered([param]):
+            if writer is not None and failure is None:
+                try:
+                    writer.write(name, param.data.detach().to("cpu", spec.dtype))
+                except Exception as e:  # noqa: BLE001
+                    failure = e
+    if writer is not None and failure is None:
+        try:
+            config = _json(checkpoint.directory / "config.json")
+            config["dtype"] = str(specs[0].dtype).removeprefix("torch.") if specs else "float32"
+            config.pop("torch_dtype", None)
+            writer.finish(config, checkpoint.tokenizer_files(), report)
+        except Exception as e:  # noqa: BLE001
+            failure = e
+    if failure is not None and writer is not None:
+        writer.abort()
+    _raise_if_any_failed(failure, rank)
+
+
+def _export_dtype(cfg: JobConfig, checkpoint, name: str) -> torch.dtype:
+    return checkpoint.dtype(name) if cfg.export.dtype == "auto" else DTYPES[cfg.export.dtype]
+
+
+def _json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _raise_if_any_failed(failure: Exception | None, rank: int) -> None:
+    flag = torch.tensor([0 if failure is None else 1])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag)
+    if failure is not None:
+        raise failure
+    if flag.item():
+        raise RuntimeError(f"rank {rank}: another rank failed (see its error)")
+
+
+def ray_train_loop(payload: dict) -> None:
+    """Entry point of each Ray Train worker (TorchTrainer has set up the process group)."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+    import deepspeed
+    import ray.train
+
+    use_gpu = payload["config"]["cluster"]["use_gpu"]
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    metrics = run_worker(WorkerJob(**payload))
+    ray.train.report(metrics)

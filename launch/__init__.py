@@ -1,0 +1,1 @@
+"""Cluster job submission (Ray Jobs API) and runtime environment for dist-prune."""
