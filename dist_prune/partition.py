@@ -77,7 +77,9 @@ def build_partitioned_model(model_dir: Path, checkpoint: Checkpoint, dtype: torc
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    with deepspeed.zero.Init(config_dict_or_path=zero3_config(dtype), dtype=dtype):
+    # The dtype comes from the config's bf16/fp16 flags. Passing `dtype=` is broken in
+    # DeepSpeed 0.19 (operator precedence in Init._set_dtype): on CPU, float32 became bf16.
+    with deepspeed.zero.Init(config_dict_or_path=zero3_config(dtype)):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  trust_remote_code=trust_remote_code)
     model.eval()
@@ -90,5 +92,7 @@ def build_partitioned_model(model_dir: Path, checkpoint: Checkpoint, dtype: torc
             if tuple(checkpoint.shape(name)) != tuple(param.ds_shape):
                 raise UserError(f"checkpoint tensor {name} has shape {checkpoint.shape(name)}, "
                                 f"config.json implies {tuple(param.ds_shape)}")
+            if param.ds_tensor.dtype != dtype:
+                raise RuntimeError(f"{name} partition is {param.ds_tensor.dtype}, expected {dtype}")
             param.ds_tensor.data[: stop - start].copy_(flat)
     return model

@@ -119,9 +119,12 @@ def reference_sequential_wanda(model, windows, sparsity):
     for layer in layers:
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
-        hooks = [m.register_forward_hook(
-            lambda mod, inp, out, n=n: sums[n].add_((inp[0].reshape(-1, inp[0].shape[-1]).double() ** 2).sum(0)))
-            for n, m in linears.items()]
+        def accumulate(module, inputs, output, name):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            sums[name] += (x * x).sum(0)
+
+        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: accumulate(mod, i, o, n))
+                 for n, m in linears.items()]
         with torch.no_grad():
             model(windows)  # full forward: this layer sees the pruned earlier layers
         for h in hooks:
