@@ -7,7 +7,10 @@ its own slice of every weight and its own share of the data.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,8 +196,6 @@ def _export_dtype(cfg: JobConfig, checkpoint, name: str) -> torch.dtype:
 
 
 def _json(path: Path) -> dict:
-    import json
-
     return json.loads(path.read_text())
 
 
@@ -214,7 +215,14 @@ def ray_train_loop(payload: dict) -> None:
     import deepspeed
     import ray.train
 
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     use_gpu = payload["config"]["cluster"]["use_gpu"]
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     metrics = run_worker(WorkerJob(**payload))
-    ray.train.report(metrics)
+    # Ray Train V2 keeps only metrics that come with a checkpoint: rank 0 attaches one.
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if dist.get_rank() == 0:
+            (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -22,13 +22,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_prune import selection
-from dist_prune.selection import SCOPES, Segment, group_sizes, prune_counts, select_pruned
+from dist_prune.selection import Segment, group_sizes, prune_counts, select_pruned
 
 WORLD_SIZES = (1, 2, 4)
 SETTINGS = {
     "default": {},
-    # 64-element chunks, one layer / four rows per histogram batch, candidates always re-scanned.
-    "small": {"CHUNK": 64, "HIST_BINS": 1 << 10, "COMPACT_MIN": 0, "COMPACT_SHARE": 1 << 40},
+    # 64-element chunks, two layers per histogram batch, candidates always re-scanned.
+    "small": {"CHUNK": 64, "HIST_BINS": 1 << 17, "COMPACT_MIN": 0, "COMPACT_SHARE": 1 << 40},
 }
 FORBIDDEN = ("all_gather", "all_gather_into_tensor", "all_gather_object", "gather", "gather_object",
              "all_to_all", "all_to_all_single", "broadcast", "scatter", "reduce_scatter")
@@ -100,12 +100,12 @@ def make_cases() -> list[Case]:
                 ts, lengths = tensors(make), None
             counts = prune_counts(sparsity, group_sizes([t.numel() for t in ts], scope, lengths))
             cases.append(Case(f"{label}-{scope}", ts, scope, counts, lengths))
-    for scope in SCOPES:  # k = 0 and k = n everywhere, then a mix of both per group
+    ts = tensors(small_ints)
+    for sparsity in (0.0, 1.0):  # k = 0 and k = n
+        cases.append(Case(f"k{sparsity}-global", ts, "global", prune_counts(sparsity, [sum(t.numel() for t in ts)])))
+    for scope in ("layer", "row"):  # groups with k = 0, k = n and k = n / 2 side by side
         ts, lengths = row_tensors(small_ints) if scope == "row" else (tensors(small_ints), None)
-        sizes = group_sizes([t.numel() for t in ts], scope, lengths)
-        for sparsity in (0.0, 1.0):
-            cases.append(Case(f"k{sparsity}-{scope}", ts, scope, prune_counts(sparsity, sizes), lengths))
-        mix = torch.tensor([(0, n, n // 2)[i % 3] for i, n in enumerate(sizes)])
+        mix = torch.tensor([(0, n, n // 2)[i % 3] for i, n in enumerate(group_sizes([t.numel() for t in ts], scope, lengths))])
         cases.append(Case(f"kmix-{scope}", ts, scope, mix, lengths))
     big = tensors(randn, (20_011, 7_777))
     cases.append(Case("big-global", big, "global", prune_counts(0.7, [sum(t.numel() for t in big)])))
