@@ -74,14 +74,18 @@ def build_partitioned_model(model_dir: Path, checkpoint: Checkpoint, dtype: torc
     """The model of `model_dir`, each rank holding only its ZeRO-3 slice of every parameter."""
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     # The dtype comes from the config's bf16/fp16 flags. Passing `dtype=` is broken in
     # DeepSpeed 0.19 (operator precedence in Init._set_dtype): on CPU, float32 became bf16.
-    with deepspeed.zero.Init(config_dict_or_path=zero3_config(dtype)):
+    # No random init: every weight is overwritten from the checkpoint, and some inits
+    # (an embedding's padding row) index into partitions that are already empty.
+    with deepspeed.zero.Init(config_dict_or_path=zero3_config(dtype)), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  trust_remote_code=trust_remote_code)
+    model.tie_weights()  # skipped by no_init_weights
     model.eval()
     with torch.no_grad():
         for name, param in model.named_parameters():  # a tied weight appears once

@@ -1,0 +1,70 @@
+"""Model input: slices read from safetensors, pickle refused, broken checkpoints named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dist_prune.checkpoint import open_checkpoint, resolve_model
+from dist_prune.errors import UserError
+
+
+def test_read_flat_reads_exact_ranges(tmp_path):
+    tensors = {"w": torch.randn(7, 5), "v": torch.randn(11), "c": torch.randn(3, 2, 4)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = open_checkpoint(tmp_path)
+    for name, t in tensors.items():
+        flat = t.reshape(-1)
+        for start, stop in [(0, flat.numel()), (3, 4), (4, 17), (5, 5), (flat.numel() - 2, flat.numel())]:
+            if stop <= flat.numel():
+                assert torch.equal(ckpt.read_flat(name, start, stop), flat[start:stop]), (name, start)
+    assert ckpt.shape("c") == (3, 2, 4) and ckpt.dtype("w") == torch.float32
+
+
+def test_hf_directory_is_used_as_is(tiny_llama):
+    assert resolve_model(str(tiny_llama)) == tiny_llama
+
+
+def test_pickle_refused_unless_allowed(tmp_path, tiny_llama):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    shutil.copy(tiny_llama / "config.json", d)
+    torch.save(load_file(tiny_llama / "model.safetensors"), d / "pytorch_model.bin")
+    with pytest.raises(UserError, match="pickle weights .*model.allow_pickle=true"):
+        resolve_model(str(d))
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_truncated_shard_is_named(tmp_path, tiny_llama):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_llama, d)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(UserError, match="model.safetensors: truncated"):
+        open_checkpoint(d)
+
+
+def test_index_naming_missing_shard(tmp_path, tiny_llama):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_llama, d)
+    names = list(load_file(d / "model.safetensors"))
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: "model-00002-of-00002.safetensors" for n in names}}))
+    with pytest.raises(UserError, match="listed in the index but missing"):
+        open_checkpoint(d)
+
+
+def test_garbage_file(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        open_checkpoint(tmp_path)

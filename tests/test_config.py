@@ -1,0 +1,98 @@
+"""Config: every shipped YAML loads; overrides are typed; mistakes are one line, exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_prune.cli import main
+from dist_prune.config import JobConfig, describe_keys, load_config, parse_overrides
+from dist_prune.errors import UserError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_loads(path, monkeypatch, tmp_path):
+    # data paths in configs point at ../shared/data; make them exist wherever tests run
+    data = tmp_path / "wikitext-2"
+    data.mkdir()
+    for name in ("valid.txt", "test.txt"):
+        (data / name).write_text("some text\n")
+    monkeypatch.setenv("DIST_PRUNE_DATA", str(tmp_path))
+    cfg = load_config(path)
+    assert isinstance(cfg, JobConfig)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["prune.sparsity=0.6", "cluster.num_workers=1", "prune.scope=layer",
+                             "prune.exclude=[a, b]", "data.calibration.sequential=false"])
+    assert cfg.prune.sparsity == 0.6 and cfg.cluster.num_workers == 1
+    assert cfg.prune.exclude == ["a", "b"] and cfg.data.calibration.sequential is False
+    assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+
+
+def test_env_expansion_with_default(monkeypatch, tmp_path):
+    (tmp_path / "t.txt").write_text("x")
+    monkeypatch.delenv("NOPE_DIR", raising=False)
+    cfg = load_config(None, [f"eval.path=${{NOPE_DIR:-{tmp_path}}}/t.txt"])
+    assert cfg.eval.path == f"{tmp_path}/t.txt"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("prune.sparsty=0.5", "unknown key 'prune.sparsty'"),
+    ("bogus.key=1", "unknown key 'bogus'"),
+    ("prune.sparsity=1.0", "prune.sparsity must be in [0, 1)"),
+    ("prune.sparsity=-0.1", "prune.sparsity must be in [0, 1)"),
+    ("prune.sparsity=half", "prune.sparsity must be float"),
+    ("cluster.num_workers=0", "cluster.num_workers must be >= 1"),
+    ("cluster.num_workers=two", "cluster.num_workers must be int"),
+    ("model.path=/does/not/exist", "model.path /does/not/exist does not exist"),
+    ("prune.method=lottery", "prune.method 'lottery' is unknown (allowed: magnitude, wanda"),
+    ("prune.scope=block", "prune.scope 'block' is unknown"),
+    ("export.max_shard_size=lots", "lots"),
+    ("eval.path=/nope.txt", "eval.path /nope.txt is not a file"),
+    ("prune", "expected key.sub=value"),
+])
+def test_rejections_name_the_key(override, message):
+    with pytest.raises(UserError, match=None) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_exit_code_2_and_one_line(capsys):
+    assert main(["run", "prune.sparsity=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dist-prune: error: config: prune.sparsity") and err.count("\n") == 1
+
+
+def test_cli_subprocess_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "dist_prune.cli", "run", "cluster.num_workers=0"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "dist-prune: error: config: cluster.num_workers must be >= 1, got 0"
+
+
+def test_every_key_is_documented():
+    rows = describe_keys()
+    assert {"model.path", "prune.method", "prune.sparsity", "prune.scope", "prune.structure",
+            "prune.exclude", "data.calibration.path", "data.calibration.num_samples",
+            "data.calibration.seq_len", "eval.path", "eval.seq_len", "eval.num_windows",
+            "cluster.num_workers", "cluster.use_gpu", "registry.tracking_uri",
+            "registry.model_name", "registry.alias", "export.dir",
+            "export.max_shard_size"} <= {key for key, _, _ in rows}
+    assert all(help for _, _, help in rows)
