@@ -23,10 +23,14 @@ class InputNormCollector:
                      for name, m in linears.items()}
         self._hooks: list = []
 
+    def add(self, name: str, inputs: torch.Tensor) -> None:
+        """Account for a batch of inputs [..., in_features] of weight `name`."""
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).double()
+        self.sums[name] += (x * x).sum(0).cpu()
+
     def _hook(self, name: str):
         def accumulate(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            self.sums[name] += (x * x).sum(0).cpu()
+            self.add(name, inputs[0])
         return accumulate
 
     def __enter__(self) -> "InputNormCollector":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,16 +33,24 @@ HELD_OUT = 0.1  # last 10% of the built-in corpus is kept for evaluation
 def builtin_corpus() -> str:
     """Module, class and function docstrings of `CORPUS_MODULES`, in a fixed order."""
     parts = []
-    for name in CORPUS_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        parts.append(inspect.getdoc(module) or "")
-        for _, obj in sorted(inspect.getmembers(module), key=lambda kv: kv[0]):
-            if getattr(obj, "__module__", None) == module.__name__ and (doc := inspect.getdoc(obj)):
-                parts.append(doc)
+    with warnings.catch_warnings():  # getmembers touches deprecated attributes (typing.io)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in CORPUS_MODULES:
+            parts += _docstrings(name)
     return "\n\n".join(p for p in parts if p.strip())
+
+
+def _docstrings(name: str) -> list[str]:
+    """The docstrings of module `name` and of what it defines, sorted by attribute name."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return []
+    parts = [inspect.getdoc(module) or ""]
+    for _, obj in sorted(inspect.getmembers(module), key=lambda kv: kv[0]):
+        if getattr(obj, "__module__", None) == module.__name__ and (doc := inspect.getdoc(obj)):
+            parts.append(doc)
+    return parts
 
 
 def read_text(path: str | None, *, role: str) -> str:

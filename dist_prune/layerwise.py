@@ -82,6 +82,11 @@ class LayerRunner:
                 outputs.append(Batch(out[0] if isinstance(out, tuple) else out, b.layer_kwargs))
         return outputs
 
+    def head_inputs(self, batches: list[Batch]) -> list[torch.Tensor]:
+        """What the output head sees: the final norm of the last layer's outputs."""
+        with gathered(self.decoder.norm.parameters()), torch.no_grad():
+            return [self.decoder.norm(b.hidden) for b in batches]
+
     def nll(self, batches: list[Batch], windows: torch.Tensor) -> tuple[float, int]:
         """Summed next-token negative log-likelihood and token count after the last layer."""
         head = self.model.get_output_embeddings()

@@ -37,15 +37,22 @@ class Target:
 
 
 def find_targets(model: torch.nn.Module, exclude: list[str]) -> list[Target]:
-    """Every 2-D weight of a Linear whose name matches none of the `exclude` globs."""
+    """Every 2-D weight of a Linear whose names match none of the `exclude` globs.
+
+    A tied weight has two names (lm_head.weight is model.embed_tokens.weight): it is a
+    target only if neither is excluded, and it is known by its parameter name, the one
+    the exported checkpoint uses. Pruning a tied lm_head prunes the input embeddings.
+    """
+    canonical = {id(p): name for name, p in model.named_parameters()}
     targets = []
     for module_name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
-        name = f"{module_name}.weight"
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+        names = {f"{module_name}.weight", canonical[id(module.weight)]}
+        if any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in exclude):
             continue
-        match = _LAYER_INDEX.search(f".{name}")
+        name = canonical[id(module.weight)]
+        match = _LAYER_INDEX.search(f".{module_name}.")
         targets.append(Target(name, module.weight, module, int(match.group(1)) if match else None))
     return targets
 

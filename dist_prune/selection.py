@@ -1,32 +1,26 @@
 """Exact distributed k-th-smallest selection: which elements to prune.
 
-Scores are split across ranks like ZeRO-3 parameters (rank r owns flat elements
-``[r*ps, min((r+1)*ps, numel))`` of each tensor, ``ps = ceil(numel / W)``). Each group (the whole
-model, one tensor, or one row) prunes exactly ``counts[g]`` elements: its smallest scores, ties
-broken by a global order index. Ranks agree on the result through ``all_reduce`` of small int64
-histograms only; scores are never gathered.
+Scores are split across ranks like ZeRO-3 parameters. Every group (the whole model, one tensor or
+one row) prunes exactly counts[g] elements: its smallest scores, ties broken by a global order index
+(global scope: tensor offset + flat index; layer and row scope: flat index in the tensor), so the
+union of the masks is the same for every world size. Ranks agree only through all_reduce of small
+int64 histograms; scores are never gathered.
 
-How
-* Key: float32 bits mapped to an unsigned 32-bit key that orders like the floats (positive: flip
-  the sign bit; negative: flip all bits). -0.0 and +0.0 are different keys, -0.0 < +0.0, so the
-  order is total and deterministic. bf16 / fp16 are widened to float32 per chunk (exact).
-* Radix select: 4 rounds of 8 key bits; each round is one all_reduce of a [groups, 256]
-  histogram. Where a group's histogram stays small (global, layer) one local pass counts 16 bits,
-  which feeds two rounds.
-* Passes over the scores decide speed, so there are three: a sum (NaN check), the top-16-bit
-  histogram, and one pass that marks every element below the 16-bit bracket as pruned while it
-  collects the few candidates inside it. Rounds 3-4, the tie-break and the final fix-up touch only
-  those candidates (re-scanned instead of stored when there are too many to keep).
-* Ties at the threshold key T: if all of them must go they all go; otherwise a further radix
-  select over the tied elements' order indices finds the last one pruned. Order index: global
-  scope ``offset of the tensor + flat index``, layer and row scope the flat index in the tensor.
-  So the union of masks is the same for every world size.
+Radix select on an unsigned 32-bit key that orders like the floats (positive: flip the sign bit;
+negative: flip all bits; -0.0 is a different key just below +0.0): 4 rounds of 8 bits, each one
+all_reduce of a [groups, 256] histogram. Then, if only some of the elements equal to the threshold
+key T are to go, a radix select over their order indices finds the last one pruned.
+
+Passes over the scores decide the speed. Where each segment lies in one group (global, layer) there
+are three: a sum (NaN check), a histogram of the top 16 key bits (feeding rounds 1 and 2), and one
+pass that writes "below the 16-bit bracket" into the masks while it collects the few candidates
+inside it. Rounds 3-4, the tie-break and the final fix-up touch only those (re-scanned when too many
+to keep). Row scope needs per-element group ids and costs two 8-bit histogram passes instead.
 """
 
 from __future__ import annotations
 
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
@@ -45,10 +39,10 @@ COMPACT_MIN = 1 << 22  # keep up to this many candidates in memory ...
 COMPACT_SHARE = 16  # ... or up to 1/16 of the local elements, whichever is more
 
 _SIGN = 1 << 31
-_HIGH_HALF = 1 if sys.byteorder == "little" else 0  # which 16-bit half of a float32 holds its sign
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0  # the 16-bit half of a float32 with its sign
 _NO_LIMIT = torch.iinfo(torch.int64).max
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_Pairs = Iterable[tuple[torch.Tensor, torch.Tensor]]
+_Pairs = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (values, batch-local group ids)
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,8 @@ class Segment:
 
 def group_sizes(numels: Sequence[int], scope: str, row_lengths: Sequence[int] | None = None) -> list[int]:
     """Sizes of the selection groups: global -> [sum(numels)]; layer -> numels; row -> for each tensor t,
-    numels[t] // row_lengths[t] groups of row_lengths[t] elements (tensor by tensor, row by row)."""
+    numels[t] // row_lengths[t] groups of row_lengths[t] elements (tensor by tensor, row by row).
+    Row lengths must divide their tensors: a partial row would be a group of its own."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope == "global":
@@ -71,72 +66,64 @@ def group_sizes(numels: Sequence[int], scope: str, row_lengths: Sequence[int] | 
         return list(numels)
     if row_lengths is None or len(row_lengths) != len(numels):
         raise ValueError("scope 'row' needs one row length per tensor")
-    for n, length in zip(numels, row_lengths):
-        if length <= 0 or n % length:
-            raise ValueError(f"row length {length} does not divide a tensor of {n} elements")
-    return [length for n, length in zip(numels, row_lengths) for _ in range(n // length)]
+    if any(r <= 0 or n % r for n, r in zip(numels, row_lengths)):
+        raise ValueError(f"row lengths {list(row_lengths)} must divide the tensor sizes {list(numels)}")
+    return [r for n, r in zip(numels, row_lengths) for _ in range(n // r)]
 
 
 def prune_counts(sparsity: float, sizes: Sequence[int]) -> torch.Tensor:
     """k per group = floor(sparsity * n + 0.5) as int64."""
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    n = torch.tensor(list(sizes), dtype=torch.float64)  # exact for sizes below 2**53
+    n = torch.tensor(list(sizes), dtype=torch.float64)  # exact below 2**53
     return torch.floor(sparsity * n + 0.5).to(torch.int64)
 
 
-def select_pruned(
-    segments: Sequence[Segment],
-    numels: Sequence[int],
-    counts: torch.Tensor,
-    *,
-    scope: str = "global",
-    row_lengths: Sequence[int] | None = None,
-    group: ProcessGroup | None = None,
-) -> list[torch.Tensor]:
-    """Bool masks (True = prune), one per segment, same length as segment.scores."""
-    sizes = group_sizes(numels, scope, row_lengths)
-    counts = _checked_counts(counts, sizes)
+def select_pruned(segments: Sequence[Segment], numels: Sequence[int], counts: torch.Tensor, *,
+                  scope: str = "global", row_lengths: Sequence[int] | None = None,
+                  group: ProcessGroup | None = None) -> list[torch.Tensor]:
+    """Bool masks (True = prune), one per segment, same length as segment.scores.
+
+    Exactly counts[g] elements of group g are pruned: the smallest scores, equal scores by order
+    index. A collective: every rank of `group` calls it with the same numels, counts and scope."""
+    counts = _checked_counts(counts, group_sizes(numels, scope, row_lengths))
     _check_segments(segments, numels)
     _reject_nan(segments, group)
-    masks = [torch.empty(s.scores.numel(), dtype=torch.bool) for s in segments]  # first scan fills them
-    for batch in _batches(numels, scope, row_lengths):
-        parts = _parts(segments, numels, scope, row_lengths, batch)
+    masks = [torch.empty(s.scores.numel(), dtype=torch.bool) for s in segments]  # the first scan fills them
+    for batch, parts in _plan(segments, numels, scope, row_lengths):
         _select_batch(parts, counts[batch.g0 : batch.g0 + batch.n_groups], batch, masks, group)
     return masks
 
 
-# --- plan ---------------------------------------------------------------------------------------
+# --- plan ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _Batch:
     """Consecutive tensors whose groups share one sequence of collectives."""
 
-    tensors: range
-    g0: int  # global id of the batch's first group
+    g0: int  # global id of the first group
     n_groups: int
-    width: int  # key bits counted per local pass: 16 (group constant per segment) or 8 (rows)
-    order_bits: int  # bits of the largest order index, rounded up to whole 8-bit digits
+    width: int  # key bits counted per local pass: 16 where a segment lies in one group, else 8
+    order_bits: int  # width of the order indices, in whole 8-bit digits
 
 
 @dataclass(frozen=True)
 class _Part:
-    """A non-empty segment as one batch sees it."""
+    """A non-empty segment as its batch sees it."""
 
-    index: int  # position in the caller's segment list (and in the masks)
+    index: int  # position in the caller's segment list and in the masks
     scores: torch.Tensor
-    group: int  # batch-local group of scores[0]
-    row_length: int  # 0: every element is in `group`; else rows of this length start at `group`
+    group: int  # batch-local group of the tensor's first element
+    row_length: int  # 0: all elements are in `group`
     start: int
     order0: int  # order index of scores[0]
 
     def gids(self, pos: torch.Tensor) -> torch.Tensor:
-        """Batch-local group ids of the local elements at `pos`."""
+        """Batch-local groups of the local elements at `pos`."""
         if not self.row_length:
             return torch.full_like(pos, self.group)
-        # Rows count from the tensor's first element, so a row may have begun on the previous rank.
-        return (pos + self.start) // self.row_length + self.group
+        return (pos + self.start) // self.row_length + self.group  # a row may begin on the previous rank
 
 
 @dataclass(frozen=True)
@@ -144,195 +131,140 @@ class _Block:
     """Candidates found in one chunk of one part."""
 
     part: int  # index into the batch's parts
-    pos: torch.Tensor  # int64 positions within the segment
+    pos: torch.Tensor  # int64 positions in the segment
     key: torch.Tensor  # int64 score keys
-    gid: torch.Tensor  # int64 batch-local group ids
+    gid: torch.Tensor  # int64 batch-local groups
 
 
-def _first_groups(numels: Sequence[int], scope: str, row_lengths: Sequence[int] | None) -> list[int]:
-    """Global id of each tensor's first group, plus the total at the end."""
-    if scope == "global":
-        return [0] * len(numels) + [1]
-    per = [1] * len(numels) if scope == "layer" else [n // r for n, r in zip(numels, row_lengths or ())]
-    first = [0]
-    for n in per:
-        first.append(first[-1] + n)
-    return first
+def _plan(segments: Sequence[Segment], numels: Sequence[int], scope: str,
+          row_lengths: Sequence[int] | None) -> Iterator[tuple[_Batch, list[_Part]]]:
+    """Batches of consecutive tensors whose local histograms fit in HIST_BINS, with their parts."""
+    n_tensors = len(numels)
+    rows = list(row_lengths) if scope == "row" and row_lengths else [0] * n_tensors
+    width = 8 if scope == "row" else 16
+    if scope == "global":  # one group; order index = offset of the tensor + flat index
+        first, offsets, bounds = [0] * (n_tensors + 1), [0, *accumulate(numels)], [(0, n_tensors)]
+    else:
+        first = [0, *accumulate(n // r if r else 1 for n, r in zip(numels, rows))]  # tensors' first groups
+        offsets, bounds, lo = [0] * n_tensors, [], 0
+        for t in range(1, n_tensors + 1):  # close a batch before tensor t overflows it, and at the end
+            if t == n_tensors or first[t + 1] - first[lo] > HIST_BINS >> width:
+                bounds.append((lo, t))
+                lo = t
+    for a, b in bounds:
+        largest = sum(numels) if scope == "global" else max(numels[a:b], default=0)  # order indices < this
+        n_groups = 1 if scope == "global" else first[b] - first[a]
+        batch = _Batch(first[a], n_groups, width, max(8, -(-max(largest - 1, 0).bit_length() // 8) * 8))
+        yield batch, [_Part(i, s.scores, first[s.tensor_index] - first[a], rows[s.tensor_index], s.start,
+                            offsets[s.tensor_index] + s.start)
+                      for i, s in enumerate(segments) if a <= s.tensor_index < b and s.scores.numel()]
 
 
-def _order_bits(n: int) -> int:
-    """Digit-aligned width of the order indices 0 .. n-1."""
-    return max(8, -(-max(n - 1, 0).bit_length() // 8) * 8)
+# --- the selection -------------------------------------------------------------------------------
 
 
-def _batches(numels: Sequence[int], scope: str, row_lengths: Sequence[int] | None) -> list[_Batch]:
-    """Split the tensors so that one batch's local histograms stay within HIST_BINS."""
-    if scope == "global":
-        return [_Batch(range(len(numels)), 0, 1, 16, _order_bits(sum(numels)))]
-    width = 16 if scope == "layer" else 8
-    first = _first_groups(numels, scope, row_lengths)
-    cap = max(1, HIST_BINS >> width)
-    bounds, lo = [], 0
-    for t in range(1, len(numels)):
-        if first[t + 1] - first[lo] > cap:  # a single oversized tensor still gets its own batch
-            bounds.append((lo, t))
-            lo = t
-    bounds.append((lo, len(numels)))
-    return [
-        _Batch(range(a, b), first[a], first[b] - first[a], width, _order_bits(max(numels[a:b])))
-        for a, b in bounds
-        if b > a
-    ]
-
-
-def _parts(
-    segments: Sequence[Segment],
-    numels: Sequence[int],
-    scope: str,
-    row_lengths: Sequence[int] | None,
-    batch: _Batch,
-) -> list[_Part]:
-    first = _first_groups(numels, scope, row_lengths)
-    offsets = [0, *accumulate(numels)] if scope == "global" else [0] * len(numels)
-    return [
-        _Part(
-            index=i,
-            scores=s.scores,
-            group=first[s.tensor_index] - batch.g0,
-            row_length=row_lengths[s.tensor_index] if scope == "row" else 0,  # type: ignore[index]
-            start=s.start,
-            order0=offsets[s.tensor_index] + s.start,
-        )
-        for i, s in enumerate(segments)
-        if s.tensor_index in batch.tensors and s.scores.numel()
-    ]
-
-
-# --- the selection ------------------------------------------------------------------------------
-
-
-def _select_batch(
-    parts: list[_Part], counts: torch.Tensor, batch: _Batch, masks: list[torch.Tensor], group: ProcessGroup | None
-) -> None:
+def _select_batch(parts: list[_Part], counts: torch.Tensor, batch: _Batch, masks: list[torch.Tensor],
+                  group: ProcessGroup | None) -> None:
     """Mark exactly counts[g] elements of every group of the batch in `masks`."""
-    n_groups, width = batch.n_groups, batch.width
-    active = counts > 0
+    n_groups, width, active = batch.n_groups, batch.width, counts > 0
+    zero = torch.zeros(n_groups, dtype=torch.int64)
     # Rounds 1-2: the top 16 key bits.
     if width == 16:
         prefix, k, _, local = _resolve(_top16_hist(parts, n_groups), counts, group)
     else:
-        zero = torch.zeros(n_groups, dtype=torch.int64)
         prefix, k, _, local = _select_bits(lambda: _all_pairs(parts), counts, zero, 0, 16, 32, width, group)
-    prefix[~active] = -1  # a negative prefix matches no key: such groups prune nothing
+    prefix[~active] = -1  # matches no key: these groups prune nothing
 
-    # One pass: everything below the bracket is pruned; the candidates inside are collected.
+    # One pass marks everything below the bracket and finds the candidates inside it.
     n_local = sum(p.scores.numel() for p in parts)
     first_scan = _scan(parts, prefix, masks)
     if int(local[active].sum()) <= max(COMPACT_MIN, n_local // COMPACT_SHARE):
         kept = list(first_scan)
         candidates: Callable[[], Iterable[_Block]] = lambda: kept
-    else:
-        for _ in first_scan:  # the marking is all this pass is for; later passes re-scan
+        width = 8  # passes over kept candidates are cheap, 65536-bin histograms are not
+    else:  # too many to keep: finish the marking pass, re-scan whenever candidates are needed
+        for _ in first_scan:
             pass
         candidates = lambda: _scan(parts, prefix, None)
 
-    # Rounds 3-4: the low 16 bits, over candidates only. T < 0 for groups that prune nothing.
-    key_pairs = lambda: ((b.key, b.gid) for b in candidates())
-    threshold, k, ties, _ = _select_bits(key_pairs, k, prefix, 16, 32, 32, width, group)
+    # Rounds 3-4: the low 16 bits of T, over the candidates only (T < 0: group prunes nothing).
+    # The local width may differ between ranks: either way there is one all_reduce per 8 bits.
+    threshold, k, ties, _ = _select_bits(lambda: ((b.key, b.gid) for b in candidates()), k, prefix,
+                                         16, 32, 32, width, group)
 
-    # k of the `ties` elements with key == T are pruned: the ones with the lowest order index.
+    # k of the `ties` elements with key T go: those with the lowest order indices.
     last = torch.full((n_groups,), _NO_LIMIT)
     split = active & (k < ties)
-    if bool(split.any()):  # from reduced counts, so every rank takes the same branch
-        zero = torch.zeros(n_groups, dtype=torch.int64)
-        tie_pairs = lambda: _tie_pairs(candidates(), parts, threshold)
-        order, *_ = _select_bits(tie_pairs, k, zero, 0, batch.order_bits, batch.order_bits, 8, group)
+    if bool(split.any()):  # computed from reduced counts, so every rank takes the same branch
+        order, *_ = _select_bits(lambda: _tie_pairs(candidates(), parts, threshold), k, zero, 0,
+                                 batch.order_bits, batch.order_bits, 8, group)
         last = torch.where(split, order, last)
 
     for b in candidates():
         t = threshold[b.gid]
-        order = b.pos + parts[b.part].order0
-        prune = (b.key < t) | ((b.key == t) & (order <= last[b.gid]))
+        prune = (b.key < t) | ((b.key == t) & (b.pos + parts[b.part].order0 <= last[b.gid]))
         masks[parts[b.part].index][b.pos[prune]] = True
 
 
-def _select_bits(
-    pairs: Callable[[], _Pairs],
-    k: torch.Tensor,
-    prefix: torch.Tensor,
-    known: int,
-    stop: int,
-    bits: int,
-    width: int,
-    group: ProcessGroup | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Radix-select bits [known, stop) of each group's k-th smallest `bits`-bit value.
-
-    `pairs()` yields (values, group ids) and is iterated once per local pass of `width` bits.
-    Returns the extended prefix and what `_resolve` returns for its last digit."""
+def _select_bits(pairs: Callable[[], _Pairs], k: torch.Tensor, prefix: torch.Tensor, known: int, stop: int,
+                 bits: int, width: int, group: ProcessGroup | None) -> tuple[torch.Tensor, ...]:
+    """Radix-select bits [known, stop) of each group's k-th smallest `bits`-bit value, one pass over
+    `pairs()` per `width` bits. Returns the longer prefix and the rest of `_resolve`'s answer."""
     while True:
-        hist = _local_hist(pairs(), prefix, known, bits, width, len(k))
-        digits, k, size, local = _resolve(hist, k, group)
-        prefix = (prefix << width) | digits
-        known += width
+        digits, k, size, local = _resolve(_local_hist(pairs(), prefix, known, bits, width, len(k)), k, group)
+        prefix, known = (prefix << width) | digits, known + width
         if known >= stop:
             return prefix, k, size, local
 
 
-def _resolve(
-    hist: torch.Tensor, k: torch.Tensor, group: ProcessGroup | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _resolve(hist: torch.Tensor, k: torch.Tensor, group: ProcessGroup | None) -> tuple[torch.Tensor, ...]:
     """Agree on the next bits of each group's k-th smallest value, 8 bits per all_reduce.
 
-    hist: local [groups, 2**width] counts of the bracket's elements by their next `width` bits;
-    k: 1-based rank of the wanted element within the bracket (0: group inactive).
-    Returns the digits, k within the chosen bin, and the bin's global and local sizes."""
+    hist: local [groups, 2**width] counts of the bracket by its next bits; k: 1-based rank in the
+    bracket (0: inactive group). Returns the digits, k within the chosen bin, and that bin's global
+    and local sizes."""
     n_groups = hist.shape[0]
-    rows = torch.arange(n_groups)
-    digits = torch.zeros(n_groups, dtype=torch.int64)
-    size = torch.zeros(n_groups, dtype=torch.int64)
-    while hist.shape[1] > 1:
+    rows, digits = torch.arange(n_groups), torch.zeros(n_groups, dtype=torch.int64)
+    for _ in range((hist.shape[1] - 1).bit_length() // 8):
         sub = hist.view(n_groups, 256, -1)
         coarse = sub.sum(2)
         _all_reduce(coarse, group)
         upto = coarse.cumsum(1)
-        d = (upto < k[:, None]).sum(1)  # first bin whose running count reaches k
+        d = (upto < k[:, None]).sum(1)  # the first bin whose running count reaches k
         size = coarse[rows, d]
         k = k - (upto[rows, d] - size)
-        digits = (digits << 8) | d
-        hist = sub[rows, d]
+        digits, hist = (digits << 8) | d, sub[rows, d]
     return digits, k, size, hist[:, 0]
 
 
-def _local_hist(pairs: _Pairs, prefix: torch.Tensor, known: int, bits: int, width: int, n_groups: int) -> torch.Tensor:
-    """[groups, 2**width] counts of the next `width` bits of the values whose top `known` bits
-    equal their group's prefix. Small inputs are pooled until they outnumber the bins, so that
-    counting costs per element, not per (mostly empty) histogram."""
+def _local_hist(pairs: _Pairs, prefix: torch.Tensor, known: int, bits: int, width: int,
+                n_groups: int) -> torch.Tensor:
+    """[groups, 2**width] counts of the next `width` bits of the values whose top `known` bits equal
+    their group's prefix. Inputs are pooled until they outnumber the bins, so that counting costs
+    per element, not per (mostly empty) histogram."""
     n_bins = n_groups << width
     hist = torch.zeros(n_bins, dtype=torch.int64)
     pending: list[torch.Tensor] = []
-    n_pending = 0
     for value, gid in pairs:
         if known:
             inside = (value >> (bits - known)) == prefix[gid]
             value, gid = value[inside], gid[inside]
         pending.append((gid << width) | ((value >> (bits - known - width)) & ((1 << width) - 1)))
-        n_pending += value.numel()
-        if n_pending >= max(CHUNK, n_bins):
+        if sum(map(len, pending)) >= max(CHUNK, n_bins):
             hist += torch.bincount(torch.cat(pending), minlength=n_bins)
-            pending, n_pending = [], 0
+            pending = []
     if pending:
         hist += torch.bincount(torch.cat(pending), minlength=n_bins)
     return hist.view(n_groups, 1 << width)
 
 
-# --- passes over the scores ---------------------------------------------------------------------
+# --- passes over the scores ----------------------------------------------------------------------
 
 
 def _chunks(scores: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """(offset, float32 chunk); float32 input is not copied."""
+    """(offset, float32 chunk); contiguous float32 input is not copied."""
     for lo in range(0, scores.numel(), CHUNK):
-        yield lo, scores[lo : lo + CHUNK].float()
+        yield lo, scores[lo : lo + CHUNK].float().contiguous()
 
 
 def _keys(x: torch.Tensor) -> torch.Tensor:
@@ -341,58 +273,33 @@ def _keys(x: torch.Tensor) -> torch.Tensor:
     return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64) + _SIGN
 
 
-def _key_float(key: int) -> float:
-    """The float32 whose key is `key`."""
-    bits = key - _SIGN if key >= _SIGN else ~key & 0xFFFFFFFF
-    return torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
-
-
 def _below(x: torch.Tensor, key: int, out: torch.Tensor) -> torch.Tensor:
-    """out = key(x) < key, as one float comparison. -0.0 has a lower key than +0.0 but compares
-    equal to it, so below the key of +0.0 means "sign bit set"."""
-    if key == _SIGN:
+    """out = key(x) < key, as one float comparison with the float whose key is `key`."""
+    if key == _SIGN:  # +0.0: -0.0 compares equal to it but has the lower key
         return torch.signbit(x, out=out)
-    return torch.lt(x, _key_float(key), out=out)
-
-
-def _reject_nan(segments: Sequence[Segment], group: ProcessGroup | None) -> None:
-    """Raise on every rank if any rank has a NaN score (a sum is NaN only if some input is NaN or
-    infinities cancel, so the exact check rarely runs)."""
-    bad = sum(bool(s.scores.sum().isnan()) and bool(s.scores.isnan().any()) for s in segments)
-    flag = torch.tensor([bad], dtype=torch.int64)
-    _all_reduce(flag, group)
-    if flag.item():
-        raise ValueError("scores contain NaN; cannot select which elements to prune")
+    # Only the bracket of -inf yields a NaN bound; below it are only NaNs (rejected): all False is right.
+    bits = key - _SIGN if key >= _SIGN else ~key & 0xFFFFFFFF
+    bound = torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+    return torch.lt(x, bound, out=out)
 
 
 def _top16_hist(parts: Sequence[_Part], n_groups: int) -> torch.Tensor:
-    """[groups, 65536] counts of the top 16 key bits, for parts that each lie in one group.
-
-    The scores' largest cost: counting is serial in torch, so chunks are spread over
-    torch.get_num_threads() Python threads (torch releases the GIL while it counts)."""
-
-    def count(tasks: list[tuple[_Part, int]]) -> torch.Tensor:
-        hist = torch.zeros(n_groups, 1 << 16, dtype=torch.int64)
-        top = torch.empty(CHUNK, dtype=torch.int64)
-        ones = torch.ones(CHUNK, dtype=torch.int64)
-        for p, lo in tasks:
-            x = p.scores[lo : lo + CHUNK].float()
+    """[groups, 65536] counts of the top 16 key bits, for parts that each lie in one group."""
+    hist = torch.zeros(n_groups, 1 << 16, dtype=torch.int64)
+    size = min(CHUNK, max((p.scores.numel() for p in parts), default=0))
+    top, ones = torch.empty(size, dtype=torch.int64), torch.ones(size, dtype=torch.int64)
+    for p in parts:
+        for _, x in _chunks(p.scores):
             n = x.numel()
             top[:n].copy_(x.view(torch.uint16)[_HIGH_HALF::2])  # raw high halves, not keys: cheaper
             hist[p.group].scatter_add_(0, top[:n], ones[:n])  # counts like bincount, ~1.6x faster
-        return hist
-
-    tasks = [(p, lo) for p in parts for lo in range(0, p.scores.numel(), CHUNK)]
-    n_threads = max(1, min(torch.get_num_threads(), len(tasks)))
-    with ThreadPoolExecutor(n_threads) as pool:
-        hist = sum(pool.map(count, [tasks[i::n_threads] for i in range(n_threads)]))
     # Raw high half r to key order: positives (r < 2**15) go to 2**15 + r, negatives run backwards.
     return torch.cat([hist[:, 1 << 15 :].flip(1), hist[:, : 1 << 15]], 1)
 
 
 def _sparse_nonzero(hit: torch.Tensor) -> torch.Tensor:
-    """Positions of the True entries of a mostly False bool vector: first find the 8-byte words
-    holding any (an eighth of the entries to scan), then look inside those words only."""
+    """Positions of the True entries of a mostly False bool vector: find the 8-byte words holding
+    any first (an eighth of the entries to scan), then look inside those words only."""
     if hit.numel() % 8:
         hit = torch.cat([hit, hit.new_zeros(8 - hit.numel() % 8)])
     words = torch.nonzero(hit.view(torch.int64)).squeeze(1)
@@ -401,15 +308,15 @@ def _sparse_nonzero(hit: torch.Tensor) -> torch.Tensor:
 
 
 def _all_pairs(parts: Sequence[_Part]) -> _Pairs:
-    """(keys, group ids) of every element, chunk by chunk."""
+    """(keys, groups) of every element, chunk by chunk."""
     for p in parts:
         for lo, x in _chunks(p.scores):
             yield _keys(x), p.gids(torch.arange(lo, lo + x.numel()))
 
 
 def _scan(parts: Sequence[_Part], prefix: torch.Tensor, masks: list[torch.Tensor] | None) -> Iterator[_Block]:
-    """Yield the elements whose top 16 key bits equal their group's prefix; with `masks`, also
-    mark every element below its group's bracket as pruned."""
+    """Yield the elements whose top 16 key bits equal their group's prefix; with `masks`, also mark
+    every element below its group's bracket as pruned and every other as kept."""
     for j, p in enumerate(parts):
         mask = None if masks is None else masks[p.index]
         yield from (_scan_rows if p.row_length else _scan_one_group)(j, p, prefix, mask)
@@ -418,12 +325,11 @@ def _scan(parts: Sequence[_Part], prefix: torch.Tensor, masks: list[torch.Tensor
 def _scan_one_group(j: int, p: _Part, prefix: torch.Tensor, mask: torch.Tensor | None) -> Iterator[_Block]:
     """`_scan` for a part inside one group: float compares on the raw bits, keys for hits only."""
     top = int(prefix[p.group])
-    if top < 0:  # the group prunes nothing
+    if top < 0:
         if mask is not None:
             mask.zero_()
         return
-    # The bracket's floats all have this raw high half (sign, exponent, top of the mantissa).
-    high = top - (1 << 15) if top >= 1 << 15 else 0xFFFF - top
+    high = top - (1 << 15) if top >= 1 << 15 else 0xFFFF - top  # raw high half of the bracket's floats
     for lo, x in _chunks(p.scores):
         if mask is not None:
             _below(x, top << 16, out=mask[lo : lo + x.numel()])
@@ -433,7 +339,7 @@ def _scan_one_group(j: int, p: _Part, prefix: torch.Tensor, mask: torch.Tensor |
 
 
 def _scan_rows(j: int, p: _Part, prefix: torch.Tensor, mask: torch.Tensor | None) -> Iterator[_Block]:
-    """`_scan` for a part spanning many groups: keys and group ids for every element."""
+    """`_scan` for a part spanning many groups: keys and groups for every element."""
     for lo, x in _chunks(p.scores):
         pos = torch.arange(lo, lo + x.numel())
         key, gid = _keys(x), p.gids(pos)
@@ -446,13 +352,13 @@ def _scan_rows(j: int, p: _Part, prefix: torch.Tensor, mask: torch.Tensor | None
 
 
 def _tie_pairs(blocks: Iterable[_Block], parts: Sequence[_Part], threshold: torch.Tensor) -> _Pairs:
-    """(order indices, group ids) of the candidates whose key equals their group's threshold."""
+    """(order indices, groups) of the candidates whose key equals their group's threshold."""
     for b in blocks:
         tie = b.key == threshold[b.gid]
         yield b.pos[tie] + parts[b.part].order0, b.gid[tie]
 
 
-# --- checks and communication -------------------------------------------------------------------
+# --- checks and communication --------------------------------------------------------------------
 
 
 def _checked_counts(counts: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
@@ -467,11 +373,21 @@ def _checked_counts(counts: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
 def _check_segments(segments: Sequence[Segment], numels: Sequence[int]) -> None:
     for s in segments:
         if s.scores.dim() != 1 or s.scores.dtype not in _DTYPES:
-            raise ValueError(f"scores must be 1-D float32/bfloat16/float16, got {s.scores.dtype} {tuple(s.scores.shape)}")
-        if not 0 <= s.tensor_index < len(numels):
-            raise ValueError(f"tensor_index {s.tensor_index} out of range for {len(numels)} tensors")
-        if s.start < 0 or s.start + s.scores.numel() > numels[s.tensor_index]:
-            raise ValueError(f"segment [{s.start}, {s.start + s.scores.numel()}) exceeds tensor {s.tensor_index}")
+            raise ValueError(f"scores must be 1-D float32/bfloat16/float16, got {s.scores.dtype} "
+                             f"of shape {tuple(s.scores.shape)}")
+        end = s.start + len(s.scores)
+        if not 0 <= s.tensor_index < len(numels) or s.start < 0 or end > numels[s.tensor_index]:
+            raise ValueError(f"segment [{s.start}, {end}) of tensor {s.tensor_index} "
+                             f"exceeds the tensor sizes {list(numels)}")
+
+
+def _reject_nan(segments: Sequence[Segment], group: ProcessGroup | None) -> None:
+    """Raise on every rank if any rank has a NaN (a sum is NaN only if an input is NaN or
+    infinities cancel, so the exact check rarely runs); no rank is left waiting in a collective."""
+    flag = torch.tensor([sum(bool(s.scores.sum().isnan() and s.scores.isnan().any()) for s in segments)])
+    _all_reduce(flag, group)
+    if flag.item():
+        raise ValueError("scores contain NaN; cannot select which elements to prune")
 
 
 def _all_reduce(t: torch.Tensor, group: ProcessGroup | None) -> None:

@@ -106,9 +106,12 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
     by_layer: dict[int, list[Target]] = {}
     for t in targets:
         by_layer.setdefault(t.layer, []).append(t)
-    if None in by_layer:
-        raise UserError(f"prune.method {cfg.prune.method} calibrates decoder layers only; add "
-                         f"{by_layer[None][0].name} to prune.exclude")
+    head = model.get_output_embeddings()
+    head_targets = by_layer.pop(None, [])
+    if any(t.module is not head for t in head_targets):
+        other = next(t for t in head_targets if t.module is not head)
+        raise UserError(f"prune.method {cfg.prune.method} calibrates the decoder layers and the "
+                        f"output head only; add {other.name} to prune.exclude")
 
     masks, stats = {}, {}
     bar = progress(len(runner.layers), f"calibrate+prune ({cfg.prune.method})", enabled=show)
@@ -127,6 +130,16 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
                 outputs = runner.run_layer(index, batches)  # what the pruned layer passes on
         batches = outputs
         bar.update(1)
+    if head_targets:  # the output head sees the final norm of the last layer's outputs
+        with timer("calibrate"):
+            collector = InputNormCollector({t.name: t.module for t in head_targets})
+            for x in runner.head_inputs(batches):
+                for t in head_targets:
+                    collector.add(t.name, x)
+            stats.update(collector.reduce())
+        if sequential:
+            with timer("score+select+mask"):
+                masks.update(select_and_mask(head_targets, stats, scorer, cfg.prune.sparsity, scope))
     bar.close()
     if not sequential:
         with timer("score+select+mask"):

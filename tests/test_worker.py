@@ -23,6 +23,7 @@ CASES = {  # name -> overrides
     "wanda-layer-onepass": ["prune.method=wanda", "prune.scope=layer", "prune.sparsity=0.3",
                             "data.calibration.sequential=false"],
     "magnitude-global": ["prune.method=magnitude", "prune.scope=global", "prune.sparsity=0.6"],
+    "wanda-with-head": ["prune.method=wanda", "prune.scope=row", "prune.exclude=['*norm*']"],
 }
 
 
@@ -86,6 +87,8 @@ def test_exact_counts_in_exported_files(runs):
     total = sum(t.numel() for n, t in m.items() if n in linears)
     zeros = sum(int((t == 0).sum()) for n, t in m.items() if n in linears)
     assert zeros == math.floor(0.6 * total + 0.5) == metrics[2]["magnitude-global"]["pruned"]
+    head = _weights(out / "w2-wanda-with-head")["lm_head.weight"]
+    assert ((head == 0).sum(1) == head.shape[1] // 2).all()  # the head is calibrated and pruned too
     manifest = json.loads((out / "w2-wanda-row" / "sparsity.json").read_text())
     assert manifest["tensors"]["model.layers.0.mlp.up_proj.weight"]["sparsity"] == 0.5
 
