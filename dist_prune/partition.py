@@ -70,7 +70,7 @@ def gathered(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
 
 
 def build_partitioned_model(model_dir: Path, checkpoint: Checkpoint, dtype: torch.dtype,
-                            *, trust_remote_code: bool = False) -> torch.nn.Module:
+                            *, trust_remote_code: bool = False, progress=None) -> torch.nn.Module:
     """The model of `model_dir`, each rank holding only its ZeRO-3 slice of every parameter."""
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -99,4 +99,6 @@ def build_partitioned_model(model_dir: Path, checkpoint: Checkpoint, dtype: torc
             if param.ds_tensor.dtype != dtype:
                 raise RuntimeError(f"{name} partition is {param.ds_tensor.dtype}, expected {dtype}")
             param.ds_tensor.data[: stop - start].copy_(flat)
+            if progress is not None:
+                progress.update(1)
     return model

@@ -55,8 +55,10 @@ def run_worker(job: WorkerJob) -> dict:
     with timer("load"):
         checkpoint = open_checkpoint(Path(job.model_dir))
         dtype = compute_dtype(cfg.model.dtype, cfg.cluster.use_gpu)
+        bar = progress(len(checkpoint.weight_map), "load (this rank's slices)", enabled=rank == 0)
         model = build_partitioned_model(Path(job.model_dir), checkpoint, dtype,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+                                        trust_remote_code=cfg.model.trust_remote_code, progress=bar)
+        bar.close()
         targets = find_targets(model, cfg.prune.exclude)
 
     layers = len(model.get_decoder().layers)
@@ -179,6 +181,7 @@ def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir:
     specs = [TensorSpec(name, tuple(p.ds_shape), _export_dtype(cfg, checkpoint, name))
              for name, p in params]
     writer, failure = None, None
+    bar = progress(len(params), "export", enabled=rank == 0)
     if rank == 0:
         try:
             writer = StreamingExport(export_dir, specs, parse_size(cfg.export.max_shard_size))
@@ -191,6 +194,8 @@ def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir:
                     writer.write(name, param.data.detach().to("cpu", spec.dtype))
                 except Exception as e:  # noqa: BLE001
                     failure = e
+        bar.update(1)
+    bar.close()
     if writer is not None and failure is None:
         try:
             config = _json(checkpoint.directory / "config.json")
