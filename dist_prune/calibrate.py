@@ -7,7 +7,8 @@ all-reduced, so every rank ends up with the statistics of all calibration tokens
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from dist_prune.collectives import all_reduce_
 
 
 class InputNormCollector:
@@ -44,9 +45,8 @@ class InputNormCollector:
 
     def reduce(self) -> dict[str, dict[str, torch.Tensor]]:
         """All-reduce the sums across ranks (one collective) and return the stats."""
-        if self.sums and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat(list(self.sums.values()))
-            dist.all_reduce(flat)
+        if self.sums:
+            flat = all_reduce_(torch.cat(list(self.sums.values())))
             for name, part in zip(self.sums, flat.split([s.numel() for s in self.sums.values()])):
                 self.sums[name] = part
         return {name: {"input_sq_sum": s} for name, s in self.sums.items()}

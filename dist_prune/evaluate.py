@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
+
+from dist_prune.collectives import all_reduce_
 
 from dist_prune.layerwise import LayerRunner
 
@@ -25,7 +26,5 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, progress=None) -> 
         if progress is not None:
             progress.update(1)
     nll, count = runner.nll(batches, windows)
-    totals = torch.tensor([nll, float(count)], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(totals)
+    totals = all_reduce_(torch.tensor([nll, float(count)], dtype=torch.float64))
     return math.exp(totals[0].item() / totals[1].item()) if totals[1] > 0 else float("nan")

@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from dist_prune.collectives import all_reduce_
 
 from dist_prune.partition import local_range, local_weight
 
@@ -64,9 +65,7 @@ def apply_mask(target: Target, mask: torch.Tensor) -> None:
 
 def pruned_counts(targets: list[Target], masks: dict[str, torch.Tensor]) -> dict[str, int]:
     """Pruned elements of each full tensor (all ranks' masks summed; one all-reduce)."""
-    counts = torch.tensor([int(masks[t.name].sum()) for t in targets], dtype=torch.long)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts)
+    counts = all_reduce_(torch.tensor([int(masks[t.name].sum()) for t in targets], dtype=torch.long))
     return {t.name: int(c) for t, c in zip(targets, counts)}
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-import torch.distributed as dist
 
 from dist_prune.checkpoint import Checkpoint
+from dist_prune.collectives import rank_and_world
 from dist_prune.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,8 +46,7 @@ def zero3_config(dtype: torch.dtype) -> dict:
 
 def local_range(param: torch.nn.Parameter) -> tuple[int, int]:
     """Flat [start, stop) of the full parameter held by this rank (padding excluded)."""
-    group = getattr(param, "ds_process_group", None)
-    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    rank, _ = rank_and_world(getattr(param, "ds_process_group", None))
     size = param.ds_tensor.numel()
     start = min(rank * size, param.ds_numel)
     return start, min(start + size, param.ds_numel)

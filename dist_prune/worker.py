@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from dist_prune.calibrate import InputNormCollector
 from dist_prune.checkpoint import cache_dir, open_checkpoint
+from dist_prune.collectives import all_reduce_, rank_and_world
 from dist_prune.config import JobConfig, config_from_dict, scope_of
 from dist_prune.data import shard
 from dist_prune.errors import UserError
@@ -48,7 +48,7 @@ class WorkerJob:
 def run_worker(job: WorkerJob) -> dict:
     """Prune, evaluate and export; returns the job's metrics (identical on every rank)."""
     cfg = config_from_dict(job.config)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     timer, metrics = StageTimer(), {}
     scorer = SCORERS[cfg.prune.method]
 
@@ -176,7 +176,7 @@ def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir:
     """
     from dist_prune.export import parse_size
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, _ = rank_and_world()
     params = list(model.named_parameters())
     specs = [TensorSpec(name, tuple(p.ds_shape), _export_dtype(cfg, checkpoint, name))
              for name, p in params]
@@ -218,9 +218,7 @@ def _json(path: Path) -> dict:
 
 
 def _raise_if_any_failed(failure: Exception | None, rank: int) -> None:
-    flag = torch.tensor([0 if failure is None else 1])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag)
+    flag = all_reduce_(torch.tensor([0 if failure is None else 1]))
     if failure is not None:
         raise failure
     if flag.item():
@@ -240,7 +238,7 @@ def ray_train_loop(payload: dict) -> None:
     # Ray Train V2 keeps only metrics that come with a checkpoint: rank 0 attaches one.
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if dist.get_rank() == 0:
+        if rank_and_world()[0] == 0:
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
