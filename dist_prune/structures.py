@@ -1,0 +1,280 @@
+"""Structures: element scores -> group scores and group decisions -> element masks.
+
+Weights are split like ZeRO-3 parameters: rank r holds flat elements [start, start + len(scores))
+of a row-major [out, in] tensor, and its scores cover only those. Groups may straddle the boundary
+between two (or, for slices shorter than a group, more) ranks. Ranks agree only through
+`all_reduce` of small buffers; a tensor's scores are never gathered.
+
+- `NM` (n:m): within every m consecutive inputs of a row the n lowest scores are pruned, ties by
+  column. No threshold: full groups are decided locally; each rank puts its leading and trailing
+  partial group into one all_reduce, after which every holder of a straddling group sees the
+  whole group and decides it exactly as a single process would.
+- `Block` (block:RxC): element scores are pooled per block (sum, or L2 norm); whole blocks are
+  selected by `selection.select_pruned` over a ZeRO-style share of the block scores.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from dist_prune.selection import Segment, group_sizes, prune_counts, select_pruned
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+CHUNK = 1 << 22  # elements per step of a local pass: bounds the temporaries
+POOLS = ("sum", "l2")
+BLOCK_SCOPES = ("global", "layer")
+
+
+@dataclass(frozen=True)
+class Unstructured:
+    """Any weight may be pruned."""
+
+    def __str__(self) -> str:
+        return "unstructured"
+
+
+@dataclass(frozen=True)
+class NM:
+    """n of every m consecutive inputs (along a row) are pruned."""
+
+    n: int
+    m: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.n < self.m:
+            raise ValueError(f"N:M structure needs 0 < n < m, got {self.n}:{self.m}")
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+@dataclass(frozen=True)
+class Block:
+    """Whole rows x cols blocks are pruned."""
+
+    rows: int
+    cols: int
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.cols < 1:
+            raise ValueError(f"block structure needs rows, cols >= 1, got {self.rows}x{self.cols}")
+
+    def __str__(self) -> str:
+        return f"block:{self.rows}x{self.cols}"
+
+
+Structure = Union[Unstructured, NM, Block]
+_ALLOWED = "'unstructured', 'N:M' with 0 < N < M (e.g. '2:4'), or 'block:RxC' with R, C >= 1 (e.g. 'block:4x4')"
+
+
+def parse_structure(text: str) -> Structure:
+    """'unstructured', 'n:m' or 'block:RxC' (case and surrounding spaces ignored)."""
+    t = str(text).strip().lower()
+    if t == "unstructured":
+        return Unstructured()
+    if match := re.fullmatch(r"(\d+)\s*:\s*(\d+)", t):
+        n, m = map(int, match.groups())
+        if not 0 < n < m:
+            raise ValueError(f"bad structure {text!r}: N:M needs 0 < N < M, e.g. '2:4'")
+        return NM(n, m)
+    if match := re.fullmatch(r"block\s*:\s*(\d+)\s*x\s*(\d+)", t):
+        rows, cols = map(int, match.groups())
+        if rows < 1 or cols < 1:
+            raise ValueError(f"bad structure {text!r}: block:RxC needs R, C >= 1, e.g. 'block:4x4'")
+        return Block(rows, cols)
+    raise ValueError(f"unknown structure {text!r}: expected {_ALLOWED}")
+
+
+def check_shape(structure: Structure, shape: tuple[int, int], name: str) -> None:
+    """ValueError naming the tensor if the structure does not tile its [out, in] shape."""
+    if len(shape) != 2 or any(int(s) < 1 for s in shape):
+        raise ValueError(f"{name}: structure {structure} needs a 2-D [out, in] weight, got shape {tuple(shape)}")
+    out_f, in_f = map(int, shape)
+    if isinstance(structure, NM) and in_f % structure.m:
+        raise ValueError(f"{name}: {structure} needs in_features divisible by m={structure.m}, "
+                         f"got shape [{out_f}, {in_f}]")
+    if isinstance(structure, Block) and (out_f % structure.rows or in_f % structure.cols):
+        raise ValueError(f"{name}: {structure} needs out_features divisible by {structure.rows} and "
+                         f"in_features divisible by {structure.cols}, got shape [{out_f}, {in_f}]")
+
+
+# --- N:M -----------------------------------------------------------------------------------------
+
+
+def _prune_lowest(values: torch.Tensor, n: int) -> torch.Tensor:
+    """[G, m] values -> [G, m] bool: the n lowest of each row, ties by lower column first."""
+    order = torch.argsort(values, dim=1, stable=True)[:, :n]
+    return torch.zeros(values.shape, dtype=torch.bool).scatter_(1, order, True)
+
+
+def nm_mask(scores: torch.Tensor, start: int, shape: tuple[int, int], nm: NM,
+            group: ProcessGroup | None = None) -> torch.Tensor:
+    """Bool mask (True = pruned) over this rank's slice: in every group of m consecutive inputs of
+    a row exactly the n lowest scores are pruned (ties: lower column first). Collective per tensor
+    (every rank of `group` calls it for the same tensor): ONE all_reduce of [world, 2, 1 + 2m]
+    int64 holding each rank's leading and trailing partial group (group id + 1, presence flags,
+    float64 bits), plus a NaN counter. Every holder of a straddling group decides its elements from
+    the whole group, identically to the single-process answer."""
+    check_shape(nm, shape, "nm_mask")
+    n, m = nm.n, nm.m
+    s, size = int(start), scores.numel()
+    e = s + size
+    _check_slice(scores, s, shape)
+    rank, world = _rank_world(group)
+    mask = torch.zeros(size, dtype=torch.bool)
+
+    # Local structure: whole groups [fs, fe), and up to two partial fragments (global ranges).
+    fs, fe = -(-s // m) * m, e // m * m
+    if size == 0:
+        fragments = []
+    elif fs >= fe:  # no whole group here: the slice lies in one group or spans one boundary
+        fragments = [(s, e)] if s // m == (e - 1) // m else [(s, fs), (fe, e)]
+    else:
+        fragments = [(a, b) for a, b in ((s, fs), (fe, e)) if a < b]
+    buf = torch.zeros(world, 2, 1 + 2 * m, dtype=torch.int64)
+    for slot, (a, b) in enumerate(fragments):
+        g, off = a // m, a % m
+        buf[rank, slot, 0] = g + 1
+        buf[rank, slot, 1 + off : 1 + off + b - a] = 1
+        buf[rank, slot, 1 + m + off : 1 + m + off + b - a] = scores[a - s : b - s].double().view(torch.int64)
+    nan = torch.tensor([int(bool(scores.sum().isnan()) and bool(scores.isnan().any()))])
+    flat = torch.cat([buf.view(-1), nan])
+    _all_reduce(flat, group)
+    if flat[-1].item():
+        raise ValueError("scores contain NaN; cannot choose the N:M pruned elements")
+    frags = flat[:-1].view(world * 2, 1 + 2 * m)
+
+    # Whole groups: decided locally, chunk by chunk.
+    step = max(1, CHUNK // m) * m
+    for lo in range(fs - s, fe - s, step):
+        hi = min(lo + step, fe - s)
+        mask[lo:hi] = _prune_lowest(scores[lo:hi].float().view(-1, m), n).view(-1)
+
+    # Straddling groups: merge every rank's fragment of the group, decide, keep my positions.
+    for a, b in fragments:
+        g = a // m
+        rows = frags[frags[:, 0] == g + 1]
+        present = rows[:, 1 : 1 + m].sum(0)
+        if not bool((present == 1).all()):
+            raise ValueError(f"slices do not tile the tensor: N:M group {g} of a {list(shape)} tensor is "
+                             f"covered {present.tolist()} times (are all ranks calling with ZeRO slices?)")
+        values = rows[:, 1 + m :].sum(0).view(torch.float64)  # one holder per position, zeros elsewhere
+        decided = _prune_lowest(values.view(1, m), n).view(-1)
+        mask[a - s : b - s] = decided[a % m : a % m + b - a]
+    return mask
+
+
+# --- blocks --------------------------------------------------------------------------------------
+
+
+def _block_ids(pos: torch.Tensor, shape: tuple[int, int], block: Block) -> torch.Tensor:
+    """Row-major block index of the flat elements at `pos`."""
+    in_f = int(shape[1])
+    return (pos // in_f // block.rows) * (in_f // block.cols) + (pos % in_f) // block.cols
+
+
+def n_blocks(shape: tuple[int, int], block: Block) -> int:
+    return (int(shape[0]) // block.rows) * (int(shape[1]) // block.cols)
+
+
+def block_scores(scores: torch.Tensor, start: int, shape: tuple[int, int], block: Block, *,
+                 pool: str = "sum", group: ProcessGroup | None = None) -> torch.Tensor:
+    """Pooled float32 score of every block (row-major block order), identical on every rank:
+    float64 local partial sums (of scores, or of squares for pool="l2", then sqrt), one
+    all_reduce of the [n_blocks] float64 vector. Collective per tensor."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    check_shape(block, shape, "block_scores")
+    _check_slice(scores, int(start), shape)
+    total = torch.zeros(n_blocks(shape, block), dtype=torch.float64)
+    for lo in range(0, scores.numel(), CHUNK):
+        x = scores[lo : lo + CHUNK].double()
+        pos = torch.arange(int(start) + lo, int(start) + lo + x.numel())
+        total.index_add_(0, _block_ids(pos, shape, block), x * x if pool == "l2" else x)
+    _all_reduce(total, group)
+    return (total.sqrt() if pool == "l2" else total).float()
+
+
+def block_mask(scores: torch.Tensor, start: int, shape: tuple[int, int], block: Block,
+               prune_blocks: torch.Tensor) -> torch.Tensor:
+    """Expand a bool per-block decision (True = prune the block) to this rank's local elements."""
+    check_shape(block, shape, "block_mask")
+    if prune_blocks.numel() != n_blocks(shape, block):
+        raise ValueError(f"expected {n_blocks(shape, block)} block decisions, got {prune_blocks.numel()}")
+    decisions = prune_blocks.reshape(-1).bool()
+    mask = torch.empty(scores.numel(), dtype=torch.bool)
+    for lo in range(0, scores.numel(), CHUNK):
+        hi = min(lo + CHUNK, scores.numel())
+        mask[lo:hi] = decisions[_block_ids(torch.arange(int(start) + lo, int(start) + hi), shape, block)]
+    return mask
+
+
+def block_segment(block_score: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, int]:
+    """This rank's ZeRO-style share of the replicated block scores, (scores_part, start): blocks
+    [r*ps, min((r+1)*ps, nb)) with ps = ceil(nb / world), so each block is counted once."""
+    nb = block_score.numel()
+    ps = -(-nb // world)
+    lo = min(rank * ps, nb)
+    return block_score[lo : min(lo + ps, nb)], lo
+
+
+def select_blocks(tensors: Sequence[tuple[torch.Tensor, int, tuple[int, int]]], block: Block, sparsity: float,
+                  scope: str = "layer", pool: str = "sum", *,
+                  group: ProcessGroup | None = None) -> list[torch.Tensor]:
+    """Prune round(sparsity * blocks) whole blocks of the model (scope "global") or of each tensor
+    ("layer"); returns this rank's element mask (True = pruned) per (scores, start, shape).
+    Collective: every rank passes the same tensors in the same order. Communication: one
+    all_reduce per tensor for the block scores, select_pruned's histograms, and one uint8
+    all_reduce of every block's decision."""
+    if scope not in BLOCK_SCOPES:
+        raise ValueError(f"block selection scope must be one of {BLOCK_SCOPES}, got {scope!r}")
+    rank, world = _rank_world(group)
+    segments, numels = [], []
+    for t, (scores, start, shape) in enumerate(tensors):
+        pooled = block_scores(scores, start, shape, block, pool=pool, group=group)
+        part, lo = block_segment(pooled, rank, world)
+        segments.append(Segment(part, t, lo))
+        numels.append(pooled.numel())
+    counts = prune_counts(sparsity, group_sizes(numels, scope))
+    chosen = select_pruned(segments, numels, counts, scope=scope, group=group)
+    offsets = [0]
+    for nb in numels:
+        offsets.append(offsets[-1] + nb)
+    decisions = torch.zeros(offsets[-1], dtype=torch.uint8)  # each rank fills its own share
+    for seg, picked in zip(segments, chosen):
+        o = offsets[seg.tensor_index] + seg.start
+        decisions[o : o + picked.numel()] = picked.to(torch.uint8)
+    _all_reduce(decisions, group)
+    return [block_mask(scores, start, shape, block, decisions[offsets[t] : offsets[t + 1]].bool())
+            for t, (scores, start, shape) in enumerate(tensors)]
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _check_slice(scores: torch.Tensor, start: int, shape: tuple[int, int]) -> None:
+    numel = int(shape[0]) * int(shape[1])
+    if scores.dim() != 1 or not scores.is_floating_point():
+        raise ValueError(f"scores must be a 1-D float tensor, got {scores.dtype} of shape {tuple(scores.shape)}")
+    if start < 0 or start + scores.numel() > numel:
+        raise ValueError(f"slice [{start}, {start + scores.numel()}) exceeds the {numel} elements of "
+                         f"shape {list(shape)}")
+
+
+def _rank_world(group: ProcessGroup | None) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def _all_reduce(t: torch.Tensor, group: ProcessGroup | None) -> None:
+    """Sum over ranks in place; a no-op without an initialized process group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, group=group)
