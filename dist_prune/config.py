@@ -42,11 +42,14 @@ class ModelConfig:
 
 @dataclass
 class PruneConfig:
-    method: str = doc("wanda", "scorer: magnitude | wanda")
+    method: str = doc("wanda", "scorer: magnitude | wanda | sparsegpt")
     sparsity: float = doc(0.5, "fraction of the weights in each selection scope to prune, in [0, 1)")
     scope: str | None = doc(None, "where one threshold applies: global | layer | row; empty = the "
                                   "method's default (wanda: row, magnitude: layer)")
-    structure: str = doc("unstructured", "pattern of pruned weights: unstructured")
+    structure: str = doc("unstructured", "pattern of pruned weights: unstructured | N:M (N of every "
+                                          "M consecutive inputs pruned, e.g. 2:4; prune.sparsity is "
+                                          "then N/M) | block:RxC (whole R x C blocks)")
+    norm: str = doc("l1", "pooling of element scores into a block score: l1 (sum) | l2 (L2 norm)")
     exclude: list[str] = doc(["*embed_tokens*", "*lm_head*", "*norm*", "*.bias"],
                              "glob patterns of parameter names never pruned; only 2-D weights are pruned")
 
@@ -120,7 +123,7 @@ class JobConfig:
 # imported lazily so this module stays importable without torch.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCOPES = ("global", "layer", "row")
-STRUCTURES = ("unstructured",)
+NORMS = ("l1", "l2")
 
 
 def _scorer_names() -> tuple[str, ...]:
@@ -130,6 +133,23 @@ def _scorer_names() -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------- loading
+
+class _Loader(yaml.SafeLoader):
+    """YAML without 1.1's base-60 integers, so `structure: 2:4` is the string "2:4", not 124."""
+
+
+_INT = "tag:yaml.org,2002:int"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _INT]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?0b[01_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*))$"),
+    list("-+0123456789"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
 
 _ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
@@ -160,7 +180,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise UserError(f"override {item!r}: expected key.sub=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         node = tree
@@ -234,7 +254,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise UserError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
@@ -265,8 +285,22 @@ def validate(cfg: JobConfig) -> None:
     _require(0.0 <= p.sparsity < 1.0, f"prune.sparsity must be in [0, 1), got {p.sparsity}")
     _require(p.scope is None or p.scope in SCOPES,
              f"prune.scope '{p.scope}' is unknown (allowed: {', '.join(SCOPES)})")
-    _require(p.structure in STRUCTURES,
-             f"prune.structure '{p.structure}' is unknown (allowed: {', '.join(STRUCTURES)})")
+    from dist_prune.structures import NM, Block, parse_structure
+
+    try:
+        structure = parse_structure(p.structure)
+    except ValueError as e:
+        raise UserError(f"config: prune.structure '{p.structure}': {e}") from None
+    _require(p.norm in NORMS, f"prune.norm '{p.norm}' is unknown (allowed: {', '.join(NORMS)})")
+    _require(not (isinstance(structure, Block) and p.scope == "row"),
+             "prune.scope row does not apply to block structures (allowed: global, layer)")
+    _require(not (p.method == "sparsegpt" and (p.scope is not None or isinstance(structure, Block))),
+             "prune.method sparsegpt chooses its masks per 128-column tile: leave prune.scope "
+             "empty and use structure unstructured or N:M")
+    _require(not (p.method == "sparsegpt" and isinstance(structure, NM) and 128 % structure.m),
+             f"prune.structure {p.structure}: sparsegpt needs M to divide its 128-column tiles")
+    _require(not isinstance(structure, NM) or p.scope is None,
+             "prune.scope does not apply to N:M structures (every group of M is its own scope)")
     cal = cfg.data.calibration
     _require(cal.num_samples >= 1, f"data.calibration.num_samples must be >= 1, got {cal.num_samples}")
     _require(cal.seq_len >= 2, f"data.calibration.seq_len must be >= 2, got {cal.seq_len}")

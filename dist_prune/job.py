@@ -7,6 +7,7 @@ costs seconds, not a cluster start.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from dist_prune.errors import UserError
 from dist_prune.export import check_destination, verify_export
 from dist_prune.report import StageTimer, layer_sparsity_plot, summary_table
 from dist_prune.scoring import SCORERS
+from dist_prune.structures import check_shape, parse_structure
 from dist_prune.worker import WorkerJob
 
 
@@ -46,7 +48,8 @@ def prepare(cfg: JobConfig) -> WorkerJob:
                             "model.trust_remote_code=true") from None
         raise
     calibration = evaluation = None
-    if SCORERS[cfg.prune.method].needs_activations:
+    check_target_shapes(cfg, checkpoint)
+    if SCORERS[cfg.prune.method].needs != "weights":
         cal = cfg.data.calibration
         ids = tokenize(read_text(cal.path, role="calibration"), tokenizer)
         calibration = calibration_windows(ids, cal.num_samples, cal.seq_len, cal.seed,
@@ -63,6 +66,20 @@ def prepare(cfg: JobConfig) -> WorkerJob:
               "config_sha256": config_sha256(cfg), "source_model": str(cfg.model.path or model_dir),
               "tensors_in_checkpoint": len(checkpoint.weight_map)}
     return WorkerJob(to_dict(cfg), str(model_dir), calibration, evaluation, str(export_dir), report)
+
+
+def check_target_shapes(cfg: JobConfig, checkpoint) -> None:
+    """Refuse a structure that does not tile a weight, before any worker starts."""
+    structure = parse_structure(cfg.prune.structure)
+    for name in checkpoint.weight_map:
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.prune.exclude):
+            continue
+        shape = checkpoint.shape(name)
+        if len(shape) == 2:
+            try:
+                check_shape(structure, shape, name)
+            except ValueError as e:
+                raise UserError(f"prune.structure {cfg.prune.structure}: {e}") from None
 
 
 def init_ray(cfg: JobConfig) -> None:

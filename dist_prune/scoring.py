@@ -43,12 +43,15 @@ def wanda(local: LocalSlice, stats: Stats) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Scorer:
-    score: Callable[[LocalSlice, Stats], torch.Tensor]
-    needs_activations: bool  # calibration forward with input hooks on the pruned linears
+    score: Callable[[LocalSlice, Stats], torch.Tensor] | None  # None: prunes by reconstruction
+    needs: str  # statistics calibration collects: "weights" (none), "activations", "hessian"
     default_scope: str
 
 
+# SparseGPT is not a score-then-select method: it chooses each mask while updating the
+# remaining weights (dist_prune/sparsegpt.py); the worker runs it instead of selection.
 SCORERS: dict[str, Scorer] = {
-    "magnitude": Scorer(magnitude, needs_activations=False, default_scope="layer"),
-    "wanda": Scorer(wanda, needs_activations=True, default_scope="row"),
+    "magnitude": Scorer(magnitude, needs="weights", default_scope="layer"),
+    "wanda": Scorer(wanda, needs="activations", default_scope="row"),
+    "sparsegpt": Scorer(None, needs="hessian", default_scope="layer"),
 }

@@ -104,7 +104,7 @@ class _Batch:
 
     g0: int  # global id of the first group
     n_groups: int
-    width: int  # key bits counted per local pass: 16 where a segment lies in one group, else 8
+    width: int  # key bits per pass over the scores: 16 where a segment lies in one group, else 8
     order_bits: int  # width of the order indices, in whole 8-bit digits
 
 
@@ -130,7 +130,7 @@ class _Part:
 class _Block:
     """Candidates found in one chunk of one part."""
 
-    part: int  # index into the batch's parts
+    part: _Part
     pos: torch.Tensor  # int64 positions in the segment
     key: torch.Tensor  # int64 score keys
     gid: torch.Tensor  # int64 batch-local groups
@@ -196,14 +196,14 @@ def _select_batch(parts: list[_Part], counts: torch.Tensor, batch: _Batch, masks
     last = torch.full((n_groups,), _NO_LIMIT)
     split = active & (k < ties)
     if bool(split.any()):  # computed from reduced counts, so every rank takes the same branch
-        order, *_ = _select_bits(lambda: _tie_pairs(candidates(), parts, threshold), k, zero, 0,
+        order, *_ = _select_bits(lambda: _tie_pairs(candidates(), threshold), k, zero, 0,
                                  batch.order_bits, batch.order_bits, 8, group)
         last = torch.where(split, order, last)
 
     for b in candidates():
         t = threshold[b.gid]
-        prune = (b.key < t) | ((b.key == t) & (b.pos + parts[b.part].order0 <= last[b.gid]))
-        masks[parts[b.part].index][b.pos[prune]] = True
+        prune = (b.key < t) | ((b.key == t) & (b.pos + b.part.order0 <= last[b.gid]))
+        masks[b.part.index][b.pos[prune]] = True
 
 
 def _select_bits(pairs: Callable[[], _Pairs], k: torch.Tensor, prefix: torch.Tensor, known: int, stop: int,
@@ -317,12 +317,12 @@ def _all_pairs(parts: Sequence[_Part]) -> _Pairs:
 def _scan(parts: Sequence[_Part], prefix: torch.Tensor, masks: list[torch.Tensor] | None) -> Iterator[_Block]:
     """Yield the elements whose top 16 key bits equal their group's prefix; with `masks`, also mark
     every element below its group's bracket as pruned and every other as kept."""
-    for j, p in enumerate(parts):
+    for p in parts:
         mask = None if masks is None else masks[p.index]
-        yield from (_scan_rows if p.row_length else _scan_one_group)(j, p, prefix, mask)
+        yield from (_scan_rows if p.row_length else _scan_one_group)(p, prefix, mask)
 
 
-def _scan_one_group(j: int, p: _Part, prefix: torch.Tensor, mask: torch.Tensor | None) -> Iterator[_Block]:
+def _scan_one_group(p: _Part, prefix: torch.Tensor, mask: torch.Tensor | None) -> Iterator[_Block]:
     """`_scan` for a part inside one group: float compares on the raw bits, keys for hits only."""
     top = int(prefix[p.group])
     if top < 0:
@@ -335,10 +335,10 @@ def _scan_one_group(j: int, p: _Part, prefix: torch.Tensor, mask: torch.Tensor |
             _below(x, top << 16, out=mask[lo : lo + x.numel()])
         pos = _sparse_nonzero(x.view(torch.uint16)[_HIGH_HALF::2] == high)
         if pos.numel():
-            yield _Block(j, pos + lo, _keys(x[pos]), p.gids(pos))
+            yield _Block(p, pos + lo, _keys(x[pos]), p.gids(pos))
 
 
-def _scan_rows(j: int, p: _Part, prefix: torch.Tensor, mask: torch.Tensor | None) -> Iterator[_Block]:
+def _scan_rows(p: _Part, prefix: torch.Tensor, mask: torch.Tensor | None) -> Iterator[_Block]:
     """`_scan` for a part spanning many groups: keys and groups for every element."""
     for lo, x in _chunks(p.scores):
         pos = torch.arange(lo, lo + x.numel())
@@ -348,14 +348,14 @@ def _scan_rows(j: int, p: _Part, prefix: torch.Tensor, mask: torch.Tensor | None
             torch.lt(top, want, out=mask[lo : lo + x.numel()])
         hit = _sparse_nonzero(top == want)
         if hit.numel():
-            yield _Block(j, pos[hit], key[hit], gid[hit])
+            yield _Block(p, pos[hit], key[hit], gid[hit])
 
 
-def _tie_pairs(blocks: Iterable[_Block], parts: Sequence[_Part], threshold: torch.Tensor) -> _Pairs:
+def _tie_pairs(blocks: Iterable[_Block], threshold: torch.Tensor) -> _Pairs:
     """(order indices, groups) of the candidates whose key equals their group's threshold."""
     for b in blocks:
         tie = b.key == threshold[b.gid]
-        yield b.pos[tie] + parts[b.part].order0, b.gid[tie]
+        yield b.pos[tie] + b.part.order0, b.gid[tie]
 
 
 # --- checks and communication --------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from dist_prune.calibrate import InputNormCollector
 from dist_prune.checkpoint import cache_dir, open_checkpoint
 from dist_prune.collectives import all_reduce_, rank_and_world
-from dist_prune.config import JobConfig, config_from_dict, scope_of
+from dist_prune.config import JobConfig, PruneConfig, config_from_dict, scope_of
 from dist_prune.data import shard
 from dist_prune.errors import UserError
 from dist_prune.evaluate import perplexity
@@ -27,10 +27,12 @@ from dist_prune.export import StreamingExport, TensorSpec
 from dist_prune.layerwise import LayerRunner
 from dist_prune.masking import Target, apply_mask, find_targets, local_start, pruned_counts
 from dist_prune.partition import (DTYPES, build_partitioned_model, compute_dtype, gathered,
-                                  local_weight)
+                                  local_range, local_weight)
 from dist_prune.report import StageTimer, progress
 from dist_prune.scoring import SCORERS, LocalSlice, Scorer
 from dist_prune.selection import Segment, group_sizes, prune_counts, select_pruned
+from dist_prune.sparsegpt import HessianCollector, sparsegpt_prune
+from dist_prune.structures import NM, Block, nm_mask, parse_structure, select_blocks
 
 
 @dataclass
@@ -94,18 +96,20 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
           calibration: torch.Tensor | None, timer: StageTimer, show: bool) -> dict[str, torch.Tensor]:
     """Score, select and mask every target; returns the local masks (True = pruned).
 
-    Scorers that need activations calibrate layer by layer. With `sequential`, each
+    Methods that need activations calibrate layer by layer. With `sequential`, each
     layer is pruned before its outputs feed the next layer, so later layers see the
     inputs they will see at inference (Wanda / SparseGPT reference behaviour).
     """
     scope = scope_of(cfg.prune)
-    if not scorer.needs_activations:
+    if scorer.needs == "weights":
         with timer("score+select+mask"):
-            return select_and_mask(targets, {}, scorer, cfg.prune.sparsity, scope)
+            return select_and_mask(targets, {}, scorer, cfg.prune, scope)
 
-    sequential = cfg.data.calibration.sequential and scope != "global"
+    # SparseGPT keeps one Hessian per linear: only a layer's worth at a time.
+    sequential = scorer.needs == "hessian" or (cfg.data.calibration.sequential and scope != "global")
+    collector_of = {"activations": InputNormCollector, "hessian": HessianCollector}[scorer.needs]
     runner = LayerRunner(model)
-    by_layer: dict[int, list[Target]] = {}
+    by_layer: dict[int | None, list[Target]] = {}
     for t in targets:
         by_layer.setdefault(t.layer, []).append(t)
     head = model.get_output_embeddings()
@@ -122,48 +126,88 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
     for index in range(len(runner.layers)):
         layer_targets = by_layer.get(index, [])
         with timer("calibrate"):
-            with InputNormCollector({t.name: t.module for t in layer_targets}) as collector:
+            with collector_of({t.name: t.module for t in layer_targets}) as collector:
                 outputs = runner.run_layer(index, batches)
             stats.update(collector.reduce())
         if sequential and layer_targets:
             with timer("score+select+mask"):
-                masks.update(select_and_mask(layer_targets, stats, scorer, cfg.prune.sparsity, scope))
+                masks.update(select_and_mask(layer_targets, stats, scorer, cfg.prune, scope))
+            for t in layer_targets:
+                stats.pop(t.name)  # a 7B layer's Hessians are gigabytes
             with timer("calibrate"):
                 outputs = runner.run_layer(index, batches)  # what the pruned layer passes on
         batches = outputs
         bar.update(1)
     if head_targets:  # the output head sees the final norm of the last layer's outputs
         with timer("calibrate"):
-            collector = InputNormCollector({t.name: t.module for t in head_targets})
+            collector = collector_of({t.name: t.module for t in head_targets})
             for x in runner.head_inputs(batches):
                 for t in head_targets:
                     collector.add(t.name, x)
             stats.update(collector.reduce())
         if sequential:
             with timer("score+select+mask"):
-                masks.update(select_and_mask(head_targets, stats, scorer, cfg.prune.sparsity, scope))
+                masks.update(select_and_mask(head_targets, stats, scorer, cfg.prune, scope))
     bar.close()
     if not sequential:
         with timer("score+select+mask"):
-            masks = select_and_mask(targets, stats, scorer, cfg.prune.sparsity, scope)
+            masks = select_and_mask(targets, stats, scorer, cfg.prune, scope)
     return masks
 
 
-def select_and_mask(targets: list[Target], stats: dict, scorer: Scorer, sparsity: float,
+def select_and_mask(targets: list[Target], stats: dict, scorer: Scorer, prune_cfg: PruneConfig,
                     scope: str) -> dict[str, torch.Tensor]:
-    """Score each local slice, agree on the exact per-group thresholds, zero the pruned."""
-    segments = []
-    for index, t in enumerate(targets):
-        start = local_start(t)
-        local = LocalSlice(local_weight(t.param), start, t.shape)
-        segments.append(Segment(scorer.score(local, stats.get(t.name, {})), index, start))
-    numels = [t.numel for t in targets]
-    row_lengths = [t.shape[1] for t in targets]
-    counts = prune_counts(sparsity, group_sizes(numels, scope, row_lengths))
-    pruned = select_pruned(segments, numels, counts, scope=scope, row_lengths=row_lengths)
+    """Score each local slice, agree on the exact pruned set of each group, zero it.
+
+    Every call is collective, and the same targets come in the same order on all ranks.
+    """
+    structure = parse_structure(prune_cfg.structure)
+    if scorer.score is None:
+        return reconstruct(targets, stats, prune_cfg.sparsity, structure)
+    starts = [local_start(t) for t in targets]
+    scores = [scorer.score(LocalSlice(local_weight(t.param), start, t.shape), stats.get(t.name, {}))
+              for t, start in zip(targets, starts)]
+    if isinstance(structure, NM):
+        pruned = [nm_mask(s, start, t.shape, structure) for s, start, t in zip(scores, starts, targets)]
+    elif isinstance(structure, Block):
+        pruned = select_blocks([(s, start, t.shape) for s, start, t in zip(scores, starts, targets)],
+                               structure, prune_cfg.sparsity, scope,
+                               pool="l2" if prune_cfg.norm == "l2" else "sum")
+    else:
+        numels = [t.numel for t in targets]
+        row_lengths = [t.shape[1] for t in targets]
+        counts = prune_counts(prune_cfg.sparsity, group_sizes(numels, scope, row_lengths))
+        segments = [Segment(s, i, start) for i, (s, start) in enumerate(zip(scores, starts))]
+        pruned = select_pruned(segments, numels, counts, scope=scope, row_lengths=row_lengths)
     for t, mask in zip(targets, pruned):
         apply_mask(t, mask)
     return {t.name: mask for t, mask in zip(targets, pruned)}
+
+
+def reconstruct(targets: list[Target], stats: dict, sparsity: float, structure) -> dict[str, torch.Tensor]:
+    """SparseGPT on one layer's targets: rank r reconstructs every W-th tensor of the layer
+    (gathered read-only), then each result reaches every rank's partition."""
+    rank, world = rank_and_world()
+    n, m = (structure.n, structure.m) if isinstance(structure, NM) else (0, 0)
+    results = {}
+    with gathered(t.param for t in targets):
+        for index, t in enumerate(targets):
+            if index % world == rank:
+                results[t.name] = sparsegpt_prune(t.param.data, stats[t.name]["hessian"], sparsity,
+                                                  prune_n=n, prune_m=m)
+    masks = {}
+    for index, t in enumerate(targets):  # one tensor at a time: the owner's result, summed with zeros
+        weight = torch.zeros(t.numel, dtype=torch.float32)
+        mask = torch.zeros(t.numel, dtype=torch.uint8)
+        if t.name in results:
+            weight.copy_(results[t.name][0].reshape(-1))
+            mask.copy_(results.pop(t.name)[1].reshape(-1))
+        all_reduce_(weight)
+        all_reduce_(mask)
+        start, stop = local_range(t.param)
+        local_weight(t.param).copy_(weight[start:stop])
+        masks[t.name] = mask[start:stop].bool()
+    return masks
 
 
 def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir: Path,

@@ -35,6 +35,14 @@ def test_overrides_are_typed_and_nested():
     assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
 
 
+def test_ratio_strings_stay_strings(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("prune:\n  structure: 2:4\n  method: magnitude\n")
+    assert load_config(job).prune.structure == "2:4"  # YAML 1.1 would read 124
+    assert load_config(None, ["prune.structure=4:8"]).prune.structure == "4:8"
+    assert load_config(None, ["cluster.num_workers=0x2"]).cluster.num_workers == 2
+
+
 def test_env_expansion_with_default(monkeypatch, tmp_path):
     (tmp_path / "t.txt").write_text("x")
     monkeypatch.delenv("NOPE_DIR", raising=False)
@@ -53,13 +61,17 @@ def test_env_expansion_with_default(monkeypatch, tmp_path):
     ("model.path=/does/not/exist", "model.path /does/not/exist does not exist"),
     ("prune.method=lottery", "prune.method 'lottery' is unknown (allowed: magnitude, wanda"),
     ("prune.scope=block", "prune.scope 'block' is unknown"),
+    ("prune.structure=4:2", "prune.structure '4:2'"),
+    ("prune.structure=heads", "prune.structure 'heads'"),
+    ("prune.norm=l3", "prune.norm 'l3' is unknown"),
+    ("prune.method=sparsegpt prune.scope=row", "sparsegpt chooses its masks"),
     ("export.max_shard_size=lots", "lots"),
     ("eval.path=/nope.txt", "eval.path /nope.txt is not a file"),
     ("prune", "expected key.sub=value"),
 ])
 def test_rejections_name_the_key(override, message):
     with pytest.raises(UserError, match=None) as info:
-        load_config(None, [override])
+        load_config(None, override.split())
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 

@@ -32,6 +32,7 @@ SETTINGS = {
     # 64-element chunks, 8 tensors (layer) or 2048 rows per batch, candidates re-scanned, not kept.
     "small": {"CHUNK": 64, "HIST_BINS": 1 << 19, "COMPACT_MIN": 0, "COMPACT_SHARE": 1 << 40},
 }
+SUBGROUP_CASES = ("random-global", "all-layer", "all-row")
 FORBIDDEN = ("all_gather", "all_gather_into_tensor", "all_gather_object", "gather", "gather_object",
              "all_to_all", "all_to_all_single", "broadcast", "scatter", "reduce_scatter")
 
@@ -194,6 +195,13 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
             for case in make_cases():
                 results[label, case.name] = run_case(case, rank, world)
     nan = nan_case(rank, world)
+    # The `group` argument: the first half of the ranks selects on its own, the rest stays out.
+    half = world // 2
+    subgroup = dist.new_group(list(range(half))) if half else None
+    if rank < half:
+        results["half"] = [select_pruned(slices(c.tensors, rank, half), c.numels, c.counts, scope=c.scope,
+                                         row_lengths=c.row_lengths, group=subgroup)
+                           for c in make_cases() if c.name in SUBGROUP_CASES]
     torch.save({"results": results, "nan": nan, "reduced": reduced}, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -231,6 +239,16 @@ def test_distributed_matches_reference(ranks, cases, label):
         for t, (a, b) in enumerate(zip(got, reference(case))):
             differ = int((a ^ b).sum())
             assert not differ, f"{case.name} ({label}, W={world}), tensor {t}: {differ} masks differ"
+
+
+def test_process_subgroup(ranks, cases):
+    world, outputs = ranks
+    if world == 1:
+        pytest.skip("no rank to leave out of a subgroup")
+    half = world // 2
+    for i, case in enumerate(c for c in cases if c.name in SUBGROUP_CASES):
+        got = union([out["results"]["half"][i] for out in outputs[:half]], case, half)
+        assert all(torch.equal(a, b) for a, b in zip(got, reference(case))), case.name
 
 
 def test_distributed_only_all_reduces_small_int_histograms(ranks, cases):

@@ -24,6 +24,11 @@ CASES = {  # name -> overrides
                             "data.calibration.sequential=false"],
     "magnitude-global": ["prune.method=magnitude", "prune.scope=global", "prune.sparsity=0.6"],
     "wanda-with-head": ["prune.method=wanda", "prune.scope=row", "prune.exclude=['*norm*']"],
+    "wanda-2:4": ["prune.method=wanda", "prune.structure=2:4"],
+    "magnitude-block": ["prune.method=magnitude", "prune.structure=block:4x8", "prune.norm=l2",
+                        "prune.scope=global", "prune.sparsity=0.4"],
+    "sparsegpt": ["prune.method=sparsegpt", "prune.sparsity=0.5"],
+    "sparsegpt-4:8": ["prune.method=sparsegpt", "prune.structure=4:8"],
 }
 
 
@@ -69,7 +74,13 @@ def test_world_sizes_export_identical_weights(runs, case):
     one, two = _weights(out / f"w1-{case}"), _weights(out / f"w2-{case}")
     assert one.keys() == two.keys()
     for name in one:
-        assert torch.equal(one[name], two[name]), name
+        if case.startswith("sparsegpt"):
+            # The Hessian is a float sum whose order depends on how windows are split
+            # across ranks; OBS updates amplify that. Masks and weights agree closely.
+            assert ((one[name] == 0) != (two[name] == 0)).float().mean() < 0.01, name
+            assert torch.allclose(one[name], two[name], rtol=1e-2, atol=1e-4), name
+        else:
+            assert torch.equal(one[name], two[name]), name
     assert metrics[1][case]["pruned"] == metrics[2][case]["pruned"]
     assert metrics[1][case]["perplexity_sparse"] == pytest.approx(metrics[2][case]["perplexity_sparse"],
                                                                   rel=1e-6)
@@ -91,6 +102,34 @@ def test_exact_counts_in_exported_files(runs):
     assert ((head == 0).sum(1) == head.shape[1] // 2).all()  # the head is calibrated and pruned too
     manifest = json.loads((out / "w2-wanda-row" / "sparsity.json").read_text())
     assert manifest["tensors"]["model.layers.0.mlp.up_proj.weight"]["sparsity"] == 0.5
+
+
+def test_structures_hold_in_exported_files(runs):
+    out, _, _, _ = runs
+    for case, n, m in (("wanda-2:4", 2, 4), ("sparsegpt-4:8", 4, 8)):
+        for name, t in _weights(out / f"w2-{case}").items():
+            if ".layers." in name and t.ndim == 2:
+                groups = (t == 0).reshape(t.shape[0], -1, m).sum(-1)
+                assert (groups == n).all(), (case, name)
+    blocks = 0
+    for name, t in _weights(out / "w2-magnitude-block").items():
+        if ".layers." in name and t.ndim == 2:
+            tiles = (t == 0).reshape(t.shape[0] // 4, 4, t.shape[1] // 8, 8).sum((1, 3))
+            assert ((tiles == 0) | (tiles == 32)).all(), name  # whole 4x8 blocks
+            blocks += int((tiles == 32).sum())
+    total = sum(t.numel() // 32 for n, t in _weights(out / "w2-magnitude-block").items()
+                if ".layers." in n and t.ndim == 2)
+    assert blocks == math.floor(0.4 * total + 0.5)
+
+
+def test_sparsegpt_updates_kept_weights(runs, tiny_llama):
+    out, _, _, _ = runs
+    dense = load_file(tiny_llama / "model.safetensors")
+    sparse = _weights(out / "w2-sparsegpt")
+    t, d = sparse["model.layers.1.mlp.down_proj.weight"], dense["model.layers.1.mlp.down_proj.weight"]
+    assert int((t == 0).sum()) == t.numel() // 2
+    kept = t != 0
+    assert not torch.equal(t[kept], d[kept])  # OBS reconstruction moved the survivors
 
 
 def _hf_perplexity(model, windows) -> float:
