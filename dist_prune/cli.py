@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="prune a model as a config describes")
     run.add_argument("config", nargs="?", help="YAML job file (omit for the defaults)")
     run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    seed = run.add_argument_group("Sparse-NEFT names (aliases of config keys)")
+    seed.add_argument("--pruning_ratio", type=float, help="= prune.sparsity")
+    seed.add_argument("--pruning_method", choices=("l1", "l2"),
+                      help="= prune.method=magnitude with prune.norm=l1|l2")
 
     pull = commands.add_parser("pull", help="download a registered model into a directory")
     pull.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -36,10 +40,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """`run a=b` without a config file: the first positional is an override, not a path."""
-    if args.config is not None and "=" in args.config:
-        return None, [args.config, *args.overrides]
-    return args.config, list(args.overrides)
+    """`run a=b` without a config file: the first positional is an override, not a path.
+    Alias flags become overrides placed after the positional ones, so they win."""
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path:
+        path, overrides = None, [path, *overrides]
+    if args.pruning_ratio is not None:
+        overrides.append(f"prune.sparsity={args.pruning_ratio}")
+    if args.pruning_method is not None:
+        overrides += ["prune.method=magnitude", f"prune.norm={args.pruning_method}"]
+    return path, overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,3 +108,14 @@ def test_every_key_is_documented():
             "registry.model_name", "registry.alias", "export.dir",
             "export.max_shard_size"} <= {key for key, _, _ in rows}
     assert all(help for _, _, help in rows)
+
+
+def test_seed_aliases_map_to_config_keys():
+    from dist_prune.cli import _parser, _split_config_and_overrides
+
+    args = _parser().parse_args(["run", "prune.scope=layer", "--pruning_ratio", "0.3",
+                                 "--pruning_method", "l2"])
+    path, overrides = _split_config_and_overrides(args)
+    cfg = load_config(path, overrides)
+    assert (cfg.prune.sparsity, cfg.prune.method, cfg.prune.norm, cfg.prune.scope) == \
+        (0.3, "magnitude", "l2", "layer")
