@@ -8,7 +8,9 @@ costs seconds, not a cluster start.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,10 @@ def prepare(cfg: JobConfig) -> WorkerJob:
     """Resolve the model, tokenize the data and fix the export directory."""
     model_dir = resolve_model(cfg.model.path, allow_pickle=cfg.model.allow_pickle,
                               trust_remote_code=cfg.model.trust_remote_code)
+    check_remote_code(model_dir, cfg.model.trust_remote_code)
     checkpoint = open_checkpoint(model_dir)
+    if (model_dir / "sparsity.json").is_file():  # a dist-prune export: its manifest must hold
+        verify_export(model_dir)
     from transformers import AutoTokenizer
 
     try:
@@ -66,6 +71,14 @@ def prepare(cfg: JobConfig) -> WorkerJob:
               "config_sha256": config_sha256(cfg), "source_model": str(cfg.model.path or model_dir),
               "tensors_in_checkpoint": len(checkpoint.weight_map)}
     return WorkerJob(to_dict(cfg), str(model_dir), calibration, evaluation, str(export_dir), report)
+
+
+def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
+    """A checkpoint whose config.json maps to its own Python code runs that code on load."""
+    config = json.loads((model_dir / "config.json").read_text())
+    if "auto_map" in config and not trust_remote_code:
+        raise UserError(f"model.path {model_dir} ships its own model code (auto_map in config.json); "
+                        "review it, then set model.trust_remote_code=true")
 
 
 def check_target_shapes(cfg: JobConfig, checkpoint) -> None:
@@ -102,6 +115,19 @@ def init_ray(cfg: JobConfig) -> None:
     # the object store only carries small token tensors.
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
              object_store_memory=256 * 1024**2, log_to_driver=True)
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Ray retries an unreachable cluster for minutes; a TCP connect answers in seconds."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} "
+                        f"({getattr(e, 'strerror', None) or e})") from None
 
 
 def fit(job: WorkerJob, cfg: JobConfig) -> dict:
@@ -159,8 +185,14 @@ def _find_user_error(error: BaseException) -> str | None:
 def run(cfg: JobConfig) -> JobResult:
     """`dist-prune run`: the whole job, end to end."""
     timer = StageTimer()
+    if os.environ.get("RAY_ADDRESS"):
+        _probe(os.environ["RAY_ADDRESS"])
     with timer("prepare"):
         job = prepare(cfg)
+        if cfg.registry.enabled:  # before the workers: a finished model needs somewhere to go
+            from dist_prune.registry import check_registry
+
+            check_registry(cfg.registry.tracking_uri)
     init_ray(cfg)
     metrics = fit(job, cfg)
     metrics["seconds_prepare"] = timer.seconds["prepare"]

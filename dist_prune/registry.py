@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -125,6 +126,8 @@ def _client(tracking_uri: str | None):
     import mlflow
     from mlflow import MlflowClient
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial database tables..."
+
     if tracking_uri is None:
         tracking_uri, registry_uri = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     else:
@@ -139,6 +142,13 @@ def _client(tracking_uri: str | None):
                             f"{type(e).__name__}") from e
     with _mlflow_errors(tracking_uri, "connecting"):
         return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri), tracking_uri, registry_uri
+
+
+def check_registry(tracking_uri: str | None) -> None:
+    """Fail fast, before a job starts: the tracking server answers and accepts our credentials."""
+    client, uri, _ = _client(tracking_uri)
+    with _mlflow_errors(uri, "listing experiments"):
+        client.search_experiments(max_results=1)
 
 
 def _is_code(e: Exception, *codes: str) -> bool:

@@ -250,6 +250,8 @@ def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir:
             failure = e
     if failure is not None and writer is not None:
         writer.abort()
+    if isinstance(failure, OSError):  # disk full, permissions: the user's to fix
+        failure = UserError(f"export to {export_dir} failed: {failure.strerror or failure}")
     _raise_if_any_failed(failure, rank)
 
 
