@@ -8,7 +8,7 @@ so selection never needs to know how the weight was partitioned.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -41,17 +41,80 @@ def wanda(local: LocalSlice, stats: Stats) -> torch.Tensor:
     return local.weight.float().abs() * column_norm[local.columns()]
 
 
+def taylor(local: LocalSlice, stats: Stats) -> torch.Tensor:
+    """|w * sum_s g_s|: first-order Taylor estimate of the loss change when w is removed
+    (Molchanov et al. 2017; SNIP's |g * w|, Lee et al. 2019). `stats["grad_sum"]` is the
+    gradient summed over calibration steps (dist_prune/gradients.py); summing instead of
+    averaging scales every score by the same step count, so the ranking is the same."""
+    return (local.weight.float() * stats["grad_sum"].float()).abs()
+
+
+def obd(local: LocalSlice, stats: Stats) -> torch.Tensor:
+    """0.5 * F * w^2 (Optimal Brain Damage, LeCun et al. 1990) with the empirical Fisher
+    diagonal F = mean over calibration steps of g^2 standing in for the Hessian diagonal."""
+    fisher = stats["grad_sq_sum"].float() / float(stats["steps"])
+    return 0.5 * fisher * local.weight.float().square()
+
+
+def seven(local: LocalSlice, stats: Stats) -> torch.Tensor:
+    """SEVEN (Xiao et al. 2024): sum_s |w * a_s * m_hat_s / v_hat_s|, a = |g|, with Adam-like
+    bias-corrected moments of |g| that damp noisy gradients. Accumulated step by step in
+    dist_prune/gradients.py (`stats["seven"]`, already in the slice's layout); returned as is
+    (may share memory with the statistic: selection never writes into scores)."""
+    return stats["seven"].float()
+
+
+def threshold(local: LocalSlice, stats: Stats) -> torch.Tensor:
+    """|w|, for the `threshold` method: keep iff |w| >= epsilon, an absolute cut-off instead
+    of a sparsity ratio. The mask is not chosen by k-th selection but by comparing these
+    scores with epsilon: use `threshold_mask` (pruned iff |w| < epsilon)."""
+    return local.weight.float().abs()
+
+
+def threshold_mask(local: LocalSlice, epsilon: float) -> torch.Tensor:
+    """Pruned (True) iff |w| < epsilon; NaN weights count as pruned. Local, no collective."""
+    return ~(threshold(local, {}) >= epsilon)
+
+
+def threshold_counts(slices: Sequence[LocalSlice], epsilon: float) -> list[int]:
+    """How many elements of each full tensor `threshold_mask` prunes, summed over ranks (one
+    all-reduce; collective). Used as the per-tensor counts of k-th selection at layer scope,
+    they prune exactly the same elements: the k smallest |w| are those below epsilon."""
+    from dist_prune.collectives import all_reduce_
+
+    counts = torch.tensor([int(threshold_mask(s, epsilon).sum()) for s in slices], dtype=torch.long)
+    return all_reduce_(counts).tolist()
+
+
 @dataclass(frozen=True)
 class Scorer:
     score: Callable[[LocalSlice, Stats], torch.Tensor] | None  # None: prunes by reconstruction
-    needs: str  # statistics calibration collects: "weights" (none), "activations", "hessian"
+    # statistics calibration collects: "weights" (none), "activations", "hessian",
+    # "gradients" (dist_prune.gradients.accumulate_gradient_stats)
+    needs: str
     default_scope: str
+    stats: tuple[str, ...] = ()  # for needs="gradients": which statistics to accumulate
 
 
 # SparseGPT is not a score-then-select method: it chooses each mask while updating the
 # remaining weights (dist_prune/sparsegpt.py); the worker runs it instead of selection.
+#
+# Gradient scorers default to one global threshold, as in SNIP (Lee et al. 2019), the
+# Taylor criterion of Molchanov et al. (2019, global ranking), OBD (LeCun et al. 1990) and
+# SEVEN's reference code (one top-k over all layers): their scores estimate the increase
+# of the loss when a weight is removed, so they are in the same unit (loss) in every layer
+# and comparable across layers, unlike |w|, whose scale differs per layer. A global cut can
+# therefore spend the sparsity where it costs the least loss; `scope: layer` is there for
+# when that over-prunes single layers.
+#
+# `threshold` is not selected by a ratio: the worker prunes |w| < epsilon
+# (`threshold_mask`); its scope is never used.
 SCORERS: dict[str, Scorer] = {
     "magnitude": Scorer(magnitude, needs="weights", default_scope="layer"),
     "wanda": Scorer(wanda, needs="activations", default_scope="row"),
     "sparsegpt": Scorer(None, needs="hessian", default_scope="layer"),
+    "taylor": Scorer(taylor, needs="gradients", default_scope="global", stats=("grad_sum",)),
+    "obd": Scorer(obd, needs="gradients", default_scope="global", stats=("grad_sq_sum",)),
+    "seven": Scorer(seven, needs="gradients", default_scope="global", stats=("seven",)),
+    "threshold": Scorer(threshold, needs="weights", default_scope="layer"),
 }

@@ -1,0 +1,272 @@
+"""Stage 2c, calibrate with gradients: per-element gradient statistics of the targets.
+
+Taylor, OBD and SEVEN need dL/dw of every target weight. The model is already
+partitioned by `deepspeed.zero.Init` (partition.py), so a short-lived DeepSpeed ZeRO-3
+engine is built on it for the duration of the calibration pass: its hooks gather each
+layer for forward and backward, and its gradient hooks reduce-scatter every weight's
+gradient straight into the owning rank's partition, so no process ever holds a full
+gradient. The engine gets a client optimizer with lr=0 that is never stepped (DeepSpeed
+needs one to build its gradient partitions). Afterwards the engine is destroyed and
+everything it attached to the model is taken off again (`_restore`).
+
+Statistics are accumulated on each rank's own slice of each target, in the slice's
+layout (padding excluded), so scorers read them like `LocalSlice.weight`.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Collection
+
+import torch
+import torch.nn.functional as F
+
+from dist_prune.collectives import all_reduce_, rank_and_world
+from dist_prune.errors import UserError
+from dist_prune.partition import local_range, local_weight, zero3_config
+
+if TYPE_CHECKING:
+    from dist_prune.masking import Target
+
+# What `accumulate_gradient_stats` can collect ("steps" always comes along).
+STATS = ("grad_sum", "grad_sq_sum", "seven")
+SEVEN_EPS = 1e-9  # added to v_hat, as in the SEVEN reference code
+FP16_LOSS_SCALE = 1024.0  # static: the scaler never adapts without optimizer steps
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
+               "_backward_pre_hooks")
+_PARAM_HOOK_DICTS = ("_post_accumulate_grad_hooks", "_backward_hooks")
+
+
+def step_plan(window_counts: list[int], seq_lens: list[int], micro_batch: int) -> list[int]:
+    """Predicted tokens of every global step (one entry per step).
+
+    Rank r runs its windows in order, `micro_batch` at a time; step s is the s-th
+    micro-batch of every rank together. A rank whose windows have run out takes part
+    with a dummy micro-batch whose loss is multiplied by 0, so every rank runs
+    `len(result)` forward/backward passes (each backward holds collectives).
+    """
+    steps = max((math.ceil(n / micro_batch) for n in window_counts), default=0)
+    return [sum(max(0, min(micro_batch, n - s * micro_batch)) * (length - 1)
+                for n, length in zip(window_counts, seq_lens)) for s in range(steps)]
+
+
+def accumulate_gradient_stats(model: torch.nn.Module, windows: torch.Tensor, targets: list["Target"], *,
+                              seven_betas: tuple[float, float] = (0.8, 0.9), micro_batch: int = 1,
+                              stats: Collection[str] = STATS) -> dict[str, dict[str, torch.Tensor]]:
+    """Gradient statistics of every target over this rank's and the other ranks' windows.
+
+    Collective: every rank calls it with the same targets, each with its own share of
+    the calibration windows (`windows`: [n_r, seq_len] token ids, n_r may differ across
+    ranks and may be 0).
+
+    Step structure. A step is one global batch: rank r's s-th micro-batch of up to
+    `micro_batch` windows, for every r. All ranks run the same number of steps, the
+    largest number any rank needs; a rank with no windows left in a step runs a dummy
+    micro-batch with its loss multiplied by 0 (padding steps, chosen over re-dealing the
+    windows so that a rank's data never moves). DeepSpeed averages gradients over the W
+    ranks, so each rank's loss is its summed next-token NLL times W / N_s, N_s being the
+    number of predicted tokens in the whole global batch of step s: the g of a step is
+    exactly the gradient of the mean next-token NLL per token of that global batch,
+    whatever the ranks' shares.
+
+    Per target, on this rank's slice (fp32, length = `local_range` size, padding cut off):
+      "grad_sum"    = sum_s g_s                           (Taylor: |w * grad_sum|)
+      "grad_sq_sum" = sum_s g_s^2                         (OBD: F = grad_sq_sum / steps)
+      "steps"       = number of steps S (0-d int64 tensor)
+      "seven"       = SEVEN score (SEVENpre: no optimizer step between calibration steps):
+                      a = |g_s|, m = b1 m + (1-b1) a, v = b2 v + (1-b2) a^2,
+                      m_hat = m / (1 - b1^(s+1)), v_hat = sqrt(v / (1 - b2^(s+1))) + 1e-9,
+                      seven += |w * a * m_hat / v_hat|
+    `stats` limits what is kept (each is one fp32 copy of the slice; "seven" holds two
+    more, m and v, during the call). Only the targets get gradients: the other parameters
+    have requires_grad off during the call.
+
+    The model comes back as it went in: the same partition values (the optimizer never
+    steps), no DeepSpeed hooks or attributes left, the same requires_grad and train/eval
+    flags. During the call it runs in eval mode (no dropout). The targets' partitions do
+    move, though: DeepSpeed copies every optimized `param.ds_tensor` into one contiguous
+    buffer and points the parameter at it, so a `local_weight` view taken before the call
+    no longer aliases the parameter; take views afterwards.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_local_grad
+
+    unknown = set(stats) - set(STATS)
+    if unknown:
+        raise ValueError(f"unknown gradient statistics {sorted(unknown)} (known: {', '.join(STATS)})")
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    if windows.ndim != 2:
+        raise ValueError(f"windows must be [num_windows, seq_len], got shape {tuple(windows.shape)}")
+    rank, world = rank_and_world()
+    shares = torch.zeros(world, 2, dtype=torch.long)
+    shares[rank] = torch.tensor([windows.shape[0], windows.shape[1]])
+    all_reduce_(shares)  # every rank learns every rank's share: the same plan everywhere
+    counts, lengths = shares[:, 0].tolist(), shares[:, 1].tolist()
+    if any(n > 0 and length < 2 for n, length in zip(counts, lengths)):
+        raise UserError("gradient calibration needs windows of at least 2 tokens")
+    tokens = step_plan(counts, lengths, micro_batch)
+    if not tokens:
+        raise UserError("gradient-based scoring needs calibration windows; none were given")
+    if not targets:
+        return {}
+    dummy_len = max(lengths)
+
+    params = list({id(t.param): t.param for t in targets}.values())
+    dtype = params[0].ds_tensor.dtype
+    state = _snapshot(model)
+    target_ids = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in target_ids)
+    model.eval()
+
+    config = zero3_config(dtype)
+    config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
+                  steps_per_print=2**31 - 1, wall_clock_breakdown=False)
+    if dtype == torch.float16:
+        config["fp16"] = {"enabled": True, "loss_scale": FP16_LOSS_SCALE}
+    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)  # never stepped
+    engine = None
+    try:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        return _run(engine, windows, targets, tokens, world, micro_batch, dummy_len, seven_betas,
+                    set(stats), safe_get_local_grad)
+    finally:
+        if engine is not None:
+            engine.destroy()
+        _restore(model, state)
+        del engine, optimizer
+        gc.collect()  # the engine's fp32 copies and gradient buffers sit in reference cycles
+
+
+def new_stats(size: int, keep: Collection[str], device=None) -> dict[str, torch.Tensor]:
+    """Zeroed accumulators for one slice of `size` elements (SEVEN's moments as "_m", "_v")."""
+    names = [k for k in STATS if k in keep] + (["_m", "_v"] if "seven" in keep else [])
+    return {k: torch.zeros(size, dtype=torch.float32, device=device) for k in names}
+
+
+def update_stats(acc: dict[str, torch.Tensor], grad: torch.Tensor, weight: torch.Tensor | None,
+                 step: int, betas: tuple[float, float] = (0.8, 0.9)) -> None:
+    """Add step `step` (0-based) with gradient `grad` to the accumulators of `new_stats`.
+    `weight` (the slice's current weights) is needed only for "seven"."""
+    if "grad_sum" in acc:
+        acc["grad_sum"].add_(grad)
+    if "grad_sq_sum" in acc:
+        acc["grad_sq_sum"].addcmul_(grad, grad)
+    if "seven" in acc:
+        b1, b2 = betas
+        a = grad.abs()
+        acc["_m"].mul_(b1).add_(a, alpha=1 - b1)
+        acc["_v"].mul_(b2).addcmul_(a, a, value=1 - b2)
+        m_hat = acc["_m"] / (1 - b1 ** (step + 1))
+        v_hat = (acc["_v"] / (1 - b2 ** (step + 1))).sqrt_().add_(SEVEN_EPS)
+        acc["seven"].add_((weight.to(torch.float32) * a * m_hat / v_hat).abs_())
+
+
+def _run(engine, windows, targets, tokens, world, micro_batch, dummy_len, betas, keep,
+         safe_get_local_grad) -> dict[str, dict[str, torch.Tensor]]:
+    device = engine.device
+    acc: dict[str, dict[str, torch.Tensor]] = {}
+    sizes = {}
+    for t in targets:
+        start, stop = local_range(t.param)
+        sizes[t.name] = stop - start
+        acc[t.name] = new_stats(stop - start, keep, t.param.ds_tensor.device)
+    loss_scale = float(getattr(engine.optimizer, "loss_scale", 1.0))
+    for step, step_tokens in enumerate(tokens):
+        chunk = windows[step * micro_batch: (step + 1) * micro_batch]
+        scale = world / step_tokens  # DeepSpeed divides by world: g = grad of the global mean
+        if len(chunk) == 0:  # this rank's windows have run out: a zero-loss padding step
+            chunk, scale = torch.zeros(1, dummy_len, dtype=windows.dtype), 0.0
+        chunk = chunk.to(device)
+        logits = engine(input_ids=chunk, use_cache=False).logits
+        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                              chunk[:, 1:].reshape(-1), reduction="sum")
+        engine.backward(nll * scale)
+        del logits, nll
+        for t in targets:
+            # ZeRO-3's gradient partition has the padded length of param.ds_tensor
+            # (ceil(numel / W)); the last rank's tail is padding. It may be DeepSpeed's own
+            # buffer: never modify it in place.
+            grad = safe_get_local_grad(t.param)[: sizes[t.name]].to(torch.float32)
+            if loss_scale != 1.0:
+                grad = grad / loss_scale
+            weight_now = local_weight(t.param) if "seven" in keep else None
+            update_stats(acc[t.name], grad, weight_now, step, betas)
+        # reset the partitioned gradients: ZeRO-3 copies (does not accumulate) into them at
+        # the next backward only once its micro-step counter is back at 0
+        engine.optimizer.zero_grad()
+    steps = torch.tensor(len(tokens), dtype=torch.long)
+    finite = all(bool(torch.isfinite(v).all()) for a in acc.values() for v in a.values())
+    if all_reduce_(torch.tensor([0 if finite else 1])).item():  # every rank raises, or none
+        raise RuntimeError("gradient calibration produced NaN or Inf gradients (with float16 "
+                           "weights, try model.dtype bfloat16 or float32)")
+    return {name: {**{k: v for k, v in a.items() if not k.startswith("_")}, "steps": steps}
+            for name, a in acc.items()}
+
+
+@dataclass
+class _State:
+    training: bool
+    requires_grad: dict[int, bool] = field(default_factory=dict)
+    module_attrs: dict[int, set] = field(default_factory=dict)
+    module_params: dict[int, dict] = field(default_factory=dict)
+    module_hooks: dict[int, dict[str, set]] = field(default_factory=dict)
+    param_attrs: dict[int, set] = field(default_factory=dict)
+    param_hooks: dict[int, dict[str, set]] = field(default_factory=dict)
+
+
+def _snapshot(model: torch.nn.Module) -> _State:
+    state = _State(model.training)
+    for m in model.modules():
+        state.module_attrs[id(m)] = set(vars(m))
+        state.module_params[id(m)] = m._parameters
+        state.module_hooks[id(m)] = {d: set(getattr(m, d, {})) for d in _HOOK_DICTS}
+    for p in model.parameters():
+        state.requires_grad[id(p)] = p.requires_grad
+        state.param_attrs[id(p)] = set(vars(p))
+        state.param_hooks[id(p)] = {d: set(getattr(p, d, None) or {}) for d in _PARAM_HOOK_DICTS}
+    return state
+
+
+def _restore(model: torch.nn.Module, state: _State) -> None:
+    """Take off what the engine put on the model and its parameters.
+
+    `engine.destroy()` removes the ZeRO-3 module and gradient hooks, but not the engine's
+    own forward pre/post hooks on the root module, the `ZeROOrderedDict` that replaced
+    every module's `_parameters`, the attributes set on modules (ds_id, ds_grads_remaining,
+    pre_bwd_fn, ...), nor `param._z3_optimizer`, which would keep the optimizer's fp32
+    copies and gradient buffers alive. Anything not there before the call goes.
+    """
+    from deepspeed.runtime.zero import parameter_offload
+
+    for m in model.modules():
+        for d, before in state.module_hooks.get(id(m), {}).items():
+            hooks = getattr(m, d, None)
+            for key in set(hooks or {}) - before:
+                del hooks[key]
+        original = state.module_params.get(id(m))
+        if original is not None and m._parameters is not original:
+            now, before = dict(m._parameters.items()), dict(original.items())
+            if list(now) != list(before) or any(now[k] is not before[k] for k in before):
+                raise RuntimeError(f"DeepSpeed changed the parameters of {type(m).__name__}")
+            m.__dict__["_parameters"] = original
+        for key in set(vars(m)) - state.module_attrs.get(id(m), set(vars(m))):
+            delattr(m, key)
+    for p in model.parameters():
+        for d, before in state.param_hooks.get(id(p), {}).items():
+            hooks = getattr(p, d, None)
+            for key in set(hooks or {}) - before:
+                del hooks[key]
+        for key in set(vars(p)) - state.param_attrs.get(id(p), set(vars(p))):
+            delattr(p, key)
+        p.grad = None
+        p.requires_grad_(state.requires_grad.get(id(p), p.requires_grad))
+    stack = parameter_offload.FWD_MODULE_STACK  # the engine pushes the root module once
+    while stack and stack[-1] is model:
+        stack.pop()
+    model.train(state.training)
