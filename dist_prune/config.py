@@ -42,13 +42,16 @@ class ModelConfig:
 
 @dataclass
 class PruneConfig:
-    method: str = doc("wanda", "scorer: magnitude | wanda | sparsegpt")
+    method: str = doc("wanda", "scorer: magnitude | wanda | sparsegpt | taylor | obd | seven | "
+                               "threshold")
     sparsity: float = doc(0.5, "fraction of the weights in each selection scope to prune, in [0, 1)")
     scope: str | None = doc(None, "where one threshold applies: global | layer | row; empty = the "
                                   "method's default (wanda: row, magnitude: layer)")
     structure: str = doc("unstructured", "pattern of pruned weights: unstructured | N:M (N of every "
                                           "M consecutive inputs pruned, e.g. 2:4; prune.sparsity is "
                                           "then N/M) | block:RxC (whole R x C blocks)")
+    epsilon: float | None = doc(None, "threshold method: prune every weight with |w| < epsilon "
+                                      "(prune.sparsity and prune.scope do not apply)")
     norm: str = doc("l1", "pooling of element scores into a block score: l1 (sum) | l2 (L2 norm)")
     exclude: list[str] = doc(["*embed_tokens*", "*lm_head*", "*norm*", "*.bias"],
                              "glob patterns of parameter names never pruned; only 2-D weights are pruned")
@@ -61,6 +64,8 @@ class CalibrationConfig:
     num_samples: int = doc(32, "number of calibration windows, split across workers")
     seq_len: int = doc(512, "tokens per calibration window")
     seed: int = doc(0, "seed of the random choice of calibration windows")
+    batch_size: int = doc(4, "windows per gradient step, over all workers (taylor, obd, seven); a "
+                             "multiple of cluster.num_workers, so every world size takes the same steps")
     sequential: bool = doc(True, "calibrate layer by layer on the outputs of the already-pruned layers "
                                  "(as in the Wanda and SparseGPT reference code); only with scope "
                                  "layer or row, since a global threshold needs every layer's scores")
@@ -285,7 +290,7 @@ def validate(cfg: JobConfig) -> None:
     _require(0.0 <= p.sparsity < 1.0, f"prune.sparsity must be in [0, 1), got {p.sparsity}")
     _require(p.scope is None or p.scope in SCOPES,
              f"prune.scope '{p.scope}' is unknown (allowed: {', '.join(SCOPES)})")
-    from dist_prune.structures import NM, Block, parse_structure
+    from dist_prune.structures import NM, Block, Unstructured, parse_structure
 
     try:
         structure = parse_structure(p.structure)
@@ -299,11 +304,21 @@ def validate(cfg: JobConfig) -> None:
              "empty and use structure unstructured or N:M")
     _require(not (p.method == "sparsegpt" and isinstance(structure, NM) and 128 % structure.m),
              f"prune.structure {p.structure}: sparsegpt needs M to divide its 128-column tiles")
+    _require(p.method != "threshold" or (p.epsilon is not None and p.epsilon >= 0),
+             "prune.method threshold needs prune.epsilon >= 0 (the absolute cut-off)")
+    _require(p.method != "threshold" or isinstance(structure, Unstructured),
+             "prune.method threshold prunes single weights: use prune.structure unstructured")
     _require(not isinstance(structure, NM) or p.scope is None,
              "prune.scope does not apply to N:M structures (every group of M is its own scope)")
     cal = cfg.data.calibration
     _require(cal.num_samples >= 1, f"data.calibration.num_samples must be >= 1, got {cal.num_samples}")
     _require(cal.seq_len >= 2, f"data.calibration.seq_len must be >= 2, got {cal.seq_len}")
+    from dist_prune.scoring import SCORERS
+
+    _require(SCORERS[p.method].needs != "gradients" or cal.batch_size % cfg.cluster.num_workers == 0,
+             f"data.calibration.batch_size={cal.batch_size} must be a multiple of "
+             f"cluster.num_workers={cfg.cluster.num_workers} for prune.method {p.method}")
+    _require(cal.batch_size >= 1, f"data.calibration.batch_size must be >= 1, got {cal.batch_size}")
     _require(cfg.eval.seq_len >= 2, f"eval.seq_len must be >= 2, got {cfg.eval.seq_len}")
     _require(cfg.eval.num_windows >= 0, f"eval.num_windows must be >= 0, got {cfg.eval.num_windows}")
     _require(cfg.cluster.num_workers >= 1,

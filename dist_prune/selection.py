@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, groupby
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 SCOPES = ("global", "layer", "row")
 
-CHUNK = 1 << 22  # elements per step of a pass: bounds every temporary to tens of MiB
+CHUNK = 1 << 20  # elements per step of a pass: temporaries stay in cache-friendly, reusable sizes
 HIST_BINS = 1 << 22  # most local histogram bins per batch of groups (32 MiB of int64)
 COMPACT_MIN = 1 << 22  # keep up to this many candidates in memory ...
 COMPACT_SHARE = 16  # ... or up to 1/16 of the local elements, whichever is more
@@ -119,11 +119,15 @@ class _Part:
     start: int
     order0: int  # order index of scores[0]
 
-    def gids(self, pos: torch.Tensor) -> torch.Tensor:
-        """Batch-local groups of the local elements at `pos`."""
+    def gids(self, lo: int, n: int) -> torch.Tensor:
+        """Batch-local groups of the local elements lo .. lo+n-1 (a copy, no per-element division)."""
         if not self.row_length:
-            return torch.full_like(pos, self.group)
-        return (pos + self.start) // self.row_length + self.group  # a row may begin on the previous rank
+            return torch.full((n,), self.group)
+        first = (self.start + lo) // self.row_length  # rows count from the tensor's first element
+        rows = -(-(self.start + lo + n) // self.row_length) - first
+        ids = torch.arange(self.group + first, self.group + first + rows).view(-1, 1)
+        skip = self.start + lo - first * self.row_length  # a row may have begun on the previous rank
+        return ids.expand(rows, self.row_length).reshape(-1)[skip : skip + n]
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,7 @@ def _select_batch(parts: list[_Part], counts: torch.Tensor, batch: _Batch, masks
     n_local = sum(p.scores.numel() for p in parts)
     first_scan = _scan(parts, prefix, masks)
     if int(local[active].sum()) <= max(COMPACT_MIN, n_local // COMPACT_SHARE):
-        kept = list(first_scan)
+        kept = _merged(first_scan)
         candidates: Callable[[], Iterable[_Block]] = lambda: kept
         width = 8  # passes over kept candidates are cheap, 65536-bin histograms are not
     else:  # too many to keep: finish the marking pass, re-scan whenever candidates are needed
@@ -243,19 +247,20 @@ def _local_hist(pairs: _Pairs, prefix: torch.Tensor, known: int, bits: int, widt
     their group's prefix. Inputs are pooled until they outnumber the bins, so that counting costs
     per element, not per (mostly empty) histogram."""
     n_bins = n_groups << width
-    hist = torch.zeros(n_bins, dtype=torch.int64)
+    hist = torch.zeros(n_bins + 1, dtype=torch.int64)  # the last bin takes values outside the bracket
     pending: list[torch.Tensor] = []
-    for value, gid in pairs:
+    for value, gid in pairs:  # in-place steps: fresh memory is costly, and this may see every score
+        digit = value >> (bits - known - width)
+        index = (gid << width).bitwise_or_(digit.bitwise_and_((1 << width) - 1))
         if known:
-            inside = (value >> (bits - known)) == prefix[gid]
-            value, gid = value[inside], gid[inside]
-        pending.append((gid << width) | ((value >> (bits - known - width)) & ((1 << width) - 1)))
+            top = (value >> (bits - known)).bitwise_and_((1 << known) - 1)  # int32 holds unsigned keys
+            index.masked_fill_(top != prefix.to(value.dtype)[gid], n_bins)
+        pending.append(index)
         if sum(map(len, pending)) >= max(CHUNK, n_bins):
-            hist += torch.bincount(torch.cat(pending), minlength=n_bins)
+            _count(hist, pending)
             pending = []
-    if pending:
-        hist += torch.bincount(torch.cat(pending), minlength=n_bins)
-    return hist.view(n_groups, 1 << width)
+    _count(hist, pending)
+    return hist[:n_bins].view(n_groups, 1 << width)
 
 
 # --- passes over the scores ----------------------------------------------------------------------
@@ -267,10 +272,25 @@ def _chunks(scores: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         yield lo, scores[lo : lo + CHUNK].float().contiguous()
 
 
+def _keys32(x: torch.Tensor) -> torch.Tensor:
+    """The 32 bits of the unsigned order-preserving keys of float32 values, held in int32 (half the
+    memory traffic of int64 in passes over all scores; shift and mask before comparing)."""
+    bits = x.view(torch.int32)
+    flip = bits >> 31  # all ones for negatives, else zero
+    return flip.bitwise_or_(-_SIGN).bitwise_xor_(bits)
+
+
 def _keys(x: torch.Tensor) -> torch.Tensor:
     """Unsigned order-preserving 32-bit keys of float32 values, as int64."""
-    bits = x.view(torch.int32)
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64) + _SIGN
+    return _keys32(x).to(torch.int64) & 0xFFFFFFFF
+
+
+def _count(hist: torch.Tensor, indices: list[torch.Tensor]) -> None:
+    """hist[i] += occurrences of i in `indices` (int64); like bincount, but about 1.6x faster on CPU."""
+    if not indices:
+        return
+    index = indices[0] if len(indices) == 1 else torch.cat(indices)
+    hist.scatter_add_(0, index, torch.ones(1, dtype=torch.int64).expand(len(index)))
 
 
 def _below(x: torch.Tensor, key: int, out: torch.Tensor) -> torch.Tensor:
@@ -286,13 +306,12 @@ def _below(x: torch.Tensor, key: int, out: torch.Tensor) -> torch.Tensor:
 def _top16_hist(parts: Sequence[_Part], n_groups: int) -> torch.Tensor:
     """[groups, 65536] counts of the top 16 key bits, for parts that each lie in one group."""
     hist = torch.zeros(n_groups, 1 << 16, dtype=torch.int64)
-    size = min(CHUNK, max((p.scores.numel() for p in parts), default=0))
-    top, ones = torch.empty(size, dtype=torch.int64), torch.ones(size, dtype=torch.int64)
+    top = torch.empty(min(CHUNK, max((p.scores.numel() for p in parts), default=0)), dtype=torch.int64)
     for p in parts:
         for _, x in _chunks(p.scores):
             n = x.numel()
             top[:n].copy_(x.view(torch.uint16)[_HIGH_HALF::2])  # raw high halves, not keys: cheaper
-            hist[p.group].scatter_add_(0, top[:n], ones[:n])  # counts like bincount, ~1.6x faster
+            _count(hist[p.group], [top[:n]])
     # Raw high half r to key order: positives (r < 2**15) go to 2**15 + r, negatives run backwards.
     return torch.cat([hist[:, 1 << 15 :].flip(1), hist[:, : 1 << 15]], 1)
 
@@ -311,7 +330,7 @@ def _all_pairs(parts: Sequence[_Part]) -> _Pairs:
     """(keys, groups) of every element, chunk by chunk."""
     for p in parts:
         for lo, x in _chunks(p.scores):
-            yield _keys(x), p.gids(torch.arange(lo, lo + x.numel()))
+            yield _keys32(x), p.gids(lo, x.numel())
 
 
 def _scan(parts: Sequence[_Part], prefix: torch.Tensor, masks: list[torch.Tensor] | None) -> Iterator[_Block]:
@@ -335,20 +354,30 @@ def _scan_one_group(p: _Part, prefix: torch.Tensor, mask: torch.Tensor | None) -
             _below(x, top << 16, out=mask[lo : lo + x.numel()])
         pos = _sparse_nonzero(x.view(torch.uint16)[_HIGH_HALF::2] == high)
         if pos.numel():
-            yield _Block(p, pos + lo, _keys(x[pos]), p.gids(pos))
+            yield _Block(p, pos + lo, _keys(x[pos]), torch.full_like(pos, p.group))
 
 
 def _scan_rows(p: _Part, prefix: torch.Tensor, mask: torch.Tensor | None) -> Iterator[_Block]:
-    """`_scan` for a part spanning many groups: keys and groups for every element."""
+    """`_scan` for a part spanning many groups: int32 keys and groups for every element."""
+    prefix = prefix.to(torch.int32)
     for lo, x in _chunks(p.scores):
-        pos = torch.arange(lo, lo + x.numel())
-        key, gid = _keys(x), p.gids(pos)
-        top, want = key >> 16, prefix[gid]
+        key, gid = _keys32(x), p.gids(lo, x.numel())
+        top, want = (key >> 16) & 0xFFFF, prefix[gid]
         if mask is not None:
             torch.lt(top, want, out=mask[lo : lo + x.numel()])
         hit = _sparse_nonzero(top == want)
         if hit.numel():
-            yield _Block(p, pos[hit], key[hit], gid[hit])
+            yield _Block(p, hit + lo, key[hit].to(torch.int64) & 0xFFFFFFFF, gid[hit])
+
+
+def _merged(blocks: Iterable[_Block]) -> list[_Block]:
+    """One block per part, so that later passes cost per candidate rather than per chunk."""
+    merged = []
+    for _, same_part in groupby(blocks, key=lambda b: b.part.index):
+        bs = list(same_part)
+        pos, key, gid = (torch.cat(field) for field in zip(*((b.pos, b.key, b.gid) for b in bs)))
+        merged.append(_Block(bs[0].part, pos, key, gid))
+    return merged
 
 
 def _tie_pairs(blocks: Iterable[_Block], threshold: torch.Tensor) -> _Pairs:

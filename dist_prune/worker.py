@@ -29,7 +29,8 @@ from dist_prune.masking import Target, apply_mask, find_targets, local_start, pr
 from dist_prune.partition import (DTYPES, build_partitioned_model, compute_dtype, gathered,
                                   local_range, local_weight)
 from dist_prune.report import StageTimer, progress
-from dist_prune.scoring import SCORERS, LocalSlice, Scorer
+from dist_prune.gradients import accumulate_gradient_stats
+from dist_prune.scoring import SCORERS, LocalSlice, Scorer, threshold_mask
 from dist_prune.selection import Segment, group_sizes, prune_counts, select_pruned
 from dist_prune.sparsegpt import HessianCollector, sparsegpt_prune
 from dist_prune.structures import NM, Block, nm_mask, parse_structure, select_blocks
@@ -101,9 +102,24 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
     inputs they will see at inference (Wanda / SparseGPT reference behaviour).
     """
     scope = scope_of(cfg.prune)
+    if cfg.prune.method == "threshold":  # an absolute cut-off: no selection, no agreement needed
+        with timer("score+select+mask"):
+            masks = {t.name: threshold_mask(LocalSlice(local_weight(t.param), local_start(t), t.shape),
+                                            cfg.prune.epsilon) for t in targets}
+            for t in targets:
+                apply_mask(t, masks[t.name])
+            return masks
     if scorer.needs == "weights":
         with timer("score+select+mask"):
             return select_and_mask(targets, {}, scorer, cfg.prune, scope)
+    if scorer.needs == "gradients":  # one backward over the whole model, not layer by layer
+        with timer("calibrate"):
+            # windows are dealt r::W, so micro-batches of G/W make step s = windows [sG, (s+1)G)
+            micro_batch = cfg.data.calibration.batch_size // rank_and_world()[1]
+            stats = accumulate_gradient_stats(model, calibration, targets, stats=scorer.stats,
+                                              micro_batch=micro_batch)
+        with timer("score+select+mask"):
+            return select_and_mask(targets, stats, scorer, cfg.prune, scope)
 
     # SparseGPT keeps one Hessian per linear: only a layer's worth at a time.
     sequential = scorer.needs == "hessian" or (cfg.data.calibration.sequential and scope != "global")

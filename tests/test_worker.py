@@ -29,6 +29,10 @@ CASES = {  # name -> overrides
                         "prune.scope=global", "prune.sparsity=0.4"],
     "sparsegpt": ["prune.method=sparsegpt", "prune.sparsity=0.5"],
     "sparsegpt-4:8": ["prune.method=sparsegpt", "prune.structure=4:8"],
+    "taylor-global": ["prune.method=taylor", "prune.sparsity=0.5"],
+    "obd-layer": ["prune.method=obd", "prune.scope=layer", "prune.sparsity=0.4"],
+    "seven-global": ["prune.method=seven", "prune.sparsity=0.5"],
+    "threshold": ["prune.method=threshold", "prune.epsilon=0.02"],
 }
 
 
@@ -74,9 +78,9 @@ def test_world_sizes_export_identical_weights(runs, case):
     one, two = _weights(out / f"w1-{case}"), _weights(out / f"w2-{case}")
     assert one.keys() == two.keys()
     for name in one:
-        if case.startswith("sparsegpt"):
-            # The Hessian is a float sum whose order depends on how windows are split
-            # across ranks; OBS updates amplify that. Masks and weights agree closely.
+        if case.startswith(("sparsegpt", "taylor", "obd", "seven")):
+            # Hessians and gradients are float sums whose order depends on how windows are
+            # split across ranks (and OBS updates amplify that): masks agree closely.
             assert ((one[name] == 0) != (two[name] == 0)).float().mean() < 0.01, name
             assert torch.allclose(one[name], two[name], rtol=1e-2, atol=1e-4), name
         else:
@@ -120,6 +124,24 @@ def test_structures_hold_in_exported_files(runs):
     total = sum(t.numel() // 32 for n, t in _weights(out / "w2-magnitude-block").items()
                 if ".layers." in n and t.ndim == 2)
     assert blocks == math.floor(0.4 * total + 0.5)
+
+
+def test_gradient_scorers_and_threshold_counts(runs, tiny_llama):
+    out, metrics, _, _ = runs
+    dense = load_file(tiny_llama / "model.safetensors")
+    for case, sparsity in (("taylor-global", 0.5), ("seven-global", 0.5)):
+        w = _weights(out / f"w2-{case}")
+        linears = [n for n in w if ".layers." in n and w[n].ndim == 2]
+        zeros = sum(int((w[n] == 0).sum()) for n in linears)
+        assert zeros == math.floor(sparsity * sum(w[n].numel() for n in linears) + 0.5), case
+    for name, t in _weights(out / "w2-obd-layer").items():
+        if ".layers." in name and t.ndim == 2:
+            assert int((t == 0).sum()) == math.floor(0.4 * t.numel() + 0.5), name
+    w = _weights(out / "w2-threshold")
+    for name, t in w.items():
+        if ".layers." in name and t.ndim == 2:
+            assert torch.equal(t == 0, dense[name].abs() < 0.02), name
+    assert metrics[2]["threshold"]["pruned"] == metrics[1]["threshold"]["pruned"]
 
 
 def test_sparsegpt_updates_kept_weights(runs, tiny_llama):
