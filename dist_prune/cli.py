@@ -3,6 +3,9 @@
     dist-prune run CONFIG [key.sub=value ...]     prune on Ray workers, register in MLflow
     dist-prune pull models:/NAME@ALIAS DIR        fetch a registered model, verified
     dist-prune keys                               every config key, its default and meaning
+    dist-prune submit CONFIG [key.sub=value ...] --address http://HEAD:8265 [--wait]
+                                                  run the job on a Ray cluster (Ray Jobs API)
+    dist-prune status|logs|stop JOB, dist-prune jobs   follow and control submitted jobs
 
 A user mistake prints one line `dist-prune: error: ...` and exits with code 2.
 """
@@ -36,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
                                              "or sqlite:///mlflow.db)")
 
     commands.add_parser("keys", help="list every config key with its default and meaning")
+
+    from launch.jobs import add_parsers  # submit, status, logs, stop, jobs
+
+    add_parsers(commands)
     return parser
 
 
@@ -72,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
             for key, default, help in describe_keys():
                 print(f"{key:<34} {default:<22} {help}")
+        elif args.command in ("submit", "status", "logs", "stop", "jobs"):
+            from launch.jobs import main as job_command
+
+            return job_command(args)
     except UserError as e:
         print(f"dist-prune: error: {e}", file=sys.stderr)
         return 2

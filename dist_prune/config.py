@@ -251,8 +251,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**values)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
-    """Read a YAML job file (or only defaults when `path` is None), apply overrides, validate."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
+                check_paths: bool = True) -> JobConfig:
+    """Read a YAML job file (or only defaults when `path` is None), apply overrides, validate.
+    `check_paths=False` (for `dist-prune submit`): paths name files on the cluster."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -268,7 +270,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise UserError(f"config file {path}: the top level must be a mapping of sections")
     raw = _merge(raw, parse_overrides(overrides or []))
     cfg = _build(JobConfig, _expand_env(raw), "")
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 
@@ -282,7 +284,7 @@ def _require(ok: bool, message: str) -> None:
         raise UserError(f"config: {message}")
 
 
-def validate(cfg: JobConfig) -> None:
+def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
     """Range and choice checks that types alone do not express."""
     p = cfg.prune
     _require(p.method in _scorer_names(), f"prune.method '{p.method}' is unknown (allowed: "
@@ -330,10 +332,11 @@ def validate(cfg: JobConfig) -> None:
     from dist_prune.export import parse_size
 
     parse_size(cfg.export.max_shard_size)
-    if cfg.model.path is not None:
-        _require(Path(cfg.model.path).exists(), f"model.path {cfg.model.path} does not exist")
-    for key, value in (("data.calibration.path", cal.path), ("eval.path", cfg.eval.path)):
-        _require(value is None or Path(value).is_file(), f"{key} {value} is not a file")
+    if check_paths:
+        if cfg.model.path is not None:
+            _require(Path(cfg.model.path).exists(), f"model.path {cfg.model.path} does not exist")
+        for key, value in (("data.calibration.path", cal.path), ("eval.path", cfg.eval.path)):
+            _require(value is None or Path(value).is_file(), f"{key} {value} is not a file")
     _require(bool(cfg.registry.model_name.strip()), "registry.model_name must not be empty")
 
 
