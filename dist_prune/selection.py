@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 SCOPES = ("global", "layer", "row")
 
-CHUNK = 1 << 20  # elements per step of a pass: temporaries stay in cache-friendly, reusable sizes
+CHUNK = 1 << 22  # elements per step of a pass: bounds temporaries (tens of MiB) and per-op overheads
 HIST_BINS = 1 << 22  # most local histogram bins per batch of groups (32 MiB of int64)
 COMPACT_MIN = 1 << 22  # keep up to this many candidates in memory ...
 COMPACT_SHARE = 16  # ... or up to 1/16 of the local elements, whichever is more
@@ -85,11 +85,13 @@ def select_pruned(segments: Sequence[Segment], numels: Sequence[int], counts: to
     """Bool masks (True = prune), one per segment, same length as segment.scores.
 
     Exactly counts[g] elements of group g are pruned: the smallest scores, equal scores by order
-    index. A collective: every rank of `group` calls it with the same numels, counts and scope."""
-    counts = _checked_counts(counts, group_sizes(numels, scope, row_lengths))
+    index. A collective: every rank of `group` calls it with the same numels, counts and scope.
+    Masks and histograms live on the scores' device (all segments on one device)."""
     _check_segments(segments, numels)
-    _reject_nan(segments, group)
-    masks = [torch.empty(s.scores.numel(), dtype=torch.bool) for s in segments]  # the first scan fills them
+    device = segments[0].scores.device if segments else torch.device("cpu")  # histograms live there too
+    counts = _checked_counts(counts, group_sizes(numels, scope, row_lengths)).to(device)
+    _reject_nan(segments, device, group)
+    masks = [torch.empty(len(s.scores), dtype=torch.bool, device=device) for s in segments]  # scans fill them
     for batch, parts in _plan(segments, numels, scope, row_lengths):
         _select_batch(parts, counts[batch.g0 : batch.g0 + batch.n_groups], batch, masks, group)
     return masks
@@ -122,12 +124,12 @@ class _Part:
     def gids(self, lo: int, n: int) -> torch.Tensor:
         """Batch-local groups of the local elements lo .. lo+n-1 (a copy, no per-element division)."""
         if not self.row_length:
-            return torch.full((n,), self.group)
-        first = (self.start + lo) // self.row_length  # rows count from the tensor's first element
-        rows = -(-(self.start + lo + n) // self.row_length) - first
-        ids = torch.arange(self.group + first, self.group + first + rows).view(-1, 1)
-        skip = self.start + lo - first * self.row_length  # a row may have begun on the previous rank
-        return ids.expand(rows, self.row_length).reshape(-1)[skip : skip + n]
+            return torch.full((n,), self.group, device=self.scores.device)
+        begin, length = self.start + lo, self.row_length  # rows count from the tensor's first element
+        first = begin // length  # a row may have begun on the previous rank
+        rows = -(-(begin + n) // length) - first
+        ids = torch.arange(self.group + first, self.group + first + rows, device=self.scores.device)
+        return ids.view(-1, 1).expand(rows, length).reshape(-1)[begin - first * length :][:n]
 
 
 @dataclass(frozen=True)
@@ -171,10 +173,10 @@ def _select_batch(parts: list[_Part], counts: torch.Tensor, batch: _Batch, masks
                   group: ProcessGroup | None) -> None:
     """Mark exactly counts[g] elements of every group of the batch in `masks`."""
     n_groups, width, active = batch.n_groups, batch.width, counts > 0
-    zero = torch.zeros(n_groups, dtype=torch.int64)
+    zero = torch.zeros(n_groups, dtype=torch.int64, device=counts.device)
     # Rounds 1-2: the top 16 key bits.
     if width == 16:
-        prefix, k, _, local = _resolve(_top16_hist(parts, n_groups), counts, group)
+        prefix, k, _, local = _resolve(_top16_hist(parts, n_groups, counts.device), counts, group)
     else:
         prefix, k, _, local = _select_bits(lambda: _all_pairs(parts), counts, zero, 0, 16, 32, width, group)
     prefix[~active] = -1  # matches no key: these groups prune nothing
@@ -197,7 +199,7 @@ def _select_batch(parts: list[_Part], counts: torch.Tensor, batch: _Batch, masks
                                          16, 32, 32, width, group)
 
     # k of the `ties` elements with key T go: those with the lowest order indices.
-    last = torch.full((n_groups,), _NO_LIMIT)
+    last = torch.full((n_groups,), _NO_LIMIT, device=counts.device)
     split = active & (k < ties)
     if bool(split.any()):  # computed from reduced counts, so every rank takes the same branch
         order, *_ = _select_bits(lambda: _tie_pairs(candidates(), threshold), k, zero, 0,
@@ -228,7 +230,8 @@ def _resolve(hist: torch.Tensor, k: torch.Tensor, group: ProcessGroup | None) ->
     bracket (0: inactive group). Returns the digits, k within the chosen bin, and that bin's global
     and local sizes."""
     n_groups = hist.shape[0]
-    rows, digits = torch.arange(n_groups), torch.zeros(n_groups, dtype=torch.int64)
+    rows = torch.arange(n_groups, device=hist.device)
+    digits = torch.zeros(n_groups, dtype=torch.int64, device=hist.device)
     for _ in range((hist.shape[1] - 1).bit_length() // 8):
         sub = hist.view(n_groups, 256, -1)
         coarse = sub.sum(2)
@@ -247,7 +250,7 @@ def _local_hist(pairs: _Pairs, prefix: torch.Tensor, known: int, bits: int, widt
     their group's prefix. Inputs are pooled until they outnumber the bins, so that counting costs
     per element, not per (mostly empty) histogram."""
     n_bins = n_groups << width
-    hist = torch.zeros(n_bins + 1, dtype=torch.int64)  # the last bin takes values outside the bracket
+    hist = torch.zeros(n_bins + 1, dtype=torch.int64, device=prefix.device)  # last bin: outside the bracket
     pending: list[torch.Tensor] = []
     for value, gid in pairs:  # in-place steps: fresh memory is costly, and this may see every score
         digit = value >> (bits - known - width)
@@ -290,7 +293,7 @@ def _count(hist: torch.Tensor, indices: list[torch.Tensor]) -> None:
     if not indices:
         return
     index = indices[0] if len(indices) == 1 else torch.cat(indices)
-    hist.scatter_add_(0, index, torch.ones(1, dtype=torch.int64).expand(len(index)))
+    hist.scatter_add_(0, index, torch.ones(1, dtype=torch.int64, device=hist.device).expand(len(index)))
 
 
 def _below(x: torch.Tensor, key: int, out: torch.Tensor) -> torch.Tensor:
@@ -303,10 +306,11 @@ def _below(x: torch.Tensor, key: int, out: torch.Tensor) -> torch.Tensor:
     return torch.lt(x, bound, out=out)
 
 
-def _top16_hist(parts: Sequence[_Part], n_groups: int) -> torch.Tensor:
+def _top16_hist(parts: Sequence[_Part], n_groups: int, device: torch.device) -> torch.Tensor:
     """[groups, 65536] counts of the top 16 key bits, for parts that each lie in one group."""
-    hist = torch.zeros(n_groups, 1 << 16, dtype=torch.int64)
-    top = torch.empty(min(CHUNK, max((p.scores.numel() for p in parts), default=0)), dtype=torch.int64)
+    hist = torch.zeros(n_groups, 1 << 16, dtype=torch.int64, device=device)
+    size = min(CHUNK, max((p.scores.numel() for p in parts), default=0))
+    top = torch.empty(size, dtype=torch.int64, device=device)
     for p in parts:
         for _, x in _chunks(p.scores):
             n = x.numel()
@@ -410,10 +414,11 @@ def _check_segments(segments: Sequence[Segment], numels: Sequence[int]) -> None:
                              f"exceeds the tensor sizes {list(numels)}")
 
 
-def _reject_nan(segments: Sequence[Segment], group: ProcessGroup | None) -> None:
+def _reject_nan(segments: Sequence[Segment], device: torch.device, group: ProcessGroup | None) -> None:
     """Raise on every rank if any rank has a NaN (a sum is NaN only if an input is NaN or
     infinities cancel, so the exact check rarely runs); no rank is left waiting in a collective."""
-    flag = torch.tensor([sum(bool(s.scores.sum().isnan() and s.scores.isnan().any()) for s in segments)])
+    bad = sum(bool(s.scores.sum().isnan() and s.scores.isnan().any()) for s in segments)
+    flag = torch.tensor([bad], device=device)
     _all_reduce(flag, group)
     if flag.item():
         raise ValueError("scores contain NaN; cannot select which elements to prune")

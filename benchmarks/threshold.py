@@ -1,0 +1,173 @@
+"""How fast is the exact distributed threshold? `select_pruned` against `torch.kthvalue`.
+
+For each size N: N float32 scores |normal|, sparsity 0.5, scope global. Timed (medians of repeats):
+  x.sum()                    one read pass, the floor
+  select_pruned, 1 process   masks included
+  select_pruned, 2 processes gloo, each rank holds half (its ZeRO-3 slice) with 1 torch thread;
+                             time per repeat is the slower rank's
+  torch.kthvalue             on the whole tensor (what single-process pruning code does)
+  torch.kthvalue + mask      plus the `x <= v` pass, to compare like with like
+
+    .venv/bin/python benchmarks/threshold.py [--sizes 1e7 1e8] [--repeats 5]
+
+Writes benchmarks/results/threshold.json and threshold.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dist_prune.selection import Segment, prune_counts, select_pruned
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SPARSITY = 0.5
+
+
+def scores(n: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(0)).abs_()
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Seconds per call, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def rank_worker(rank: int, world: int, n: int, repeats: int, init_file: str, out: str) -> None:
+    """One of `world` gloo ranks: select on this rank's slice, time each repeat between barriers."""
+    torch.set_num_threads(1)  # one core per rank, as Ray sets OMP_NUM_THREADS=1 per worker
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    full = scores(n)
+    ps = -(-n // world)
+    segment = Segment(full[rank * ps : (rank + 1) * ps].clone(), 0, rank * ps)
+    del full
+    counts = prune_counts(SPARSITY, [n])
+    pruned = torch.tensor([int(select_pruned([segment], [n], counts)[0].sum())])  # also the warm-up
+    dist.all_reduce(pruned)
+    assert int(pruned) == int(counts), "ranks together must prune exactly k"
+    times = []
+    for _ in range(repeats):
+        dist.barrier()  # start together; the clock runs on each rank from here
+        start = time.perf_counter()
+        select_pruned([segment], [n], counts)
+        times.append(time.perf_counter() - start)
+    torch.save(times, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def distributed_times(n: int, repeats: int, world: int = 2) -> list[float]:
+    """Per repeat, the slowest rank's time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(rank_worker, args=(world, n, repeats, str(Path(tmp) / "init"), tmp),
+                           nprocs=world, join=True, start_method="spawn")
+        per_rank = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
+    return [max(ts) for ts in zip(*per_rank)]
+
+
+def measure(n: int, repeats: int) -> dict[str, list[float]]:
+    x = scores(n)
+    counts = prune_counts(SPARSITY, [n])
+    k = int(counts)
+    [mask] = select_pruned([Segment(x, 0, 0)], [n], counts)
+    kth = torch.kthvalue(x, k).values
+    assert int(mask.sum()) == k and x[mask].max() == kth, "select_pruned disagrees with kthvalue"
+    return {
+        "x.sum()": timed(lambda: x.sum(), repeats),
+        "select_pruned, 1 process": timed(lambda: select_pruned([Segment(x, 0, 0)], [n], counts), repeats),
+        "select_pruned, 2 gloo processes": distributed_times(n, repeats),
+        "torch.kthvalue": timed(lambda: torch.kthvalue(x, k), repeats),
+        "torch.kthvalue + mask": timed(lambda: x <= torch.kthvalue(x, k).values, repeats),
+    }
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds all processes spent busy, CPU seconds this process and its joined children
+    spent): their difference over a run is what other processes took from the machine."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return busy, sum(r.ru_utime + r.ru_stime for r in own)
+
+
+def machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    return {
+        "cpu": models[0] if models else platform.processor(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads_1_process": torch.get_num_threads(),
+        "torch_threads_per_rank": 1,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| N | operation | median s | min s | × sum | kthvalue ÷ this | kthvalue+mask ÷ this |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['n']:,} | {r['operation']} | {r['median_s']:.3f} | {min(r['times_s']):.3f} | "
+                     f"{r['x_sum']:.1f} | {r['kthvalue_over']:.1f} | {r['kthvalue_mask_over']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e7, 1e8])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    info, rows, others = machine(), [], {}
+    for n in map(int, args.sizes):
+        (busy0, own0), start = cpu_seconds(), time.perf_counter()
+        times = measure(n, args.repeats)
+        (busy1, own1), wall = cpu_seconds(), time.perf_counter() - start
+        others[n] = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
+        medians = {op: statistics.median(ts) for op, ts in times.items()}
+        for op, ts in times.items():
+            rows.append({"n": n, "operation": op, "median_s": medians[op], "times_s": ts,
+                         "x_sum": medians[op] / medians["x.sum()"],
+                         "kthvalue_over": medians["torch.kthvalue"] / medians[op],
+                         "kthvalue_mask_over": medians["torch.kthvalue + mask"] / medians[op]})
+        print(table([r for r in rows if r["n"] == n]), flush=True)
+        print(f"other processes used {others[n]:.0%} of the CPUs meanwhile", flush=True)
+    info["load_average_at_end"] = os.getloadavg()
+    info["cpu_share_of_other_processes"] = others
+
+    text = table(rows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "threshold.json").write_text(json.dumps(
+        {"machine": info, "sparsity": SPARSITY, "scope": "global", "repeats": args.repeats, "rows": rows},
+        indent=2) + "\n")
+    (RESULTS / "threshold.md").write_text(
+        "# Exact threshold: `select_pruned` vs `torch.kthvalue`\n\n"
+        f"float32 scores |normal|, sparsity {SPARSITY}, scope global, median of {args.repeats} repeats "
+        "after one warm-up. 2-process times: the slower rank per repeat; each rank holds half the "
+        "scores and runs 1 torch thread. Masks are included in `select_pruned`.\n\n"
+        f"{text}\n\nMachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
+        f"{info['torch_threads_1_process']} torch threads in the 1-process runs, "
+        f"OMP_NUM_THREADS={info['OMP_NUM_THREADS']}. The machine is shared: other processes used "
+        + ", ".join(f"{share:.0%} of the CPUs during N = {n:,}" for n, share in others.items()) + ".\n")
+
+
+if __name__ == "__main__":
+    main()
