@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/dist-prune/torch_extensions
 
 .PHONY: run test setup bench-threshold clean
 

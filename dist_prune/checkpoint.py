@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,12 @@ def cache_dir() -> Path:
     if "DIST_PRUNE_CACHE" in os.environ:
         return Path(os.environ["DIST_PRUNE_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dist-prune"
+
+
+def extensions_dir() -> Path:
+    """DeepSpeed's JIT-compiled ops, one cache per Python environment: ops built against
+    another virtualenv's headers would be rebuilt (about 45 s) on every switch."""
+    return cache_dir() / "torch_extensions" / hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
 
 
 def default_gguf() -> Path:

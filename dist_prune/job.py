@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_prune import __version__
-from dist_prune.checkpoint import cache_dir, open_checkpoint, resolve_model
+from dist_prune.checkpoint import extensions_dir, open_checkpoint, resolve_model
 from dist_prune.config import JobConfig, config_sha256, scope_of, to_dict
 from dist_prune.data import calibration_windows, eval_windows, read_text, tokenize
 from dist_prune.errors import UserError
@@ -101,7 +101,7 @@ def init_ray(cfg: JobConfig) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if os.environ.get("RAY_ADDRESS"):
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dist_prune.calibrate import InputNormCollector
-from dist_prune.checkpoint import cache_dir, open_checkpoint
+from dist_prune.checkpoint import extensions_dir, open_checkpoint
 from dist_prune.collectives import all_reduce_, rank_and_world
 from dist_prune.config import JobConfig, PruneConfig, config_from_dict, scope_of
 from dist_prune.data import shard
@@ -289,7 +289,7 @@ def _raise_if_any_failed(failure: Exception | None, rank: int) -> None:
 
 def ray_train_loop(payload: dict) -> None:
     """Entry point of each Ray Train worker (TorchTrainer has set up the process group)."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     import deepspeed
     import ray.train
 
