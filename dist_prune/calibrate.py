@@ -11,30 +11,25 @@ import torch
 from dist_prune.collectives import all_reduce_
 
 
-class InputNormCollector:
-    """Forward hooks that accumulate, per input column j of each linear, sum_t x_tj^2.
+class InputCollector:
+    """Forward hooks on linears that hand each one's input to `add(name, inputs)`.
 
-    Use as a context manager around the forward passes; `stats` maps a weight's name
-    to {"input_sq_sum": tensor[in_features]} (float64: sums over ~10^5 tokens).
+    Use as a context manager around the forward passes; subclasses decide what to keep.
     """
 
     def __init__(self, linears: dict[str, torch.nn.Module]):
         self.linears = linears  # weight name -> module whose input is the weight's input
-        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float64)
-                     for name, m in linears.items()}
         self._hooks: list = []
 
     def add(self, name: str, inputs: torch.Tensor) -> None:
-        """Account for a batch of inputs [..., in_features] of weight `name`."""
-        x = inputs.detach().reshape(-1, inputs.shape[-1]).double()
-        self.sums[name] += (x * x).sum(0).cpu()
+        raise NotImplementedError
 
     def _hook(self, name: str):
         def accumulate(module, inputs, output):
             self.add(name, inputs[0])
         return accumulate
 
-    def __enter__(self) -> "InputNormCollector":
+    def __enter__(self):
         self._hooks = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
         return self
 
@@ -42,6 +37,21 @@ class InputNormCollector:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+class InputNormCollector(InputCollector):
+    """Per input column j of each linear, sum_t x_tj^2 (float64: sums over ~10^5 tokens);
+    `reduce()` gives {"input_sq_sum": tensor[in_features]} per weight name."""
+
+    def __init__(self, linears: dict[str, torch.nn.Module]):
+        super().__init__(linears)
+        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float64)
+                     for name, m in linears.items()}
+
+    def add(self, name: str, inputs: torch.Tensor) -> None:
+        """Account for a batch of inputs [..., in_features] of weight `name`."""
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).double()
+        self.sums[name] += (x * x).sum(0).cpu()
 
     def reduce(self) -> dict[str, dict[str, torch.Tensor]]:
         """All-reduce the sums across ranks (one collective) and return the stats."""

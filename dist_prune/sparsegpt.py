@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.distributed as dist
+
+from dist_prune.calibrate import InputCollector
+from dist_prune.collectives import all_reduce_
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 FIRST_RETRY_DAMP = 1e-6
 
 
-class HessianCollector:
+class HessianCollector(InputCollector):
     """Forward hooks that accumulate, per linear, H_sum = sum_t x_t x_t^T and the token count.
 
     H_sum is float32, like the reference: the 1% damping bounds the condition number of what is
@@ -36,12 +38,11 @@ class HessianCollector:
     """
 
     def __init__(self, linears: dict[str, torch.nn.Module], device: torch.device | str | None = None):
-        self.linears = linears  # weight name -> module whose input is the weight's input
+        super().__init__(linears)
         self.sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32,
                                        device=device if device is not None else _home(m))
                      for name, m in linears.items()}
         self.tokens = dict.fromkeys(linears, 0)
-        self._hooks: list = []
         self._reduced = False
 
     def add(self, name: str, inputs: torch.Tensor) -> None:
@@ -53,33 +54,16 @@ class HessianCollector:
         acc += (x.T @ x).to(acc.device)
         self.tokens[name] += x.shape[0]
 
-    def _hook(self, name: str):
-        def accumulate(module, inputs, output):
-            self.add(name, inputs[0])
-        return accumulate
-
-    def __enter__(self) -> "HessianCollector":
-        self._hooks = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
     def reduce(self) -> dict[str, dict]:
         """All-reduce the sums and counts over ranks (once); {name: {"hessian", "tokens"}}.
 
         hessian = 2 * H_sum / tokens (zeros when no token was seen: every column is then dead).
         Every rank must call it with the same linears, in the same order.
         """
-        if (not self._reduced and self.sums and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
+        if not self._reduced and self.sums:
             for s in self.sums.values():
-                dist.all_reduce(s)
-            first = next(iter(self.sums.values()))
-            counts = torch.tensor(list(self.tokens.values()), dtype=torch.long, device=first.device)
-            dist.all_reduce(counts)
+                all_reduce_(s)
+            counts = all_reduce_(torch.tensor(list(self.tokens.values()), dtype=torch.long))
             self.tokens = dict(zip(self.tokens, counts.tolist()))
         self._reduced = True
         return {name: {"hessian": s * (2.0 / max(self.tokens[name], 1)), "tokens": self.tokens[name]}

@@ -133,17 +133,17 @@ def test_hessian_collector_hooks_and_add():
 def test_hessian_collector_all_reduces_sums_and_counts(monkeypatch):
     # two ranks that saw the same tokens (spawning real gloo ranks costs ~20 s on a loaded host):
     # sums and counts both double, so the Hessian must come out unchanged
-    import dist_prune.sparsegpt as sg
+    import dist_prune.collectives as collectives
 
     calls = []
 
-    def all_reduce(t):
+    def all_reduce(t, op=None, group=None):
         calls.append(t.dtype)
         t += t.clone()
 
-    monkeypatch.setattr(sg.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(sg.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(sg.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(collectives, "rank_and_world", lambda group=None: (0, 2))
+    monkeypatch.setattr(collectives.dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(collectives.dist, "all_reduce", all_reduce)
     x = torch.randn(10, 6, generator=torch.Generator().manual_seed(0))
     col = HessianCollector({"l": torch.nn.Linear(6, 2), "k": torch.nn.Linear(6, 3)})
     col.add("l", x)
