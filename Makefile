@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(VENV)/bin/dist-prune run configs/quickstart.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 bench-threshold: $(STAMP)
 	$(PY) benchmarks/threshold.py
