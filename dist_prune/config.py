@@ -43,18 +43,35 @@ class ModelConfig:
 @dataclass
 class PruneConfig:
     method: str = doc("wanda", "scorer: magnitude | wanda | sparsegpt | taylor | obd | seven | "
-                               "threshold")
-    sparsity: float = doc(0.5, "fraction of the weights in each selection scope to prune, in [0, 1)")
+                               "threshold | infogain (whole heads, channels or layers only)")
+    sparsity: float = doc(0.5, "fraction of the weights in each selection scope to prune, in [0, 1); "
+                               "heads/channels: of the KV head groups / MLP channels of every layer; "
+                               "layers: of the decoder layers")
     scope: str | None = doc(None, "where one threshold applies: global | layer | row; empty = the "
                                   "method's default (wanda: row, magnitude: layer)")
     structure: str = doc("unstructured", "pattern of pruned weights: unstructured | N:M (N of every "
                                           "M consecutive inputs pruned, e.g. 2:4; prune.sparsity is "
-                                          "then N/M) | block:RxC (whole R x C blocks)")
+                                          "then N/M) | block:RxC (whole R x C blocks) | heads | "
+                                          "channels | layers (removed from the export: smaller "
+                                          "shapes and config.json)")
     epsilon: float | None = doc(None, "threshold method: prune every weight with |w| < epsilon "
                                       "(prune.sparsity and prune.scope do not apply)")
-    norm: str = doc("l1", "pooling of element scores into a block score: l1 (sum) | l2 (L2 norm)")
+    norm: str = doc("l1", "pooling of element scores into a block, head, channel or layer score: "
+                          "l1 (sum) | l2 (L2 norm)")
+    layer_sparsity: str = doc("uniform", "uniform (prune.sparsity in every layer) | owl (Outlier "
+                                         "Weighed Layerwise sparsity, Yin et al. 2023: layers with "
+                                         "more wanda-score outliers are pruned less; the model total "
+                                         "stays round(sparsity * prunable))")
+    owl_threshold: float = doc(5.0, "owl: a score is an outlier above this many times its layer's mean (M)")
+    owl_lambda: float = doc(0.08, "owl: layer sparsities lie within prune.sparsity +- this (lambda)")
     exclude: list[str] = doc(["*embed_tokens*", "*lm_head*", "*norm*", "*.bias"],
                              "glob patterns of parameter names never pruned; only 2-D weights are pruned")
+    schedule: str = doc("oneshot", "oneshot (prune once, before fine-tuning) | cubic (prune gradually "
+                                   "during fine-tuning, Zhu & Gupta 2017; needs finetune.steps > 0)")
+    initial_sparsity: float = doc(0.0, "cubic: sparsity at prune.start_step (0 = start from the dense model)")
+    start_step: int = doc(0, "cubic: first optimizer step of the schedule")
+    end_step: int | None = doc(None, "cubic: step at which prune.sparsity is reached; empty = finetune.steps")
+    interval: int = doc(100, "cubic: re-score and re-select every this many steps (--pruning_interval)")
 
 
 @dataclass
@@ -83,6 +100,55 @@ class EvalConfig:
     seq_len: int = doc(512, "tokens per evaluation window")
     num_windows: int = doc(16, "number of consecutive non-overlapping windows from the start of the text")
     dense: bool = doc(True, "also measure the dense model's perplexity before pruning")
+
+
+@dataclass
+class NeftuneConfig:
+    alpha: float = doc(5.0, "NEFTune noise scale: Uniform(-1,1) * alpha / sqrt(L * d) added to the input "
+                            "embeddings in training mode (Jain et al. 2023); 0 = no noise")
+    dynamic: bool = doc(False, "adapt alpha during training: alpha_t = alpha * min(1, EMA(loss_t) / loss_0), "
+                               "less noise as the sparse model recovers (docs: README, Sparse-NEFT)")
+
+
+@dataclass
+class DistillConfig:
+    beta: float = doc(0.0, "weight of the distillation term: (1-beta)*CE + beta*T^2*KL(teacher || "
+                           "student), the dense model as teacher; 0 = no teacher")
+    temperature: float = doc(2.0, "distillation temperature T")
+
+
+@dataclass
+class FinetuneDataConfig:
+    path: str | None = doc(None, "training text: a UTF-8 text file, or a Hugging Face `datasets` "
+                                 "directory written by save_to_disk; empty = the built-in corpus")
+    text_column: str = doc("text", "column of a `datasets` directory holding the text")
+    split: str = doc("train", "split of a DatasetDict directory")
+    seq_len: int = doc(512, "tokens per training window (windows are consecutive, shuffled per epoch)")
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = doc(0, "optimizer steps of Sparse-NEFT fine-tuning after pruning; 0 = no fine-tuning")
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig,
+                                     metadata={"help": "training data"})
+    lr: float = doc(5e-5, "peak learning rate (AdamW)")
+    weight_decay: float = doc(0.0, "AdamW decoupled weight decay")
+    betas: list[float] = doc([0.9, 0.999], "AdamW betas")
+    warmup_steps: int = doc(0, "linear learning-rate warm-up steps")
+    lr_schedule: str = doc("cosine", "decay after warm-up: cosine | linear | constant")
+    micro_batch_size: int = doc(1, "windows per worker per forward/backward")
+    gradient_accumulation_steps: int = doc(1, "micro-batches per optimizer step; the global batch is "
+                                              "micro_batch_size x num_workers x this")
+    max_grad_norm: float = doc(1.0, "gradient clipping norm; 0 = no clipping")
+    zero_stage: int = doc(3, "DeepSpeed ZeRO stage of the training engine: 3 (weights, gradients and "
+                             "optimizer state partitioned) | 2 (gradients and optimizer state only)")
+    eval_interval: int = doc(0, "measure eval perplexity every this many steps (and at the end); 0 = at "
+                                "the end only")
+    log_interval: int = doc(10, "log loss, learning rate, sparsity and alpha every this many steps")
+    checkpoint_interval: int = doc(0, "save a Ray Train checkpoint every this many steps; 0 = none")
+    max_failures: int = doc(0, "restarts of the worker group from the last checkpoint after a failure")
+    neftune: NeftuneConfig = field(default_factory=NeftuneConfig, metadata={"help": "NEFTune noise"})
+    distill: DistillConfig = field(default_factory=DistillConfig, metadata={"help": "distillation"})
 
 
 @dataclass
@@ -121,6 +187,8 @@ class JobConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig, metadata={"help": "Ray workers"})
     registry: RegistryConfig = field(default_factory=RegistryConfig, metadata={"help": "MLflow"})
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "output"})
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig,
+                                     metadata={"help": "Sparse-NEFT fine-tuning, masks kept"})
     seed: int = doc(0, "seed for everything random in the job")
 
 
@@ -149,6 +217,10 @@ _Loader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(
     _INT, re.compile(r"^(?:[-+]?0b[01_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*))$"),
+    list("-+0123456789"))
+# YAML 1.1 reads 3e-4 (no dot) as a string; every ML config writes learning rates that way.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"))
 
 
@@ -338,13 +410,108 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
         for key, value in (("data.calibration.path", cal.path), ("eval.path", cfg.eval.path)):
             _require(value is None or Path(value).is_file(), f"{key} {value} is not a file")
     _require(bool(cfg.registry.model_name.strip()), "registry.model_name must not be empty")
+    validate_layer_choices(cfg)
+    validate_finetune(cfg, check_paths=check_paths)
+
+
+LAYER_SPARSITIES = ("uniform", "owl")
+GROUP_NEEDS = ("weights", "activations", "gradients", "ablation")  # scorers that can rank groups
+
+
+def validate_layer_choices(cfg: JobConfig) -> None:
+    """Whole heads / channels / layers, the infogain scorer and OWL layer sparsities."""
+    from dist_prune.scoring import SCORERS
+    from dist_prune.structural import UNITS
+
+    p = cfg.prune
+    kind = p.structure.strip().lower()
+    if kind in UNITS:
+        scope = UNITS[kind].scope
+        _require(p.scope in (None, scope), f"prune.scope {p.scope} does not apply to prune.structure "
+                 f"{kind} (allowed: {scope}, or leave it empty)")
+        ranking = [m for m, s in SCORERS.items() if s.needs in GROUP_NEEDS and m != "threshold"]
+        _require(p.method in ranking, f"prune.method {p.method} cannot rank whole {kind} (allowed: "
+                 f"{', '.join(ranking)})")
+    else:
+        _require(p.method != "infogain", "prune.method infogain scores whole groups: use "
+                 "prune.structure heads, channels or layers")
+    _require(p.layer_sparsity in LAYER_SPARSITIES, f"prune.layer_sparsity '{p.layer_sparsity}' is "
+             f"unknown (allowed: {', '.join(LAYER_SPARSITIES)})")
+    if p.layer_sparsity == "uniform":
+        return
+    _require(p.method == "wanda", "prune.layer_sparsity owl ranks layers by their outlier wanda "
+             f"scores: use prune.method wanda, not {p.method}")
+    _require(kind == "unstructured", "prune.layer_sparsity owl needs prune.structure unstructured")
+    _require(scope_of(p) in ("layer", "row"), "prune.layer_sparsity owl sets one target per layer: "
+             "prune.scope must be layer or row, not global")
+    _require(p.owl_threshold > 0, f"prune.owl_threshold must be > 0, got {p.owl_threshold}")
+    _require(0 <= p.owl_lambda <= min(p.sparsity, 1 - p.sparsity),
+             f"prune.owl_lambda must be in [0, {min(p.sparsity, 1 - p.sparsity):g}] (= min(sparsity, "
+             f"1 - sparsity), so every layer's sparsity stays in [0, 1]), got {p.owl_lambda}")
+
+
+SCHEDULES = ("oneshot", "cubic")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+ZERO_STAGES = (2, 3)
+TRAINING_SCORERS = ("magnitude", "taylor", "movement", "seven")  # what cubic re-scores with
+
+
+def validate_finetune(cfg: JobConfig, *, check_paths: bool = True) -> None:
+    """The fine-tuning section and the gradual-pruning keys of the prune section."""
+    ft, p = cfg.finetune, cfg.prune
+    _require(ft.steps >= 0, f"finetune.steps must be >= 0, got {ft.steps}")
+    _require(p.schedule in SCHEDULES, f"prune.schedule '{p.schedule}' is unknown (allowed: "
+             f"{', '.join(SCHEDULES)})")
+    from dist_prune.scoring import SCORERS
+
+    if SCORERS[p.method].needs == "training":
+        _require(p.schedule == "cubic", f"prune.method {p.method} scores weights while they train: "
+                 "use prune.schedule cubic (with finetune.steps > 0)")
+    if p.schedule == "cubic":
+        _require(ft.steps > 0, "prune.schedule cubic prunes during fine-tuning: set finetune.steps > 0")
+        _require(p.method in TRAINING_SCORERS, f"prune.schedule cubic re-scores during training with "
+                 f"{', '.join(TRAINING_SCORERS)}; prune.method is {p.method}")
+        _require(p.structure == "unstructured", "prune.schedule cubic needs prune.structure unstructured")
+        _require(0.0 <= p.initial_sparsity <= p.sparsity, f"prune.initial_sparsity must be in [0, "
+                 f"prune.sparsity={p.sparsity}], got {p.initial_sparsity}")
+        end = ft.steps if p.end_step is None else p.end_step
+        _require(0 <= p.start_step <= end <= ft.steps, f"prune.start_step={p.start_step} <= "
+                 f"prune.end_step={end} <= finetune.steps={ft.steps} must hold")
+        _require(p.interval >= 1, f"prune.interval must be >= 1, got {p.interval}")
+        _require(ft.zero_stage == 3 or SCORERS[p.method].needs == "weights",
+                 f"prune.method {p.method} reads gradient partitions during training: use "
+                 "finetune.zero_stage 3")
+    if ft.steps == 0:
+        return
+    _require(ft.zero_stage in ZERO_STAGES, f"finetune.zero_stage must be one of 2, 3, got {ft.zero_stage}")
+    _require(ft.lr_schedule in LR_SCHEDULES, f"finetune.lr_schedule '{ft.lr_schedule}' is unknown "
+             f"(allowed: {', '.join(LR_SCHEDULES)})")
+    _require(ft.lr > 0, f"finetune.lr must be > 0, got {ft.lr}")
+    _require(len(ft.betas) == 2 and all(0 <= b < 1 for b in ft.betas),
+             f"finetune.betas must be two numbers in [0, 1), got {ft.betas}")
+    for key in ("micro_batch_size", "gradient_accumulation_steps"):
+        _require(getattr(ft, key) >= 1, f"finetune.{key} must be >= 1, got {getattr(ft, key)}")
+    for key in ("warmup_steps", "eval_interval", "log_interval", "checkpoint_interval", "max_failures"):
+        _require(getattr(ft, key) >= 0, f"finetune.{key} must be >= 0, got {getattr(ft, key)}")
+    _require(ft.max_grad_norm >= 0, f"finetune.max_grad_norm must be >= 0, got {ft.max_grad_norm}")
+    _require(ft.data.seq_len >= 2, f"finetune.data.seq_len must be >= 2, got {ft.data.seq_len}")
+    _require(ft.neftune.alpha >= 0, f"finetune.neftune.alpha must be >= 0, got {ft.neftune.alpha}")
+    _require(0 <= ft.distill.beta <= 1, f"finetune.distill.beta must be in [0, 1], got {ft.distill.beta}")
+    _require(ft.distill.temperature > 0,
+             f"finetune.distill.temperature must be > 0, got {ft.distill.temperature}")
+    _require(ft.max_failures == 0 or ft.checkpoint_interval > 0,
+             "finetune.max_failures > 0 restarts from checkpoints: set finetune.checkpoint_interval > 0")
+    if check_paths and ft.data.path is not None:
+        _require(Path(ft.data.path).exists(), f"finetune.data.path {ft.data.path} does not exist")
 
 
 def scope_of(cfg: PruneConfig) -> str:
-    """The selection scope, with the method's default filled in."""
+    """The selection scope, with the method's (or the structural unit's) default filled in."""
     from dist_prune.scoring import SCORERS
+    from dist_prune.structural import UNITS
 
-    return cfg.scope or SCORERS[cfg.method].default_scope
+    unit = UNITS.get(cfg.structure.strip().lower())
+    return unit.scope if unit else cfg.scope or SCORERS[cfg.method].default_scope
 
 
 # ----------------------------------------------------------------------------- output

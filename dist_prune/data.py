@@ -98,3 +98,41 @@ def eval_windows(ids: torch.Tensor, num_windows: int, seq_len: int, *, source: s
 def shard(windows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """This rank's windows: every `world_size`-th, starting at `rank`."""
     return windows[rank::world_size]
+
+
+def read_training_text(path: str | None, *, text_column: str = "text", split: str = "train") -> str:
+    """Fine-tuning text: a UTF-8 file, or a Hugging Face `datasets` directory written by
+    `save_to_disk` (a Dataset, or a DatasetDict and its `split`), rows joined by blank
+    lines; empty = the calibration part of the built-in corpus."""
+    if path is None or not Path(path).is_dir():
+        return read_text(path, role="finetune")
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"finetune.data.path {path} is a directory: reading a `datasets` directory "
+                        "needs `pip install datasets` (or give a text file)") from None
+    try:
+        data = datasets.load_from_disk(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"finetune.data.path {path}: not a `datasets` directory written by "
+                        f"save_to_disk ({str(e).splitlines()[0]})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise UserError(f"finetune.data.split '{split}' is not in {path} (splits: {', '.join(data)})")
+        data = data[split]
+    if text_column not in data.column_names:
+        raise UserError(f"finetune.data.text_column '{text_column}' is not a column of {path} "
+                        f"(columns: {', '.join(data.column_names)})")
+    text = "\n\n".join(row for row in data[text_column] if row)
+    if not text.strip():
+        raise UserError(f"finetune.data.path {path}: column '{text_column}' holds no text")
+    return text
+
+
+def training_windows(ids: torch.Tensor, seq_len: int, *, source: str) -> torch.Tensor:
+    """Every consecutive non-overlapping window of `seq_len` tokens. Shape [n, seq_len]."""
+    count = ids.numel() // seq_len
+    if count == 0:
+        raise UserError(f"training text {source} has {ids.numel()} tokens, fewer than one window of "
+                        f"finetune.data.seq_len={seq_len}")
+    return ids[: count * seq_len].reshape(count, seq_len)

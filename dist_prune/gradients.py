@@ -7,7 +7,7 @@ layer for forward and backward, and its gradient hooks reduce-scatter every weig
 gradient straight into the owning rank's partition, so no process ever holds a full
 gradient. The engine gets a client optimizer with lr=0 that is never stepped (DeepSpeed
 needs one to build its gradient partitions). Afterwards the engine is destroyed and
-everything it attached to the model is taken off again (`_restore`).
+everything it attached to the model is taken off again (dist_prune/engine.py).
 
 Statistics are accumulated on each rank's own slice of each target, in the slice's
 layout (padding excluded), so scorers read them like `LocalSlice.weight`.
@@ -15,9 +15,7 @@ layout (padding excluded), so scorers read them like `LocalSlice.weight`.
 
 from __future__ import annotations
 
-import gc
 import math
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Collection
 
 import torch
@@ -25,20 +23,17 @@ import torch.nn.functional as F
 
 from dist_prune.collectives import all_reduce_, rank_and_world
 from dist_prune.errors import UserError
+from dist_prune.engine import temporary_engine
 from dist_prune.partition import local_range, local_weight, zero3_config
 
 if TYPE_CHECKING:
     from dist_prune.masking import Target
 
 # What `accumulate_gradient_stats` can collect ("steps" always comes along).
-STATS = ("grad_sum", "grad_sq_sum", "seven")
+STATS = ("grad_sum", "grad_sq_sum", "seven", "movement")
 SEVEN_EPS = 1e-9  # added to v_hat, as in the SEVEN reference code
 FP16_LOSS_SCALE = 1024.0  # static: the scaler never adapts without optimizer steps
 
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
-               "_backward_pre_hooks")
-_PARAM_HOOK_DICTS = ("_post_accumulate_grad_hooks", "_backward_hooks")
 
 
 def step_plan(window_counts: list[int], seq_lens: list[int], micro_batch: int) -> list[int]:
@@ -92,7 +87,6 @@ def accumulate_gradient_stats(model: torch.nn.Module, windows: torch.Tensor, tar
     buffer and points the parameter at it, so a `local_weight` view taken before the call
     no longer aliases the parameter; take views afterwards.
     """
-    import deepspeed
     from deepspeed.utils import safe_get_local_grad
 
     unknown = set(stats) - set(STATS)
@@ -118,29 +112,17 @@ def accumulate_gradient_stats(model: torch.nn.Module, windows: torch.Tensor, tar
 
     params = list({id(t.param): t.param for t in targets}.values())
     dtype = params[0].ds_tensor.dtype
-    state = _snapshot(model)
     target_ids = {id(p) for p in params}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in target_ids)
-    model.eval()
-
     config = zero3_config(dtype)
     config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
                   steps_per_print=2**31 - 1, wall_clock_breakdown=False)
     if dtype == torch.float16:
         config["fp16"] = {"enabled": True, "loss_scale": FP16_LOSS_SCALE}
     optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)  # never stepped
-    engine = None
-    try:
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    with temporary_engine(model, optimizer, config, trainable=lambda p: id(p) in target_ids) as engine:
+        engine.module.eval()
         return _run(engine, windows, targets, tokens, world, micro_batch, dummy_len, seven_betas,
                     set(stats), safe_get_local_grad)
-    finally:
-        if engine is not None:
-            engine.destroy()
-        _restore(model, state)
-        del engine, optimizer
-        gc.collect()  # the engine's fp32 copies and gradient buffers sit in reference cycles
 
 
 def new_stats(size: int, keep: Collection[str], device=None) -> dict[str, torch.Tensor]:
@@ -152,7 +134,7 @@ def new_stats(size: int, keep: Collection[str], device=None) -> dict[str, torch.
 def update_stats(acc: dict[str, torch.Tensor], grad: torch.Tensor, weight: torch.Tensor | None,
                  step: int, betas: tuple[float, float] = (0.8, 0.9)) -> None:
     """Add step `step` (0-based) with gradient `grad` to the accumulators of `new_stats`.
-    `weight` (the slice's current weights) is needed only for "seven"."""
+    `weight` (the slice's current weights) is needed only for "seven" and "movement"."""
     if "grad_sum" in acc:
         acc["grad_sum"].add_(grad)
     if "grad_sq_sum" in acc:
@@ -165,6 +147,8 @@ def update_stats(acc: dict[str, torch.Tensor], grad: torch.Tensor, weight: torch
         m_hat = acc["_m"] / (1 - b1 ** (step + 1))
         v_hat = (acc["_v"] / (1 - b2 ** (step + 1))).sqrt_().add_(SEVEN_EPS)
         acc["seven"].add_((weight.to(torch.float32) * a * m_hat / v_hat).abs_())
+    if "movement" in acc:  # Sanh et al. 2020: S -= w * dL/dw, weights moving away from 0 score high
+        acc["movement"].sub_(weight.to(torch.float32) * grad)
 
 
 def _run(engine, windows, targets, tokens, world, micro_batch, dummy_len, betas, keep,
@@ -195,7 +179,7 @@ def _run(engine, windows, targets, tokens, world, micro_batch, dummy_len, betas,
             grad = safe_get_local_grad(t.param)[: sizes[t.name]].to(torch.float32)
             if loss_scale != 1.0:
                 grad = grad / loss_scale
-            weight_now = local_weight(t.param) if "seven" in keep else None
+            weight_now = local_weight(t.param) if {"seven", "movement"} & keep else None
             update_stats(acc[t.name], grad, weight_now, step, betas)
         # reset the partitioned gradients: ZeRO-3 copies (does not accumulate) into them at
         # the next backward only once its micro-step counter is back at 0
@@ -207,66 +191,3 @@ def _run(engine, windows, targets, tokens, world, micro_batch, dummy_len, betas,
                            "weights, try model.dtype bfloat16 or float32)")
     return {name: {**{k: v for k, v in a.items() if not k.startswith("_")}, "steps": steps}
             for name, a in acc.items()}
-
-
-@dataclass
-class _State:
-    training: bool
-    requires_grad: dict[int, bool] = field(default_factory=dict)
-    module_attrs: dict[int, set] = field(default_factory=dict)
-    module_params: dict[int, dict] = field(default_factory=dict)
-    module_hooks: dict[int, dict[str, set]] = field(default_factory=dict)
-    param_attrs: dict[int, set] = field(default_factory=dict)
-    param_hooks: dict[int, dict[str, set]] = field(default_factory=dict)
-
-
-def _snapshot(model: torch.nn.Module) -> _State:
-    state = _State(model.training)
-    for m in model.modules():
-        state.module_attrs[id(m)] = set(vars(m))
-        state.module_params[id(m)] = m._parameters
-        state.module_hooks[id(m)] = {d: set(getattr(m, d, {})) for d in _HOOK_DICTS}
-    for p in model.parameters():
-        state.requires_grad[id(p)] = p.requires_grad
-        state.param_attrs[id(p)] = set(vars(p))
-        state.param_hooks[id(p)] = {d: set(getattr(p, d, None) or {}) for d in _PARAM_HOOK_DICTS}
-    return state
-
-
-def _restore(model: torch.nn.Module, state: _State) -> None:
-    """Take off what the engine put on the model and its parameters.
-
-    `engine.destroy()` removes the ZeRO-3 module and gradient hooks, but not the engine's
-    own forward pre/post hooks on the root module, the `ZeROOrderedDict` that replaced
-    every module's `_parameters`, the attributes set on modules (ds_id, ds_grads_remaining,
-    pre_bwd_fn, ...), nor `param._z3_optimizer`, which would keep the optimizer's fp32
-    copies and gradient buffers alive. Anything not there before the call goes.
-    """
-    from deepspeed.runtime.zero import parameter_offload
-
-    for m in model.modules():
-        for d, before in state.module_hooks.get(id(m), {}).items():
-            hooks = getattr(m, d, None)
-            for key in set(hooks or {}) - before:
-                del hooks[key]
-        original = state.module_params.get(id(m))
-        if original is not None and m._parameters is not original:
-            now, before = dict(m._parameters.items()), dict(original.items())
-            if list(now) != list(before) or any(now[k] is not before[k] for k in before):
-                raise RuntimeError(f"DeepSpeed changed the parameters of {type(m).__name__}")
-            m.__dict__["_parameters"] = original
-        for key in set(vars(m)) - state.module_attrs.get(id(m), set(vars(m))):
-            delattr(m, key)
-    for p in model.parameters():
-        for d, before in state.param_hooks.get(id(p), {}).items():
-            hooks = getattr(p, d, None)
-            for key in set(hooks or {}) - before:
-                del hooks[key]
-        for key in set(vars(p)) - state.param_attrs.get(id(p), set(vars(p))):
-            delattr(p, key)
-        p.grad = None
-        p.requires_grad_(state.requires_grad.get(id(p), p.requires_grad))
-    stack = parameter_offload.FWD_MODULE_STACK  # the engine pushes the root module once
-    while stack and stack[-1] is model:
-        stack.pop()
-    model.train(state.training)

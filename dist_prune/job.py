@@ -18,11 +18,13 @@ from pathlib import Path
 from dist_prune import __version__
 from dist_prune.checkpoint import extensions_dir, open_checkpoint, resolve_model
 from dist_prune.config import JobConfig, config_sha256, scope_of, to_dict
-from dist_prune.data import calibration_windows, eval_windows, read_text, tokenize
+from dist_prune.data import (calibration_windows, eval_windows, read_text, read_training_text,
+                             tokenize, training_windows)
 from dist_prune.errors import UserError
 from dist_prune.export import check_destination, verify_export
 from dist_prune.report import StageTimer, layer_sparsity_plot, summary_table
 from dist_prune.scoring import SCORERS
+from dist_prune.structural import Structural, check_model
 from dist_prune.structures import check_shape, parse_structure
 from dist_prune.worker import WorkerJob
 
@@ -54,7 +56,7 @@ def prepare(cfg: JobConfig) -> WorkerJob:
         raise
     calibration = evaluation = None
     check_target_shapes(cfg, checkpoint)
-    if SCORERS[cfg.prune.method].needs != "weights":
+    if SCORERS[cfg.prune.method].needs not in ("weights", "training") and cfg.prune.schedule == "oneshot":
         cal = cfg.data.calibration
         ids = tokenize(read_text(cal.path, role="calibration"), tokenizer)
         calibration = calibration_windows(ids, cal.num_samples, cal.seq_len, cal.seed,
@@ -63,6 +65,12 @@ def prepare(cfg: JobConfig) -> WorkerJob:
         ids = tokenize(read_text(cfg.eval.path, role="eval"), tokenizer)
         evaluation = eval_windows(ids, cfg.eval.num_windows, cfg.eval.seq_len,
                                   source=cfg.eval.path or "(built-in corpus)")
+    training = None
+    if cfg.finetune.steps > 0:
+        data = cfg.finetune.data
+        ids = tokenize(read_training_text(data.path, text_column=data.text_column, split=data.split),
+                       tokenizer)
+        training = training_windows(ids, data.seq_len, source=data.path or "(built-in corpus)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     export_dir = Path(cfg.export.dir or f"exports/{cfg.registry.model_name}-{stamp}").resolve()
     check_destination(export_dir)
@@ -70,7 +78,8 @@ def prepare(cfg: JobConfig) -> WorkerJob:
               "scope": scope_of(cfg.prune), "target_sparsity": cfg.prune.sparsity,
               "config_sha256": config_sha256(cfg), "source_model": str(cfg.model.path or model_dir),
               "tensors_in_checkpoint": len(checkpoint.weight_map)}
-    return WorkerJob(to_dict(cfg), str(model_dir), calibration, evaluation, str(export_dir), report)
+    return WorkerJob(to_dict(cfg), str(model_dir), calibration, evaluation, str(export_dir), report,
+                     training=training)
 
 
 def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
@@ -84,6 +93,11 @@ def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
 def check_target_shapes(cfg: JobConfig, checkpoint) -> None:
     """Refuse a structure that does not tile a weight, before any worker starts."""
     structure = parse_structure(cfg.prune.structure)
+    if isinstance(structure, Structural):  # whole groups of every layer: checked on the model
+        config = json.loads((checkpoint.directory / "config.json").read_text())
+        check_model(structure.kind, cfg.prune.sparsity, config, list(checkpoint.weight_map),
+                    lambda name: any(fnmatch.fnmatchcase(name, p) for p in cfg.prune.exclude))
+        return
     for name in checkpoint.weight_map:
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.prune.exclude):
             continue
@@ -133,7 +147,7 @@ def _probe(address: str, timeout: float = 5.0) -> None:
 def fit(job: WorkerJob, cfg: JobConfig) -> dict:
     """Run the workers; return rank 0's metrics. Worker UserErrors come back as UserErrors."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from dist_prune.worker import ray_train_loop
@@ -150,7 +164,9 @@ def fit(job: WorkerJob, cfg: JobConfig) -> dict:
         train_loop_config=vars(job),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
-        run_config=RunConfig(name=f"dist-prune-{Path(job.export_dir).name}", storage_path=str(storage)),
+        run_config=RunConfig(name=f"dist-prune-{Path(job.export_dir).name}", storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=cfg.finetune.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     try:
         result = trainer.fit()
@@ -159,7 +175,13 @@ def fit(job: WorkerJob, cfg: JobConfig) -> dict:
         if user_error is not None:
             raise UserError(user_error) from None
         raise
-    return dict(result.metrics)
+    metrics = dict(result.metrics)
+    if result.checkpoint is not None:  # rank 0's whole metrics, fine-tuning history included
+        with result.checkpoint.as_directory() as directory:
+            path = Path(directory) / "metrics.json"
+            if path.is_file():
+                metrics = json.loads(path.read_text())
+    return metrics
 
 
 def _find_user_error(error: BaseException) -> str | None:
@@ -193,8 +215,20 @@ def run(cfg: JobConfig) -> JobResult:
             from dist_prune.registry import check_registry
 
             check_registry(cfg.registry.tracking_uri)
-    init_ray(cfg)
-    metrics = fit(job, cfg)
+    run_id = None
+    if cfg.registry.enabled:  # opened now, so the workers can log training steps into it
+        from dist_prune.registry import end_run, resolved_tracking_uri, start_run
+
+        tracking_uri = resolved_tracking_uri(cfg.registry.tracking_uri)
+        run_id = start_run(tracking_uri, cfg.registry.experiment, run_name=Path(job.export_dir).name)
+        job.mlflow = {"tracking_uri": tracking_uri, "run_id": run_id}
+    try:
+        init_ray(cfg)
+        metrics = fit(job, cfg)
+    except BaseException:
+        if run_id is not None:
+            end_run(job.mlflow["tracking_uri"], run_id, "FAILED")
+        raise
     metrics["seconds_prepare"] = timer.seconds["prepare"]
     export_dir = Path(job.export_dir)
     manifest = verify_export(export_dir)  # nothing unverified is registered
@@ -205,11 +239,12 @@ def run(cfg: JobConfig) -> JobResult:
 
         with timer("register"):
             registered = register_export(
-                export_dir, tracking_uri=cfg.registry.tracking_uri, experiment=cfg.registry.experiment,
+                export_dir, tracking_uri=job.mlflow["tracking_uri"], experiment=cfg.registry.experiment,
                 model_name=cfg.registry.model_name, alias=cfg.registry.alias, params=to_dict(cfg),
                 metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                 artifacts=[plot, export_dir / "sparsity.json"],
-                tags={"dist_prune.version": __version__, "dist_prune.method": cfg.prune.method})
+                tags={"dist_prune.version": __version__, "dist_prune.method": cfg.prune.method},
+                run_id=run_id)
         metrics["seconds_register"] = timer.seconds["register"]
         model_uri = registered.alias_uri
     print(summary_table(metrics, model_uri, str(export_dir)), flush=True)

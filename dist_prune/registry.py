@@ -151,6 +151,66 @@ def check_registry(tracking_uri: str | None) -> None:
         client.search_experiments(max_results=1)
 
 
+def start_run(tracking_uri: str | None, experiment: str, *, artifact_location: str | None = None,
+              run_name: str | None = None) -> str:
+    """Open a run in `experiment` (created if missing) and return its id; the job's workers log
+    step metrics into it while they train, and `register_export` finishes it."""
+    client, uri, _ = _client(tracking_uri)
+    with _mlflow_errors(uri, f"experiment {experiment!r}"):
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
+        elif exp.lifecycle_stage != "active":
+            raise UserError(f"MLflow experiment {experiment!r} at {_redact_uri(uri)} is deleted; restore it or pick another name")
+        else:
+            exp_id = exp.experiment_id
+        return client.create_run(exp_id, run_name=run_name).info.run_id
+
+
+def end_run(tracking_uri: str | None, run_id: str, status: str = "FAILED") -> None:
+    """Mark a run opened by `start_run` as ended (a job that failed before registering)."""
+    with contextlib.suppress(Exception):
+        _client(tracking_uri)[0].set_terminated(run_id, status)
+
+
+class StepLogger:
+    """Step metrics from a worker into the job's run (loss, lr, sparsity, alpha, perplexity),
+    so the MLflow UI shows training live. Logging never stops training: a failure is
+    reported once and logging goes on at the next step."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        self.client, self.run_id, self.warned = MlflowClient(tracking_uri, tracking_uri), run_id, False
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = [Metric(_key(k), float(v), now, step) for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        try:
+            self.client.log_batch(self.run_id, metrics=rows)
+        except Exception as e:  # noqa: BLE001 - the server may be briefly unreachable
+            if not self.warned:
+                print(f"warning: MLflow step metrics not logged ({type(e).__name__}: "
+                      f"{_scrub(str(e), _env_secrets())[:200]})", flush=True)
+                self.warned = True
+
+
+def resolved_tracking_uri(tracking_uri: str | None) -> str:
+    """The tracking URI the driver uses, with a relative sqlite path made absolute, so
+    workers started in another directory write to the same database."""
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
 def _is_code(e: Exception, *codes: str) -> bool:
     return getattr(e, "error_code", None) in codes
 
@@ -159,11 +219,14 @@ def _is_code(e: Exception, *codes: str) -> bool:
 
 def register_export(export_dir: Path, *, tracking_uri: str | None, experiment: str, model_name: str,
                     alias: str, params: dict, metrics: dict, artifacts: Sequence[Path] = (),
-                    tags: dict | None = None, artifact_location: str | None = None) -> RegisteredModel:
+                    tags: dict | None = None, artifact_location: str | None = None,
+                    run_id: str | None = None) -> RegisteredModel:
     """Log one MLflow run (params, metrics, artifacts, the export under "model/"), create model
     version N of `model_name` from it, wait for READY and point `alias` at it.
 
-    `artifact_location` is used only when the experiment does not exist yet."""
+    `run_id`: a run opened by `start_run` before the job (the workers logged step metrics
+    into it); otherwise a new run. `artifact_location` is used only when the experiment
+    does not exist yet."""
     from mlflow.entities import Metric, Param, RunTag
 
     export_dir = Path(export_dir)
@@ -187,16 +250,11 @@ def register_export(export_dir: Path, *, tracking_uri: str | None, experiment: s
                     if isinstance(v, (list, tuple)) for step, x in enumerate(v) if isinstance(x, (int, float))]
     metric_list.append(Metric("overall_sparsity", float(meta.get("overall_sparsity", 0.0)), now, 0))
 
-    with _mlflow_errors(uri, f"experiment {experiment!r}"):
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
-        elif exp.lifecycle_stage != "active":
-            raise UserError(f"MLflow experiment {experiment!r} at {_redact_uri(uri)} is deleted; restore it or pick another name")
-        else:
-            exp_id = exp.experiment_id
-        run = client.create_run(exp_id, tags=all_tags)
-    run_id = run.info.run_id
+    if run_id is None:
+        run_id = start_run(tracking_uri, experiment, artifact_location=artifact_location)
+    with _mlflow_errors(uri, f"run {run_id}"):
+        run = client.get_run(run_id)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
     status = "FAILED"
     try:
         with _mlflow_errors(uri, f"logging run {run_id}"):

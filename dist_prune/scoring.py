@@ -64,6 +64,14 @@ def seven(local: LocalSlice, stats: Stats) -> torch.Tensor:
     return stats["seven"].float()
 
 
+def movement(local: LocalSlice, stats: Stats) -> torch.Tensor:
+    """S = -sum_t w_t * dL/dw_t over the fine-tuning steps (movement pruning, Sanh et al.
+    2020): high when training pushes a weight away from zero, low when it pulls it
+    towards zero, whatever its size now. Accumulated by the training loop
+    (`stats["movement"]`, dist_prune/gradients.update_stats)."""
+    return stats["movement"].float()
+
+
 def threshold(local: LocalSlice, stats: Stats) -> torch.Tensor:
     """|w|, for the `threshold` method: keep iff |w| >= epsilon, an absolute cut-off instead
     of a sparsity ratio. The mask is not chosen by k-th selection but by comparing these
@@ -88,12 +96,15 @@ def threshold_counts(slices: Sequence[LocalSlice], epsilon: float) -> list[int]:
 
 @dataclass(frozen=True)
 class Scorer:
-    score: Callable[[LocalSlice, Stats], torch.Tensor] | None  # None: prunes by reconstruction
-    # statistics calibration collects: "weights" (none), "activations", "hessian",
-    # "gradients" (dist_prune.gradients.accumulate_gradient_stats)
+    # None: not an element score (sparsegpt reconstructs; infogain scores whole groups)
+    score: Callable[[LocalSlice, Stats], torch.Tensor] | None
+    # statistics calibration collects: "weights" (none), "activations", "hessian", "ablation"
+    # (loss increase per structural group, dist_prune/infogain.py),
+    # "gradients" (dist_prune.gradients.accumulate_gradient_stats), "training" (only during
+    # fine-tuning, with prune.schedule cubic: dist_prune/finetune.py)
     needs: str
     default_scope: str
-    stats: tuple[str, ...] = ()  # for needs="gradients": which statistics to accumulate
+    stats: tuple[str, ...] = ()  # gradient statistics to accumulate (calibration or training)
 
 
 # SparseGPT is not a score-then-select method: it chooses each mask while updating the
@@ -117,4 +128,8 @@ SCORERS: dict[str, Scorer] = {
     "obd": Scorer(obd, needs="gradients", default_scope="global", stats=("grad_sq_sum",)),
     "seven": Scorer(seven, needs="gradients", default_scope="global", stats=("seven",)),
     "threshold": Scorer(threshold, needs="weights", default_scope="layer"),
+    # whole heads / channels / layers only: the loss increase when a group is ablated, per unit
+    # of its weights' L2 norm (dist_prune/infogain.py, dist_prune/structural.select_groups)
+    "infogain": Scorer(None, needs="ablation", default_scope="layer"),
+    "movement": Scorer(movement, needs="training", default_scope="global", stats=("movement",)),
 }

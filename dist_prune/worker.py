@@ -7,11 +7,14 @@ its own slice of every weight and its own share of the data.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import tempfile
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,15 +27,20 @@ from dist_prune.data import shard
 from dist_prune.errors import UserError
 from dist_prune.evaluate import perplexity
 from dist_prune.export import StreamingExport, TensorSpec
+from dist_prune.finetune import Hooks, finetune
 from dist_prune.layerwise import LayerRunner
 from dist_prune.masking import Target, apply_mask, find_targets, local_start, pruned_counts
 from dist_prune.partition import (DTYPES, build_partitioned_model, compute_dtype, gathered,
                                   local_range, local_weight)
 from dist_prune.report import StageTimer, progress
+from dist_prune.resume import read_meta, save_train_state
 from dist_prune.gradients import accumulate_gradient_stats
+from dist_prune.infogain import GroupLossCollector
 from dist_prune.scoring import SCORERS, LocalSlice, Scorer, threshold_mask
 from dist_prune.selection import Segment, group_sizes, prune_counts, select_pruned
 from dist_prune.sparsegpt import HessianCollector, sparsegpt_prune
+from dist_prune.structural import (Geometry, ShrinkPlan, Structural, member_targets, select_groups,
+                                   shrink_plan)
 from dist_prune.structures import NM, Block, nm_mask, parse_structure, select_blocks
 
 
@@ -46,14 +54,21 @@ class WorkerJob:
     evaluation: torch.Tensor | None  # [num_windows, seq_len] token ids, or None
     export_dir: str
     report: dict  # extra keys for sparsity.json (method, config hash, source, ...)
+    training: torch.Tensor | None = None  # [num_windows, seq_len] fine-tuning windows, or None
+    mlflow: dict | None = None  # {"tracking_uri", "run_id"}: rank 0 logs step metrics there
 
 
-def run_worker(job: WorkerJob) -> dict:
-    """Prune, evaluate and export; returns the job's metrics (identical on every rank)."""
+def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
+    """Prune, fine-tune, evaluate and export; returns the job's metrics (identical on every
+    rank). `hooks.resume`: a fine-tuning checkpoint to continue from (pruning is skipped:
+    the masks and weights come from the checkpoint)."""
     cfg = config_from_dict(job.config)
     rank, world = rank_and_world()
     timer, metrics = StageTimer(), {}
     scorer = SCORERS[cfg.prune.method]
+    hooks = hooks or Hooks()
+    if hooks.resume is not None:
+        metrics.update(read_meta(hooks.resume).get("metrics", {}))
 
     with timer("load"):
         checkpoint = open_checkpoint(Path(job.model_dir))
@@ -63,18 +78,42 @@ def run_worker(job: WorkerJob) -> dict:
                                         trust_remote_code=cfg.model.trust_remote_code, progress=bar)
         bar.close()
         targets = find_targets(model, cfg.prune.exclude)
+        structure = parse_structure(cfg.prune.structure)
+        if isinstance(structure, Structural):  # whole heads, channels or layers: their projections
+            targets = member_targets(targets, structure.kind, Geometry.of(model.config))
 
     layers = len(model.get_decoder().layers)
     eval_windows = None if job.evaluation is None else shard(job.evaluation, rank, world)
-    if eval_windows is not None and cfg.eval.dense:
+    if eval_windows is not None and cfg.eval.dense and hooks.resume is None:
         with timer("evaluate"):
             bar = progress(layers, "perplexity (dense)", enabled=rank == 0)
             metrics["perplexity_dense"] = perplexity(model, eval_windows, bar)
             bar.close()
 
     calibration = None if job.calibration is None else shard(job.calibration, rank, world)
-    masks = prune(model, targets, scorer, cfg, calibration, timer, show=rank == 0)
-    counts = pruned_counts(targets, masks)
+    if hooks.resume is not None or cfg.prune.schedule == "cubic":  # masks come from the tuning
+        masks = {t.name: torch.zeros(local_weight(t.param).numel(), dtype=torch.bool) for t in targets}
+    else:
+        masks = prune(model, targets, scorer, cfg, calibration, timer, show=rank == 0)
+    if cfg.finetune.steps > 0:
+        if eval_windows is not None and hooks.resume is None and cfg.prune.schedule == "oneshot":
+            with timer("evaluate"):  # the starting point of the fine-tuning
+                bar = progress(layers, "perplexity (pruned, before tuning)", enabled=rank == 0)
+                metrics["perplexity_pruned"] = perplexity(model, eval_windows, bar)
+                bar.close()
+        hooks.metrics = metrics  # saved with every checkpoint
+        with timer("finetune"):
+            state = finetune(model, targets, masks, cfg, job.training,
+                             None if job.evaluation is None else job.evaluation, hooks)
+        masks = state.masks
+        metrics["finetune_history"] = state.history
+    plan, report = None, {}
+    if isinstance(structure, Structural):  # what the masks removed, to be cut out in the export
+        plan = shrink_plan(structure.kind, Geometry.of(model.config), targets, masks)
+        report = plan.report(targets, {n: tuple(p.ds_shape) for n, p in model.named_parameters()})
+        metrics.update({k: report["structural"][k] for k in ("parameters_before", "parameters_after",
+                                                             "removed_fraction")})
+    counts = report.get("pruned_counts") or pruned_counts(targets, masks)
 
     if eval_windows is not None:
         with timer("evaluate"):
@@ -84,7 +123,7 @@ def run_worker(job: WorkerJob) -> dict:
 
     with timer("export"):
         export_model(model, checkpoint, cfg, Path(job.export_dir),
-                     dict(job.report, pruned_tensors=sorted(counts), pruned_counts=counts))
+                     {**job.report, "pruned_tensors": sorted(counts), "pruned_counts": counts, **report}, plan)
 
     prunable = sum(t.numel for t in targets)
     metrics.update(pruned=sum(counts.values()), prunable=prunable,
@@ -102,6 +141,9 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
     inputs they will see at inference (Wanda / SparseGPT reference behaviour).
     """
     scope = scope_of(cfg.prune)
+    structure = parse_structure(cfg.prune.structure)
+    geometry = Geometry.of(model.config) if isinstance(structure, Structural) else None
+    select = partial(select_and_mask, scorer=scorer, prune_cfg=cfg.prune, scope=scope, geometry=geometry)
     if cfg.prune.method == "threshold":  # an absolute cut-off: no selection, no agreement needed
         with timer("score+select+mask"):
             masks = {t.name: threshold_mask(LocalSlice(local_weight(t.param), local_start(t), t.shape),
@@ -111,7 +153,7 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
             return masks
     if scorer.needs == "weights":
         with timer("score+select+mask"):
-            return select_and_mask(targets, {}, scorer, cfg.prune, scope)
+            return select(targets, {})
     if scorer.needs == "gradients":  # one backward over the whole model, not layer by layer
         with timer("calibrate"):
             # windows are dealt r::W, so micro-batches of G/W make step s = windows [sG, (s+1)G)
@@ -119,11 +161,12 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
             stats = accumulate_gradient_stats(model, calibration, targets, stats=scorer.stats,
                                               micro_batch=micro_batch)
         with timer("score+select+mask"):
-            return select_and_mask(targets, stats, scorer, cfg.prune, scope)
+            return select(targets, stats)
 
     # SparseGPT keeps one Hessian per linear: only a layer's worth at a time.
     sequential = scorer.needs == "hessian" or (cfg.data.calibration.sequential and scope != "global")
-    collector_of = {"activations": InputNormCollector, "hessian": HessianCollector}[scorer.needs]
+    collector_of = {"activations": InputNormCollector, "hessian": HessianCollector,
+                    "ablation": partial(GroupLossCollector, structure=structure, geometry=geometry)}[scorer.needs]
     runner = LayerRunner(model)
     by_layer: dict[int | None, list[Target]] = {}
     for t in targets:
@@ -147,9 +190,9 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
             stats.update(collector.reduce())
         if sequential and layer_targets:
             with timer("score+select+mask"):
-                masks.update(select_and_mask(layer_targets, stats, scorer, cfg.prune, scope))
+                masks.update(select(layer_targets, stats))
             for t in layer_targets:
-                stats.pop(t.name)  # a 7B layer's Hessians are gigabytes
+                stats.pop(t.name, None)  # a 7B layer's Hessians are gigabytes
             with timer("calibrate"):
                 outputs = runner.run_layer(index, batches)  # what the pruned layer passes on
         batches = outputs
@@ -163,26 +206,40 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
             stats.update(collector.reduce())
         if sequential:
             with timer("score+select+mask"):
-                masks.update(select_and_mask(head_targets, stats, scorer, cfg.prune, scope))
+                masks.update(select(head_targets, stats))
     bar.close()
     if not sequential:
         with timer("score+select+mask"):
-            masks = select_and_mask(targets, stats, scorer, cfg.prune, scope)
+            masks = select(targets, stats)
     return masks
 
 
 def select_and_mask(targets: list[Target], stats: dict, scorer: Scorer, prune_cfg: PruneConfig,
-                    scope: str) -> dict[str, torch.Tensor]:
+                    scope: str, *, pruned_before: dict[str, torch.Tensor] | None = None,
+                    weights: dict[str, torch.Tensor] | None = None,
+                    geometry: Geometry | None = None) -> dict[str, torch.Tensor]:
     """Score each local slice, agree on the exact pruned set of each group, zero it.
 
     Every call is collective, and the same targets come in the same order on all ranks.
+    Gradual pruning passes the masks so far (`pruned_before`: they score -inf, so they
+    stay pruned) and, when the weights being trained are not the partitions themselves
+    (ZeRO stage 2), this rank's slices of them (`weights`). Whole heads, channels or
+    layers need the model's `geometry` (dist_prune/structural.py).
     """
     structure = parse_structure(prune_cfg.structure)
+    if isinstance(structure, Structural):
+        if geometry is None or pruned_before or weights:
+            raise UserError(f"prune.structure {structure} is pruned once, before any fine-tuning")
+        return select_groups(targets, stats, scorer, structure.kind, prune_cfg.sparsity, prune_cfg.norm,
+                             geometry)
     if scorer.score is None:
         return reconstruct(targets, stats, prune_cfg.sparsity, structure)
     starts = [local_start(t) for t in targets]
-    scores = [scorer.score(LocalSlice(local_weight(t.param), start, t.shape), stats.get(t.name, {}))
+    weights = weights or {t.name: local_weight(t.param) for t in targets}
+    scores = [scorer.score(LocalSlice(weights[t.name], start, t.shape), stats.get(t.name, {}))
               for t, start in zip(targets, starts)]
+    if pruned_before:
+        scores = [s.masked_fill(pruned_before[t.name], -math.inf) for s, t in zip(scores, targets)]
     if isinstance(structure, NM):
         pruned = [nm_mask(s, start, t.shape, structure) for s, start, t in zip(scores, starts, targets)]
     elif isinstance(structure, Block):
@@ -227,19 +284,21 @@ def reconstruct(targets: list[Target], stats: dict, sparsity: float, structure) 
 
 
 def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir: Path,
-                 report: dict) -> None:
+                 report: dict, plan: ShrinkPlan | None = None) -> None:
     """Gather one full tensor at a time; rank 0 streams it into safetensors shards.
 
     A failure on rank 0 (disk full, ...) must not leave the other ranks waiting in a
     gather forever: rank 0 keeps taking part in the gathers and the outcome is agreed
-    by one all-reduce at the end.
+    by one all-reduce at the end. A structural `plan` renames, shrinks or drops tensors and
+    rewrites config.json (dist_prune/structural.py).
     """
     from dist_prune.export import parse_size
 
     rank, _ = rank_and_world()
-    params = list(model.named_parameters())
-    specs = [TensorSpec(name, tuple(p.ds_shape), _export_dtype(cfg, checkpoint, name))
-             for name, p in params]
+    exported = [(name, p, plan.exported(name, tuple(p.ds_shape)) if plan else (name, tuple(p.ds_shape)))
+                for name, p in model.named_parameters()]
+    params = [(name, p) for name, p, out in exported if out is not None]  # None: a removed layer's
+    specs = [TensorSpec(*out, _export_dtype(cfg, checkpoint, name)) for name, _, out in exported if out]
     writer, failure = None, None
     bar = progress(len(params), "export", enabled=rank == 0)
     if rank == 0:
@@ -251,7 +310,8 @@ def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir:
         with gathered([param]):
             if writer is not None and failure is None:
                 try:
-                    writer.write(name, param.data.detach().to("cpu", spec.dtype))
+                    tensor = plan.shrink(name, param.data) if plan else param.data
+                    writer.write(spec.name, tensor.detach().to("cpu", spec.dtype))
                 except Exception as e:  # noqa: BLE001
                     failure = e
         bar.update(1)
@@ -261,6 +321,8 @@ def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir:
             config = _json(checkpoint.directory / "config.json")
             config["dtype"] = str(specs[0].dtype).removeprefix("torch.") if specs else "float32"
             config.pop("torch_dtype", None)
+            if plan is not None:
+                config = plan.config(config)
             writer.finish(config, checkpoint.tokenizer_files(), report)
         except Exception as e:  # noqa: BLE001
             failure = e
@@ -288,7 +350,9 @@ def _raise_if_any_failed(failure: Exception | None, rank: int) -> None:
 
 
 def ray_train_loop(payload: dict) -> None:
-    """Entry point of each Ray Train worker (TorchTrainer has set up the process group)."""
+    """Entry point of each Ray Train worker (TorchTrainer has set up the process group).
+    After a worker failure Ray restarts the group; fine-tuning then resumes from the last
+    checkpoint the workers reported."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     import deepspeed
     import ray.train
@@ -296,11 +360,38 @@ def ray_train_loop(payload: dict) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     use_gpu = payload["config"]["cluster"]["use_gpu"]
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
-    metrics = run_worker(WorkerJob(**payload))
+    job = WorkerJob(**payload)
+    rank = rank_and_world()[0]
+    hooks = Hooks(checkpoint=_report_checkpoint)
+    if job.mlflow and rank == 0:
+        from dist_prune.registry import StepLogger
+
+        hooks.log = StepLogger(job.mlflow["tracking_uri"], job.mlflow["run_id"])
+    resume = ray.train.get_checkpoint()
+    if resume is not None and not (Path(resume.path) / "rank0.json").exists():
+        resume = None  # the final metrics-only checkpoint of a finished attempt
+    with contextlib.ExitStack() as stack:
+        if resume is not None:
+            hooks.resume = Path(stack.enter_context(resume.as_directory()))
+        metrics = run_worker(job, hooks)
     # Ray Train V2 keeps only metrics that come with a checkpoint: rank 0 attaches one.
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if rank_and_world()[0] == 0:
+        if rank == 0:
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(_scalars(metrics), checkpoint=checkpoint)
+
+
+def _report_checkpoint(state, engine, metrics: dict) -> None:
+    """Every rank writes its part of a fine-tuning checkpoint; Ray merges them."""
+    import ray.train
+
+    stage = engine.zero_optimization_stage()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_train_state(Path(tmp), state, engine, engine.module, stage, {"metrics": _scalars(metrics)})
+        ray.train.report({"step": state.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}

@@ -1,0 +1,259 @@
+"""Stage 6, tune: Sparse-NEFT fine-tuning on the workers, masks kept at every step.
+
+Read `finetune` top to bottom: a DeepSpeed engine (ZeRO stage 3 on the partitioned
+model itself, or stage 2 on a whole copy) with a client AdamW; every optimizer step
+  1. re-selects the masks if the cubic schedule says so (before any noise is drawn),
+  2. runs the micro-batches with NEFTune noise on the input embeddings,
+  3. zeroes the gradients of pruned weights, steps, re-applies the masks,
+  4. accumulates the training-time scores (movement, SEVENdyn, taylor),
+  5. logs, evaluates and checkpoints at their intervals.
+Everything a step does follows from the step number and the checkpointed state, so a
+resumed run continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dist_prune.collectives import all_reduce_, rank_and_world
+from dist_prune.config import JobConfig, scope_of
+from dist_prune.engine import temporary_engine
+from dist_prune.gradients import new_stats, update_stats
+from dist_prune.mask_keeping import Zero2Masks, Zero3Masks, local_slices_of
+from dist_prune.masking import Target
+from dist_prune.neftune import NEFTune, DynamicAlpha
+from dist_prune.partition import gathered, local_range, local_weight, zero3_config
+from dist_prune.schedule import cubic_sparsity, is_pruning_step, lr_factor, rank_share, step_windows
+from dist_prune.scoring import SCORERS
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the optimizer's tensors (resume.py)."""
+
+    step: int = 0  # optimizer steps done
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    alpha: dict = field(default_factory=dict)  # DynamicAlpha state
+    history: list[dict] = field(default_factory=list)  # logged metrics, step by step
+
+
+@dataclass
+class Hooks:
+    """What the loop reports to the outside world (rank-0 MLflow logging, Ray checkpoints)."""
+
+    log: Callable[[int, dict], None] = lambda step, metrics: None
+    checkpoint: Callable[[TrainState, object, dict], None] | None = None  # (state, engine, metrics)
+    resume: Path | None = None  # a checkpoint directory to restore from (resume.py)
+    metrics: dict = field(default_factory=dict)  # the job's metrics so far, saved with checkpoints
+
+
+def finetune(model: torch.nn.Module, targets: list[Target], masks: dict[str, torch.Tensor],
+             cfg: JobConfig, windows: torch.Tensor, eval_windows: torch.Tensor | None,
+             hooks: Hooks) -> TrainState:
+    """Fine-tune `model` (ZeRO-3 partitioned, already masked) for `finetune.steps` steps.
+    `windows` are ALL training windows (every rank sees the same tensor and takes its
+    share of each step). Returns the final state; the model's partitions hold the tuned
+    weights and `state.masks` the final masks. Collective."""
+    ft = cfg.finetune
+    rank, world = rank_and_world()
+    dtype = next(iter(model.parameters())).ds_tensor.dtype
+    config = zero3_config(dtype)
+    config["zero_optimization"]["stage"] = ft.zero_stage
+    config.update(train_micro_batch_size_per_gpu=ft.micro_batch_size,
+                  gradient_accumulation_steps=ft.gradient_accumulation_steps,
+                  gradient_clipping=ft.max_grad_norm, steps_per_print=2**31 - 1,
+                  wall_clock_breakdown=False)
+    trained = model if ft.zero_stage == 3 else materialize(model)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=ft.lr, betas=tuple(ft.betas),
+                                  weight_decay=ft.weight_decay)
+    state = TrainState(masks=dict(masks))
+    with temporary_engine(trained, optimizer, config, trainable=lambda p: True) as engine:
+        if ft.zero_stage == 3:
+            keeper = Zero3Masks(engine, targets, state.masks)
+        else:
+            keeper = Zero2Masks(engine, trained, targets, state.masks)
+        if hooks.resume is not None:
+            from dist_prune.resume import load_train_state
+
+            state = load_train_state(hooks.resume, engine, trained, targets, ft.zero_stage)
+            keeper.update(state.masks)
+        noise = NEFTune(trained.get_input_embeddings(), ft.neftune.alpha, cfg.seed, rank)
+        try:
+            _loop(engine, trained, targets, keeper, noise, cfg, windows, eval_windows, hooks, state)
+        finally:
+            noise.remove()
+            if isinstance(keeper, Zero2Masks):
+                keeper.remove()
+    if trained is not model:
+        copy_into_partitions(trained, model)
+    return state
+
+
+def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_windows,
+          hooks: Hooks, state: TrainState) -> None:
+    ft, prune = cfg.finetune, cfg.prune
+    rank, world = rank_and_world()
+    scorer = SCORERS[prune.method]
+    gradual = prune.schedule == "cubic"
+    end = prune.end_step if prune.end_step is not None else ft.steps
+    keep = set(scorer.stats) if gradual else set()
+    if keep and not state.stats:
+        state.stats = {t.name: new_stats(_size(t), keep) for t in targets}
+    dynamic = DynamicAlpha(ft.neftune.alpha) if ft.neftune.dynamic else None
+    if dynamic is not None and state.alpha:
+        dynamic.load_state_dict(state.alpha)
+    global_batch = ft.micro_batch_size * world * ft.gradient_accumulation_steps
+    device = engine.device
+
+    for step in range(state.step, ft.steps):
+        sparsity = None
+        if gradual and is_pruning_step(step, prune.start_step, end, prune.interval):
+            sparsity = cubic_sparsity(step, prune.initial_sparsity, prune.sparsity, prune.start_step, end)
+            state.masks = reselect(targets, state, scorer, cfg, sparsity, model, ft.zero_stage)
+            keeper.update(state.masks)  # pruning happens before this step's noise
+        factor = lr_factor(step, ft.warmup_steps, ft.steps, ft.lr_schedule)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = ft.lr * factor
+        noise.alpha = dynamic.value() if dynamic is not None else ft.neftune.alpha
+
+        engine.train()
+        batch = step_windows(step, windows.shape[0], global_batch, cfg.seed)
+        micro_batches = rank_share(batch, rank, world, ft.micro_batch_size)
+        loss_sum, grads = 0.0, None
+        for micro, indices in enumerate(micro_batches):
+            noise.at(step, micro)
+            ids = windows[indices].to(device)
+            logits = engine(input_ids=ids, use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   ids[:, 1:].reshape(-1))
+            engine.backward(loss)
+            loss_sum += loss.item()
+            if engine.is_gradient_accumulation_boundary():
+                keeper.mask_gradients()
+                if keep:
+                    grads = {t.name: _local_grad(t, model, ft.zero_stage) for t in targets}
+            engine.step()
+        keeper.apply()
+        if grads is not None:  # SEVENdyn: "after each optimizer step"; movement: -w*g
+            for t in targets:
+                update_stats(state.stats[t.name], grads[t.name],
+                             _local_view(t, model, ft.zero_stage), step)
+        loss_mean = all_reduce_(torch.tensor([loss_sum / len(micro_batches)], dtype=torch.float64))
+        loss_mean = loss_mean.item() / world
+        if dynamic is not None:
+            dynamic.update(loss_mean)
+            state.alpha = dynamic.state_dict()
+        state.step = step + 1
+
+        done = state.step == ft.steps
+        row = {}
+        if state.step % max(ft.log_interval, 1) == 0 or done or sparsity is not None:
+            row.update(loss=loss_mean, lr=ft.lr * factor, neftune_alpha=noise.alpha,
+                       sparsity=current_sparsity(targets, state.masks))
+        if eval_windows is not None and ((ft.eval_interval and state.step % ft.eval_interval == 0) or done):
+            row["eval_perplexity"] = engine_perplexity(engine, eval_windows, ft.zero_stage)
+        if row:
+            state.history.append({"step": state.step, **row})
+            hooks.log(state.step, row)
+        if hooks.checkpoint is not None and ft.checkpoint_interval and not done \
+                and state.step % ft.checkpoint_interval == 0:
+            hooks.checkpoint(state, engine, hooks.metrics)
+
+
+def reselect(targets: list[Target], state: TrainState, scorer, cfg: JobConfig, sparsity: float,
+             model, stage: int) -> dict[str, torch.Tensor]:
+    """New masks at `sparsity` from the current weights and training statistics; pruned
+    weights stay pruned (their score is -inf), so masks only grow. Collective."""
+    from dist_prune.worker import select_and_mask  # the same exact selection as one-shot
+
+    views = {t.name: _local_view(t, model, stage) for t in targets}
+    prune = cfg.prune
+    prune_cfg = type(prune)(**{**vars(prune), "sparsity": sparsity})
+    return select_and_mask(targets, state.stats, scorer, prune_cfg, scope_of(prune),
+                           pruned_before=state.masks, weights=views)
+
+
+def current_sparsity(targets: list[Target], masks: dict[str, torch.Tensor]) -> float:
+    counts = torch.tensor([sum(int(masks[t.name].sum()) for t in targets if t.name in masks)],
+                          dtype=torch.float64)
+    return all_reduce_(counts).item() / max(sum(t.numel for t in targets), 1)
+
+
+def engine_perplexity(engine, windows: torch.Tensor, stage: int) -> float:
+    """Perplexity of the model being trained, over this rank's and the others' windows.
+    Under ZeRO-3 every forward gathers weights collectively, so all ranks run the same
+    number of forwards (a rank out of windows runs a dummy one and ignores it)."""
+    rank, world = rank_and_world()
+    mine = windows[rank::world]
+    counts = all_reduce_(torch.tensor([mine.shape[0] if r == rank else 0 for r in range(world)]))
+    rounds = int(counts.max()) if stage == 3 else mine.shape[0]
+    was_training = engine.module.training
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(rounds):
+            real = i < mine.shape[0]
+            ids = (mine[i:i + 1] if real else windows[:1]).to(engine.device)
+            logits = engine(input_ids=ids, use_cache=False).logits
+            if real:
+                nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                      ids[:, 1:].reshape(-1), reduction="sum")
+                totals += torch.tensor([nll.item(), ids.shape[1] - 1], dtype=torch.float64)
+    engine.train(was_training)
+    all_reduce_(totals)
+    return math.exp(totals[0].item() / totals[1].item()) if totals[1] > 0 else float("nan")
+
+
+# ---------------------------------------------------------------- stage 2: a whole copy
+
+def materialize(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain (unpartitioned) copy of a ZeRO-3 partitioned model, gathered one parameter at a
+    time, for ZeRO stage 2 (which partitions gradients and optimizer state only)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    dtype = next(iter(model.parameters())).ds_tensor.dtype
+    with no_init_weights():
+        whole = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+    params = dict(whole.named_parameters())
+    for name, p in model.named_parameters():
+        with gathered([p]):
+            params[name].data.copy_(p.data.reshape(params[name].shape))
+    whole.train(model.training)
+    return whole
+
+
+def copy_into_partitions(whole: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Write the trained whole weights back into this rank's ZeRO-3 slices."""
+    params = dict(whole.named_parameters())
+    for name, p in model.named_parameters():
+        start, stop = local_range(p)
+        local_weight(p).copy_(params[name].data.reshape(-1)[start:stop])
+
+
+def _size(t: Target) -> int:
+    start, stop = local_range(t.param)
+    return stop - start
+
+
+def _local_view(t: Target, model, stage: int) -> torch.Tensor:
+    """This rank's slice of the current weights, in the pruning layout."""
+    if stage == 3:
+        return local_weight(t.param)
+    return local_slices_of(dict(model.named_parameters())[t.name].data, t)
+
+
+def _local_grad(t: Target, model, stage: int) -> torch.Tensor:
+    """This rank's slice of the step's averaged gradient (fp32, a copy)."""
+    if stage == 3:
+        from deepspeed.utils import safe_get_local_grad
+
+        return safe_get_local_grad(t.param)[: _size(t)].to(torch.float32, copy=True)
+    raise NotImplementedError("training-time scores need finetune.zero_stage 3")

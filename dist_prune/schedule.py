@@ -1,0 +1,70 @@
+"""Schedules of the fine-tuning stage, as pure functions of the optimizer step.
+
+Everything that changes with the step (sparsity target, learning rate, the data
+windows of a step) is computed from the step number alone, so a run resumed from a
+checkpoint at step k continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int) -> float:
+    """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f) * (1 - (t - start) / (end - start))^3,
+    s_i before `start`, s_f from `end` on. Prunes fast while many redundant weights are
+    left and slowly near the target."""
+    if step <= start:
+        return initial
+    if step >= end:
+        return final
+    return final + (initial - final) * (1.0 - (step - start) / (end - start)) ** 3
+
+
+def is_pruning_step(step: int, start: int, end: int, interval: int) -> bool:
+    """Steps (before their forward pass) at which masks are re-selected: every `interval`
+    steps from `start`, and `end` itself, so the final sparsity is always reached."""
+    if step < start or step > end:
+        return False
+    return (step - start) % interval == 0 or step == end
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based): linear
+    warm-up over `warmup` steps, then cosine or linear decay to 0 at `total`, or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def window_order(num_windows: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order in which an epoch visits the training windows (a seeded permutation)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_windows, generator=generator)
+
+
+def step_windows(step: int, num_windows: int, global_batch: int, seed: int) -> torch.Tensor:
+    """Indices of the `global_batch` windows of optimizer step `step`: the windows are
+    visited in a seeded order, reshuffled every epoch, and a step may span two epochs."""
+    positions = torch.arange(step * global_batch, (step + 1) * global_batch)
+    epochs, offsets = positions // num_windows, positions % num_windows
+    indices = torch.empty_like(positions)
+    for epoch in epochs.unique().tolist():
+        chosen = epochs == epoch
+        indices[chosen] = window_order(num_windows, seed, epoch)[offsets[chosen]]
+    return indices
+
+
+def rank_share(batch: torch.Tensor, rank: int, world: int, micro_batch: int) -> list[torch.Tensor]:
+    """This rank's micro-batches of a global batch laid out [accumulation, world, micro]:
+    micro-batch a of rank r is batch[(a * world + r) * micro : ... + micro]."""
+    accumulation = batch.numel() // (world * micro_batch)
+    return [batch[(a * world + rank) * micro_batch:(a * world + rank + 1) * micro_batch]
+            for a in range(accumulation)]
