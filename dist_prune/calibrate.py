@@ -38,6 +38,14 @@ class InputCollector:
             h.remove()
         self._hooks = []
 
+    @staticmethod
+    def all_reduce_parts(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every rank's tensors of `parts` summed, in one collective (same keys on every rank)."""
+        if not parts:
+            return {}
+        flat = all_reduce_(torch.cat(list(parts.values())))
+        return dict(zip(parts, flat.split([p.numel() for p in parts.values()])))
+
 
 class InputNormCollector(InputCollector):
     """Per input column j of each linear, sum_t x_tj^2 (float64: sums over ~10^5 tokens);
@@ -55,8 +63,5 @@ class InputNormCollector(InputCollector):
 
     def reduce(self) -> dict[str, dict[str, torch.Tensor]]:
         """All-reduce the sums across ranks (one collective) and return the stats."""
-        if self.sums:
-            flat = all_reduce_(torch.cat(list(self.sums.values())))
-            for name, part in zip(self.sums, flat.split([s.numel() for s in self.sums.values()])):
-                self.sums[name] = part
+        self.sums = self.all_reduce_parts(self.sums)
         return {name: {"input_sq_sum": s} for name, s in self.sums.items()}

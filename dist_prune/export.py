@@ -241,14 +241,19 @@ class StreamingExport:
         if unknown:
             raise ValueError(f"pruned_tensors names unknown tensors: {sorted(unknown)[:5]}")
 
-        tensors, p_numel, p_zeros = {}, 0, 0
+        # Structural pruning (dist_prune/structural.py) removes elements and whole tensors: they
+        # count as pruned in the overall sparsity, and each shrunk tensor records what it lost.
+        removed = report.get("removed_elements", {})
+        dropped = sum(report.get("dropped_tensors", {}).values())
+        tensors, p_numel, p_zeros = {}, dropped, dropped
         for s in self.specs:
-            z = self.zeros[s.name]
+            z, r = self.zeros[s.name], removed.get(s.name, 0)
             tensors[s.name] = {"shape": list(s.shape), "numel": s.numel, "zeros": z,
-                               "sparsity": z / s.numel if s.numel else 0.0, "pruned": s.name in pruned}
+                               "sparsity": z / s.numel if s.numel else 0.0, "pruned": s.name in pruned,
+                               **({"removed": r} if r else {})}
             if s.name in pruned:
-                p_numel += s.numel
-                p_zeros += z
+                p_numel += s.numel + r
+                p_zeros += z + r
         overall = p_zeros / p_numel if p_numel else 0.0
 
         targets = sorted({_module_name(n) for n in pruned})

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from dist_prune.selection import Segment, group_sizes, prune_counts, select_pruned
+from dist_prune.structural import UNITS, Structural
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -70,15 +71,19 @@ class Block:
         return f"block:{self.rows}x{self.cols}"
 
 
-Structure = Union[Unstructured, NM, Block]
-_ALLOWED = "'unstructured', 'N:M' with 0 < N < M (e.g. '2:4'), or 'block:RxC' with R, C >= 1 (e.g. 'block:4x4')"
+Structure = Union[Unstructured, NM, Block, Structural]
+_ALLOWED = ("'unstructured', 'N:M' with 0 < N < M (e.g. '2:4'), 'block:RxC' with R, C >= 1 (e.g. "
+            "'block:4x4'), or whole 'heads', 'channels' or 'layers'")
 
 
 def parse_structure(text: str) -> Structure:
-    """'unstructured', 'n:m' or 'block:RxC' (case and surrounding spaces ignored)."""
+    """'unstructured', 'n:m', 'block:RxC' or heads | channels | layers (dist_prune/structural.py);
+    case and surrounding spaces ignored."""
     t = str(text).strip().lower()
     if t == "unstructured":
         return Unstructured()
+    if t in UNITS:
+        return Structural(t)
     if match := re.fullmatch(r"(\d+)\s*:\s*(\d+)", t):
         n, m = map(int, match.groups())
         if not 0 < n < m:
@@ -93,7 +98,10 @@ def parse_structure(text: str) -> Structure:
 
 
 def check_shape(structure: Structure, shape: tuple[int, int], name: str) -> None:
-    """ValueError naming the tensor if the structure does not tile its [out, in] shape."""
+    """ValueError naming the tensor if the structure does not tile its [out, in] shape.
+    (Whole heads, channels and layers are checked on the model: structural.check_model.)"""
+    if isinstance(structure, Structural):
+        return
     if len(shape) != 2 or any(int(s) < 1 for s in shape):
         raise ValueError(f"{name}: structure {structure} needs a 2-D [out, in] weight, got shape {tuple(shape)}")
     out_f, in_f = map(int, shape)

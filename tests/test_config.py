@@ -62,7 +62,7 @@ def test_env_expansion_with_default(monkeypatch, tmp_path):
     ("prune.method=lottery", "prune.method 'lottery' is unknown (allowed: magnitude, wanda"),
     ("prune.scope=block", "prune.scope 'block' is unknown"),
     ("prune.structure=4:2", "prune.structure '4:2'"),
-    ("prune.structure=heads", "prune.structure 'heads'"),
+    ("prune.structure=neurons", "prune.structure 'neurons'"),
     ("prune.norm=l3", "prune.norm 'l3' is unknown"),
     ("prune.method=sparsegpt prune.scope=row", "sparsegpt chooses its masks"),
     ("export.max_shard_size=lots", "lots"),
