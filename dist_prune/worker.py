@@ -373,6 +373,9 @@ def ray_train_loop(payload: dict) -> None:
     with contextlib.ExitStack() as stack:
         if resume is not None:
             hooks.resume = Path(stack.enter_context(resume.as_directory()))
+            if rank == 0:
+                print(f"dist-prune: resuming fine-tuning at step {read_meta(hooks.resume)['step']} "
+                      f"from {resume.path}", flush=True)
         metrics = run_worker(job, hooks)
     # Ray Train V2 keeps only metrics that come with a checkpoint: rank 0 attaches one.
     with tempfile.TemporaryDirectory() as tmp:
