@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     seed.add_argument("--pruning_ratio", type=float, help="= prune.sparsity")
     seed.add_argument("--pruning_method", choices=("l1", "l2"),
                       help="= prune.method=magnitude with prune.norm=l1|l2")
+    seed.add_argument("--pruning_interval", type=int,
+                      help="= prune.schedule=cubic with prune.interval (prune gradually while tuning)")
+    seed.add_argument("--neftune_alpha", type=float, help="= finetune.neftune.alpha")
+    seed.add_argument("--dynamic_alpha", action="store_true", default=None,
+                      help="= finetune.neftune.dynamic=true")
 
     pull = commands.add_parser("pull", help="download a registered model into a directory")
     pull.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -56,6 +61,12 @@ def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, l
         overrides.append(f"prune.sparsity={args.pruning_ratio}")
     if args.pruning_method is not None:
         overrides += ["prune.method=magnitude", f"prune.norm={args.pruning_method}"]
+    if args.pruning_interval is not None:
+        overrides += ["prune.schedule=cubic", f"prune.interval={args.pruning_interval}"]
+    if args.neftune_alpha is not None:
+        overrides.append(f"finetune.neftune.alpha={args.neftune_alpha}")
+    if args.dynamic_alpha:
+        overrides.append("finetune.neftune.dynamic=true")
     return path, overrides
 
 

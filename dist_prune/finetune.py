@@ -155,10 +155,11 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
         done = state.step == ft.steps
         row = {}
         if state.step % max(ft.log_interval, 1) == 0 or done or sparsity is not None:
-            row.update(loss=loss_mean, lr=ft.lr * factor, neftune_alpha=noise.alpha,
-                       sparsity=current_sparsity(targets, state.masks))
+            row.update({"train/loss": loss_mean, "train/lr": ft.lr * factor,
+                        "train/neftune_alpha": noise.alpha,
+                        "train/sparsity": current_sparsity(targets, state.masks)})
         if eval_windows is not None and ((ft.eval_interval and state.step % ft.eval_interval == 0) or done):
-            row["eval_perplexity"] = engine_perplexity(engine, eval_windows, ft.zero_stage)
+            row["eval/perplexity"] = engine_perplexity(engine, eval_windows, ft.zero_stage)
         if row:
             state.history.append({"step": state.step, **row})
             hooks.log(state.step, row)

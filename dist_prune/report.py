@@ -54,7 +54,10 @@ def progress(total: int, desc: str, *, enabled: bool):
 def summary_table(metrics: dict, model_uri: str | None, export_dir: str) -> str:
     """The final table printed by `dist-prune run`."""
     rows = [("dense perplexity", _fmt(metrics.get("perplexity_dense"))),
-            ("sparse perplexity", _fmt(metrics.get("perplexity_sparse"))),
+            *([("pruned perplexity (before tuning)", _fmt(metrics["perplexity_pruned"]))]
+              if "perplexity_pruned" in metrics else []),
+            ("sparse perplexity" + (" (tuned)" if metrics.get("finetune_history") else ""),
+             _fmt(metrics.get("perplexity_sparse"))),
             ("achieved sparsity", f"{metrics['sparsity']:.4f} "
                                   f"({metrics['pruned']:,} of {metrics['prunable']:,} weights)")]
     rows += [(f"seconds: {k.removeprefix('seconds_')}", f"{v:.1f}")

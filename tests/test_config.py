@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,38 @@ def test_seed_aliases_map_to_config_keys():
     cfg = load_config(path, overrides)
     assert (cfg.prune.sparsity, cfg.prune.method, cfg.prune.norm, cfg.prune.scope) == \
         (0.3, "magnitude", "l2", "layer")
+
+
+def test_sparse_neft_aliases_map_to_config_keys():
+    from dist_prune.cli import _parser, _split_config_and_overrides
+
+    args = _parser().parse_args(["run", "finetune.steps=300", "--pruning_ratio", "0.3",
+                                 "--pruning_method", "l1", "--pruning_interval", "100",
+                                 "--neftune_alpha", "5", "--dynamic_alpha"])
+    cfg = load_config(*_split_config_and_overrides(args))
+    assert (cfg.prune.schedule, cfg.prune.interval, cfg.prune.sparsity, cfg.prune.method) == \
+        ("cubic", 100, 0.3, "magnitude")
+    assert (cfg.finetune.neftune.alpha, cfg.finetune.neftune.dynamic) == (5.0, True)
+
+
+def test_learning_rates_in_exponent_notation_are_floats():
+    cfg = load_config(None, ["finetune.steps=10", "finetune.lr=3e-4"])
+    assert cfg.finetune.lr == 3e-4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["prune.schedule=cubic"], "finetune.steps > 0"),
+    (["prune.method=movement", "finetune.steps=10"], "prune.schedule cubic"),
+    (["prune.schedule=cubic", "finetune.steps=10", "prune.method=wanda"], "re-scores during training"),
+    (["prune.schedule=cubic", "finetune.steps=10", "prune.method=magnitude", "prune.end_step=20"],
+     "prune.end_step=20"),
+    (["finetune.steps=10", "finetune.zero_stage=1"], "finetune.zero_stage must be one of 2, 3"),
+    (["finetune.steps=10", "finetune.lr_schedule=step"], "finetune.lr_schedule 'step'"),
+    (["finetune.steps=10", "finetune.max_failures=2"], "finetune.checkpoint_interval"),
+    (["prune.schedule=cubic", "finetune.steps=10", "prune.method=seven", "finetune.zero_stage=2"],
+     "finetune.zero_stage 3"),
+    (["finetune.steps=10", "finetune.data.path=/nonexistent"], "finetune.data.path /nonexistent"),
+])
+def test_finetune_rejections_name_the_key(overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, overrides)

@@ -29,7 +29,10 @@ def job(tiny_llama, text_file, tmp_path_factory):
                  "cluster.num_workers=2", f"data.calibration.path={text_file}",
                  "data.calibration.num_samples=8", "data.calibration.seq_len=64",
                  f"eval.path={text_file}", "eval.seq_len=64", "eval.num_windows=4",
-                 "registry.model_name=tiny-e2e", "export.dir=out", "export.max_shard_size=40KB"], cwd)
+                 "registry.model_name=tiny-e2e", "export.dir=out", "export.max_shard_size=40KB",
+                 # a few Sparse-NEFT steps: the masks must survive them
+                 "finetune.steps=6", "finetune.log_interval=2", "finetune.eval_interval=3",
+                 f"finetune.data.path={text_file}", "finetune.data.seq_len=64", "finetune.lr=1e-3"], cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, proc.stdout
 
@@ -78,3 +81,23 @@ def test_pull_missing_alias_is_one_line(job):
     proc = _cli(["pull", "models:/tiny-e2e@production", "x"], cwd)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "no alias 'production'" in proc.stderr and not (cwd / "x").exists()
+
+
+def test_training_steps_are_mlflow_step_metrics(job):
+    """The workers log loss, learning rate, sparsity, alpha and eval perplexity into the job's
+    run while they train; the registered version comes from that same run."""
+    from mlflow import MlflowClient
+
+    cwd, stdout = job
+    uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    run_id = client.get_model_version_by_alias("tiny-e2e", "candidate").run_id
+    steps = {key: [m.step for m in client.get_metric_history(run_id, key)]
+             for key in ("train/loss", "train/lr", "train/sparsity", "train/neftune_alpha", "eval/perplexity")}
+    assert steps["train/loss"] == steps["train/lr"] == steps["train/sparsity"] == [2, 4, 6]
+    assert steps["train/neftune_alpha"] == [2, 4, 6]
+    assert steps["eval/perplexity"] == [3, 6]
+    assert {m.value for m in client.get_metric_history(run_id, "train/sparsity")} == {0.5}
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["perplexity_sparse"] < run.data.metrics["perplexity_pruned"]
