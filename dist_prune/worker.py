@@ -30,6 +30,7 @@ from dist_prune.export import StreamingExport, TensorSpec
 from dist_prune.finetune import Hooks, finetune
 from dist_prune.layerwise import LayerRunner
 from dist_prune.masking import Target, apply_mask, find_targets, local_start, pruned_counts
+from dist_prune.owl import group_counts, owl_budgets
 from dist_prune.partition import (DTYPES, build_partitioned_model, compute_dtype, gathered,
                                   local_range, local_weight)
 from dist_prune.report import StageTimer, progress
@@ -143,7 +144,13 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
     scope = scope_of(cfg.prune)
     structure = parse_structure(cfg.prune.structure)
     geometry = Geometry.of(model.config) if isinstance(structure, Structural) else None
-    select = partial(select_and_mask, scorer=scorer, prune_cfg=cfg.prune, scope=scope, geometry=geometry)
+    budgets = None  # OWL: weights to prune in each decoder layer, from a dense pass
+    if cfg.prune.layer_sparsity == "owl":
+        with timer("calibrate"):
+            budgets = owl_budgets(model, targets, calibration, cfg.prune.owl_threshold, cfg.prune.sparsity,
+                                  cfg.prune.owl_lambda)
+    select = partial(select_and_mask, scorer=scorer, prune_cfg=cfg.prune, scope=scope, geometry=geometry,
+                     budgets=budgets)
     if cfg.prune.method == "threshold":  # an absolute cut-off: no selection, no agreement needed
         with timer("score+select+mask"):
             masks = {t.name: threshold_mask(LocalSlice(local_weight(t.param), local_start(t), t.shape),
@@ -217,14 +224,16 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
 def select_and_mask(targets: list[Target], stats: dict, scorer: Scorer, prune_cfg: PruneConfig,
                     scope: str, *, pruned_before: dict[str, torch.Tensor] | None = None,
                     weights: dict[str, torch.Tensor] | None = None,
-                    geometry: Geometry | None = None) -> dict[str, torch.Tensor]:
+                    geometry: Geometry | None = None,
+                    budgets: dict[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Score each local slice, agree on the exact pruned set of each group, zero it.
 
     Every call is collective, and the same targets come in the same order on all ranks.
     Gradual pruning passes the masks so far (`pruned_before`: they score -inf, so they
     stay pruned) and, when the weights being trained are not the partitions themselves
     (ZeRO stage 2), this rank's slices of them (`weights`). Whole heads, channels or
-    layers need the model's `geometry` (dist_prune/structural.py).
+    layers need the model's `geometry` (dist_prune/structural.py); OWL gives each decoder
+    layer its own number of weights to prune (`budgets`, dist_prune/owl.py).
     """
     structure = parse_structure(prune_cfg.structure)
     if isinstance(structure, Structural):
@@ -249,7 +258,8 @@ def select_and_mask(targets: list[Target], stats: dict, scorer: Scorer, prune_cf
     else:
         numels = [t.numel for t in targets]
         row_lengths = [t.shape[1] for t in targets]
-        counts = prune_counts(prune_cfg.sparsity, group_sizes(numels, scope, row_lengths))
+        counts = (prune_counts(prune_cfg.sparsity, group_sizes(numels, scope, row_lengths)) if budgets is None
+                  else group_counts(budgets, targets, scope))
         segments = [Segment(s, i, start) for i, (s, start) in enumerate(zip(scores, starts))]
         pruned = select_pruned(segments, numels, counts, scope=scope, row_lengths=row_lengths)
     for t, mask in zip(targets, pruned):
