@@ -82,9 +82,9 @@ def layer_sparsity_plot(tensors: dict[str, dict], path: Path) -> Path:
     per_layer: dict[int, list[int]] = defaultdict(lambda: [0, 0])
     for name, info in tensors.items():
         match = re.search(r"\.layers\.(\d+)\.", name)
-        if info.get("pruned") and match:
-            per_layer[int(match.group(1))][0] += info["zeros"]
-            per_layer[int(match.group(1))][1] += info["numel"]
+        if info.get("pruned") and match:  # elements that whole heads/channels took away count too
+            per_layer[int(match.group(1))][0] += info["zeros"] + info.get("removed", 0)
+            per_layer[int(match.group(1))][1] += info["numel"] + info.get("removed", 0)
     layers = sorted(per_layer)
     fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.25), 3.5))
     ax.bar(layers, [per_layer[i][0] / per_layer[i][1] for i in layers], color="#4c72b0")
