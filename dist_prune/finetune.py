@@ -25,6 +25,7 @@ from dist_prune.collectives import all_reduce_, rank_and_world
 from dist_prune.config import JobConfig, scope_of
 from dist_prune.engine import temporary_engine
 from dist_prune.gradients import new_stats, update_stats
+from dist_prune.layerwise import LayerRunner
 from dist_prune.mask_keeping import Zero2Masks, Zero3Masks, local_slices_of
 from dist_prune.masking import Target
 from dist_prune.neftune import NEFTune, DynamicAlpha
@@ -56,11 +57,12 @@ class Hooks:
 
 def finetune(model: torch.nn.Module, targets: list[Target], masks: dict[str, torch.Tensor],
              cfg: JobConfig, windows: torch.Tensor, eval_windows: torch.Tensor | None,
-             hooks: Hooks) -> TrainState:
+             hooks: Hooks, teacher: torch.nn.Module | None = None) -> TrainState:
     """Fine-tune `model` (ZeRO-3 partitioned, already masked) for `finetune.steps` steps.
     `windows` are ALL training windows (every rank sees the same tensor and takes its
-    share of each step). Returns the final state; the model's partitions hold the tuned
-    weights and `state.masks` the final masks. Collective."""
+    share of each step). `teacher`: the dense model in its own ZeRO-3 partitions, for
+    distillation (finetune.distill.beta > 0). Returns the final state; the model's
+    partitions hold the tuned weights and `state.masks` the final masks. Collective."""
     ft = cfg.finetune
     rank, world = rank_and_world()
     dtype = next(iter(model.parameters())).ds_tensor.dtype
@@ -86,7 +88,8 @@ def finetune(model: torch.nn.Module, targets: list[Target], masks: dict[str, tor
             keeper.update(state.masks)
         noise = NEFTune(trained.get_input_embeddings(), ft.neftune.alpha, cfg.seed, rank)
         try:
-            _loop(engine, trained, targets, keeper, noise, cfg, windows, eval_windows, hooks, state)
+            _loop(engine, trained, targets, keeper, noise, cfg, windows, eval_windows, hooks, state,
+                  None if teacher is None else LayerRunner(teacher))
         finally:
             noise.remove()
             if isinstance(keeper, Zero2Masks):
@@ -97,7 +100,7 @@ def finetune(model: torch.nn.Module, targets: list[Target], masks: dict[str, tor
 
 
 def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_windows,
-          hooks: Hooks, state: TrainState) -> None:
+          hooks: Hooks, state: TrainState, teacher: LayerRunner | None) -> None:
     ft, prune = cfg.finetune, cfg.prune
     rank, world = rank_and_world()
     scorer = SCORERS[prune.method]
@@ -131,8 +134,10 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
             noise.at(step, micro)
             ids = windows[indices].to(device)
             logits = engine(input_ids=ids, use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                   ids[:, 1:].reshape(-1))
+            vocab = logits.shape[-1]
+            soft = None if teacher is None else teacher.logits(ids)[:, :-1].float().reshape(-1, vocab)
+            loss = distill_loss(logits[:, :-1].float().reshape(-1, vocab), soft, ids[:, 1:].reshape(-1),
+                                ft.distill.beta if teacher is not None else 0.0, ft.distill.temperature)
             engine.backward(loss)
             loss_sum += loss.item()
             if engine.is_gradient_accumulation_boundary():
@@ -166,6 +171,20 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
         if hooks.checkpoint is not None and ft.checkpoint_interval and not done \
                 and state.step % ft.checkpoint_interval == 0:
             hooks.checkpoint(state, engine, hooks.metrics)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, beta: float,
+                 temperature: float) -> torch.Tensor:
+    """(1 - beta) * CE + beta * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), both terms
+    averaged over tokens (Hinton et al. 2015: T^2 keeps the soft term's gradients at the
+    scale of the hard one's). `student`, `teacher`: [tokens, vocab] logits."""
+    ce = F.cross_entropy(student, targets)
+    if beta == 0.0:
+        return ce
+    log_student = F.log_softmax(student / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher / temperature, dim=-1)
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+    return (1.0 - beta) * ce + beta * temperature**2 * kl
 
 
 def reselect(targets: list[Target], state: TrainState, scorer, cfg: JobConfig, sparsity: float,

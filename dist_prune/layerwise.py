@@ -99,3 +99,13 @@ class LayerRunner:
                     total += F.cross_entropy(logits, target[1:], reduction="sum").item()
                     count += target.numel() - 1
         return total, count
+
+    def logits(self, windows: torch.Tensor) -> torch.Tensor:
+        """Logits [n, seq_len, vocab] of a whole forward pass without gradients, one layer
+        gathered at a time (the distillation teacher). Collective."""
+        batches = self.start(windows)
+        for index in range(len(self.layers)):
+            batches = self.run_layer(index, batches)
+        head = self.model.get_output_embeddings()
+        with gathered(list(self.decoder.norm.parameters()) + list(head.parameters())), torch.no_grad():
+            return torch.cat([head(self.decoder.norm(b.hidden)) for b in batches])

@@ -103,9 +103,14 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
                 metrics["perplexity_pruned"] = perplexity(model, eval_windows, bar)
                 bar.close()
         hooks.metrics = metrics  # saved with every checkpoint
+        teacher = None
+        if cfg.finetune.distill.beta > 0:  # the dense model, in its own ZeRO-3 partitions
+            with timer("load"):
+                teacher = build_partitioned_model(Path(job.model_dir), checkpoint, dtype,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
         with timer("finetune"):
-            state = finetune(model, targets, masks, cfg, job.training,
-                             None if job.evaluation is None else job.evaluation, hooks)
+            state = finetune(model, targets, masks, cfg, job.training, job.evaluation, hooks, teacher)
+        del teacher
         masks = state.masks
         metrics["finetune_history"] = state.history
     plan, report = None, {}

@@ -29,6 +29,7 @@ CASES = {  # name -> overrides
     "cubic-movement": ["finetune.steps=12", "prune.schedule=cubic", "prune.method=movement",
                        "prune.sparsity=0.6", "prune.interval=4", "prune.end_step=8",
                        "finetune.neftune.dynamic=true"],
+    "oneshot-distill": ["finetune.steps=6", "prune.sparsity=0.5", "finetune.distill.beta=0.5"],
     "cubic-seven": ["finetune.steps=12", "prune.schedule=cubic", "prune.method=seven",
                     "prune.sparsity=0.5", "prune.interval=3", "prune.scope=global"],
 }
@@ -173,3 +174,46 @@ def test_resumed_run_equals_uninterrupted_run(tiny_llama, text_file, tmp_path, s
     a = json.loads((tmp_path / f"full-{stage}" / "sparsity.json").read_text())["pruned_counts"]
     b = json.loads((tmp_path / f"resumed-{stage}" / "sparsity.json").read_text())["pruned_counts"]
     assert a == b and sum(a.values()) > 0
+
+
+def test_distillation_trains_with_the_mask_kept(tuned):
+    out, results = tuned
+    m = results["oneshot-distill"]["metrics"]
+    assert m["pruned"] == m["prunable"] // 2
+    manifest = json.loads((out / "oneshot-distill" / "sparsity.json").read_text())
+    assert all(manifest["tensors"][n]["zeros"] == c for n, c in manifest["pruned_counts"].items())
+
+
+def test_distill_loss_known_answers():
+    from dist_prune.finetune import distill_loss
+
+    torch.manual_seed(0)
+    student, targets = torch.randn(5, 7), torch.randint(0, 7, (5,))
+    ce = torch.nn.functional.cross_entropy(student, targets)
+    assert torch.equal(distill_loss(student, None, targets, 0.0, 2.0), ce)
+    # identical teacher: KL = 0, only the hard term remains
+    torch.testing.assert_close(distill_loss(student, student.clone(), targets, 0.25, 2.0), 0.75 * ce)
+    teacher = torch.randn(5, 7)
+    p_t = torch.softmax(teacher / 2, -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(student / 2, -1))).sum(-1).mean()
+    torch.testing.assert_close(distill_loss(student, teacher, targets, 1.0, 2.0), 4 * kl)
+
+
+def _teacher_logits(model_dir: str, ids):
+    from dist_prune.checkpoint import open_checkpoint
+    from dist_prune.layerwise import LayerRunner
+    from dist_prune.partition import build_partitioned_model
+
+    model = build_partitioned_model(Path(model_dir), open_checkpoint(Path(model_dir)), torch.float32)
+    return LayerRunner(model).logits(ids)
+
+
+def test_teacher_logits_equal_plain_transformers(tiny_llama, text_file):
+    from transformers import AutoModelForCausalLM
+
+    _, evalw = _data(tiny_llama, text_file.read_text())
+    got = run_on_ranks(_teacher_logits, 2, str(tiny_llama), evalw[:3])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(tiny_llama)(input_ids=evalw[:3]).logits
+    for logits in got:
+        torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
