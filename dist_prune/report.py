@@ -60,6 +60,9 @@ def summary_table(metrics: dict, model_uri: str | None, export_dir: str) -> str:
              _fmt(metrics.get("perplexity_sparse"))),
             ("achieved sparsity", f"{metrics['sparsity']:.4f} "
                                   f"({metrics['pruned']:,} of {metrics['prunable']:,} weights)")]
+    if "removed_fraction" in metrics:  # whole heads, channels or layers: the model got smaller
+        before, after = metrics["parameters_before"], metrics["parameters_after"]
+        rows.append(("parameters removed", f"{metrics['removed_fraction']:.4f} ({before - after:,} of {before:,})"))
     rows += [(f"seconds: {k.removeprefix('seconds_')}", f"{v:.1f}")
              for k, v in metrics.items() if k.startswith("seconds_")]
     rows += [("export", export_dir), ("model", model_uri or "(not registered)")]
