@@ -1,6 +1,7 @@
 """`dist-prune`: the command line.
 
     dist-prune run CONFIG [key.sub=value ...]     prune on Ray workers, register in MLflow
+    dist-prune sweep CONFIG key=v1,v2 [...]       every combination, as Ray Tune trials
     dist-prune pull models:/NAME@ALIAS DIR        fetch a registered model, verified
     dist-prune keys                               every config key, its default and meaning
     dist-prune submit CONFIG [key.sub=value ...] --address http://HEAD:8265 [--wait]
@@ -36,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     seed.add_argument("--neftune_alpha", type=float, help="= finetune.neftune.alpha")
     seed.add_argument("--dynamic_alpha", action="store_true", default=None,
                       help="= finetune.neftune.dynamic=true")
+
+    sweep = commands.add_parser("sweep", help="run every combination of config values (Ray Tune)")
+    sweep.add_argument("config", nargs="?", help="YAML job file or sweep file (base + grid)")
+    sweep.add_argument("items", nargs="*", metavar="key.sub=v1,v2",
+                       help="grid axes (comma-separated values) and plain overrides")
 
     pull = commands.add_parser("pull", help="download a registered model into a directory")
     pull.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -79,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
 
             path, overrides = _split_config_and_overrides(args)
             run(load_config(path, overrides))
+        elif args.command == "sweep":
+            from dist_prune.sweep import run_sweep
+
+            config, items = args.config, list(args.items)
+            if config is not None and "=" in config:
+                config, items = None, [config, *items]
+            run_sweep(config, items)
         elif args.command == "pull":
             from pathlib import Path
 

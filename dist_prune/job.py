@@ -109,8 +109,9 @@ def check_target_shapes(cfg: JobConfig, checkpoint) -> None:
                 raise UserError(f"prune.structure {cfg.prune.structure}: {e}") from None
 
 
-def init_ray(cfg: JobConfig) -> None:
-    """Connect to $RAY_ADDRESS, or start a local Ray sized for the job."""
+def init_ray(cfg: JobConfig, *, extra_cpus: int = 0) -> None:
+    """Connect to $RAY_ADDRESS, or start a local Ray sized for the job (plus `extra_cpus` for
+    the drivers of sweep trials)."""
     import ray
 
     if ray.is_initialized():
@@ -124,7 +125,7 @@ def init_ray(cfg: JobConfig) -> None:
             raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS="
                             f"{os.environ['RAY_ADDRESS']} ({str(e).splitlines()[0]})") from None
         return
-    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + extra_cpus
     # A local run may oversubscribe the laptop's cores (workers are processes);
     # the object store only carries small token tensors.
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
@@ -204,8 +205,9 @@ def _find_user_error(error: BaseException) -> str | None:
     return None
 
 
-def run(cfg: JobConfig) -> JobResult:
-    """`dist-prune run`: the whole job, end to end."""
+def run(cfg: JobConfig, *, parent_run_id: str | None = None) -> JobResult:
+    """`dist-prune run`: the whole job, end to end. `parent_run_id`: the MLflow run of the
+    sweep this job is a trial of."""
     timer = StageTimer()
     if os.environ.get("RAY_ADDRESS"):
         _probe(os.environ["RAY_ADDRESS"])
@@ -220,7 +222,8 @@ def run(cfg: JobConfig) -> JobResult:
         from dist_prune.registry import end_run, resolved_tracking_uri, start_run
 
         tracking_uri = resolved_tracking_uri(cfg.registry.tracking_uri)
-        run_id = start_run(tracking_uri, cfg.registry.experiment, run_name=Path(job.export_dir).name)
+        run_id = start_run(tracking_uri, cfg.registry.experiment, run_name=Path(job.export_dir).name,
+                           parent_run_id=parent_run_id)
         job.mlflow = {"tracking_uri": tracking_uri, "run_id": run_id}
     try:
         init_ray(cfg)

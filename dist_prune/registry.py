@@ -152,7 +152,7 @@ def check_registry(tracking_uri: str | None) -> None:
 
 
 def start_run(tracking_uri: str | None, experiment: str, *, artifact_location: str | None = None,
-              run_name: str | None = None) -> str:
+              run_name: str | None = None, parent_run_id: str | None = None) -> str:
     """Open a run in `experiment` (created if missing) and return its id; the job's workers log
     step metrics into it while they train, and `register_export` finishes it."""
     client, uri, _ = _client(tracking_uri)
@@ -164,7 +164,8 @@ def start_run(tracking_uri: str | None, experiment: str, *, artifact_location: s
             raise UserError(f"MLflow experiment {experiment!r} at {_redact_uri(uri)} is deleted; restore it or pick another name")
         else:
             exp_id = exp.experiment_id
-        return client.create_run(exp_id, run_name=run_name).info.run_id
+        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+        return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
 
 def end_run(tracking_uri: str | None, run_id: str, status: str = "FAILED") -> None:

@@ -1,0 +1,221 @@
+"""`dist-prune sweep`: every combination of a few config values, as Ray Tune trials.
+
+    dist-prune sweep CONFIG prune.sparsity=0.3,0.5 prune.method=wanda,magnitude [a.b=c ...]
+    dist-prune sweep configs/sweeps/ablation_ratio.yaml      (a sweep file: base + grid)
+
+Each trial is a whole job (prepare, Ray Train workers, export, register) run from a Ray
+Tune function trial, so trials are scheduled like any Ray task and run side by side when
+the cluster has room. All trial configs are validated before the first trial starts. In
+MLflow, the sweep is one parent run; every trial is a child run of it (with its own
+step metrics and model version, alias `<alias>-<trial>`), and the parent run gets the
+comparison table and plot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dist_prune.config import JobConfig, load_config, parse_overrides
+from dist_prune.errors import UserError
+
+TRIAL_CPU = 0.01
+# what the comparison table shows, in this order, when the trials report it
+COLUMNS = ("perplexity_dense", "perplexity_pruned", "perplexity_sparse", "sparsity", "seconds_finetune")
+
+
+@dataclass(frozen=True)
+class Trial:
+    name: str
+    grid_values: dict  # key -> value of this trial
+    overrides: list[str]
+
+
+def split_axes(items: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """`key=a,b` -> an axis of the grid; `key=a` (or a YAML list `key=[a,b]`) -> a plain override."""
+    axes, plain = {}, []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"sweep argument {item!r}: expected key.sub=value or key.sub=v1,v2")
+        if "," in raw and not raw.lstrip().startswith(("[", "{")):
+            axes[key] = [v.strip() for v in raw.split(",")]
+        else:
+            plain.append(item)
+    return axes, plain
+
+
+def read_sweep_file(path: Path) -> tuple[Path | None, dict[str, list], list[str]]:
+    """A sweep file: `base` (a job config, relative to the file), `grid` (key -> values),
+    optional `overrides` (list of key=value)."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = set(raw) - {"base", "grid", "overrides"}
+    if unknown:
+        raise UserError(f"sweep file {path}: unknown keys {sorted(unknown)} (allowed: base, grid, overrides)")
+    grid = raw.get("grid")
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise UserError(f"sweep file {path}: grid must map config keys to non-empty lists of values")
+    base = (path.parent / raw["base"]).resolve() if raw.get("base") else None
+    return base, {k: [_text(v) for v in vs] for k, vs in grid.items()}, list(raw.get("overrides") or [])
+
+
+def _text(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
+
+
+def trials_of(axes: dict[str, list[str]], plain: list[str]) -> list[Trial]:
+    keys = list(axes)
+    trials = []
+    for index, values in enumerate(itertools.product(*(axes[k] for k in keys))):
+        chosen = dict(zip(keys, values))
+        trials.append(Trial(f"trial{index}", chosen, [*plain, *(f"{k}={v}" for k, v in chosen.items())]))
+    return trials
+
+
+def configure(config_path: Path | None, trial: Trial, stamp: str) -> JobConfig:
+    """The job config of one trial: its own export directory and alias, and every path made
+    absolute (Ray Tune runs each trial in a directory of its own)."""
+    from dist_prune.registry import resolved_tracking_uri
+
+    cfg = load_config(config_path, trial.overrides)
+    base_dir = cfg.export.dir or f"exports/{cfg.registry.model_name}-sweep-{stamp}"
+    cfg.export.dir = str(Path(base_dir).resolve() / trial.name)
+    cfg.registry.alias = f"{cfg.registry.alias}-{trial.name}"
+    cfg.cluster.storage_path = str(Path(cfg.cluster.storage_path or "ray_results").resolve())
+    for section, key in (("model", "path"), ("eval", "path")):
+        value = getattr(getattr(cfg, section), key)
+        if value is not None:
+            setattr(getattr(cfg, section), key, str(Path(value).resolve()))
+    for holder in (cfg.data.calibration, cfg.finetune.data):
+        if holder.path is not None:
+            holder.path = str(Path(holder.path).resolve())
+    if cfg.registry.enabled:
+        cfg.registry.tracking_uri = resolved_tracking_uri(cfg.registry.tracking_uri)
+    return cfg
+
+
+def run_sweep(config: str | None, items: list[str]) -> list[dict]:
+    """Validate every trial, run them as Ray Tune trials, log the comparison. Returns one row
+    per trial (its grid values and metrics)."""
+    path = Path(config) if config else None
+    if path is not None and not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    axes, plain = split_axes(items)
+    if path is not None and path.suffix in (".yaml", ".yml") and "grid" in (yaml.safe_load(path.read_text()) or {}):
+        path, file_axes, file_plain = read_sweep_file(path)
+        axes, plain = {**file_axes, **axes}, [*file_plain, *plain]
+    if not axes:
+        raise UserError("sweep: give at least one key with several values, e.g. prune.sparsity=0.3,0.5")
+    parse_overrides(plain)  # syntax errors before anything starts
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    trials = trials_of(axes, plain)
+    configs = [configure(path, t, stamp) for t in trials]  # every mistake, before any trial runs
+    first = configs[0]
+
+    parent, tracking_uri = None, None
+    if first.registry.enabled:
+        from dist_prune.registry import start_run
+
+        tracking_uri = first.registry.tracking_uri
+        parent = start_run(tracking_uri, first.registry.experiment, run_name=f"sweep-{stamp}")
+    from dist_prune.job import init_ray
+
+    init_ray(first, extra_cpus=1)
+    try:
+        rows = _tune(trials, configs, parent, stamp, first)
+    except BaseException:
+        if parent is not None:
+            from dist_prune.registry import end_run
+
+            end_run(tracking_uri, parent, "FAILED")
+        raise
+    if parent is not None:
+        _log_comparison(rows, list(axes), tracking_uri, parent, Path(first.export.dir).parent)
+    print(comparison_table(rows, list(axes)), flush=True)
+    return rows
+
+
+def _trial(config: dict) -> None:
+    """One Ray Tune trial: a whole job."""
+    from ray import tune
+
+    from dist_prune.config import config_from_dict
+    from dist_prune.job import run
+
+    result = run(config_from_dict(config["job"]), parent_run_id=config["parent"])
+    tune.report({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+
+
+def _tune(trials: list[Trial], configs: list[JobConfig], parent: str | None, stamp: str,
+          first: JobConfig) -> list[dict]:
+    from ray import tune
+
+    from dist_prune.config import to_dict
+
+    space = {"job": tune.grid_search([to_dict(c) for c in configs]), "parent": parent}
+    storage = Path(first.cluster.storage_path)
+    tuner = tune.Tuner(
+        # a trial only drives its job (its Ray Train workers hold the CPUs): a token share
+        tune.with_resources(_trial, {"cpu": TRIAL_CPU}),
+        param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=1 if not first.cluster.use_gpu else None),
+        run_config=tune.RunConfig(name=f"dist-prune-sweep-{stamp}", storage_path=str(storage),
+                                  verbose=0),
+    )
+    grid = tuner.fit()
+    by_dir = {json.dumps(r.config["job"], sort_keys=True): r for r in grid}
+    rows = []
+    for trial, cfg in zip(trials, configs):
+        result = by_dir.get(json.dumps(to_dict(cfg), sort_keys=True))
+        error = None if result is None else result.error
+        if result is None or error is not None:
+            from dist_prune.job import _find_user_error
+
+            message = _find_user_error(error) if error is not None else None
+            raise UserError(f"sweep {trial.name} ({trial.grid_values}) failed: "
+                            f"{message or (str(error).splitlines() or ['no result'])[0]}")
+        rows.append({"trial": trial.name, **trial.grid_values, **result.metrics})
+    return rows
+
+
+def comparison_table(rows: list[dict], keys: list[str]) -> str:
+    """Markdown table: one row per trial, its grid values and the headline metrics."""
+    columns = ["trial", *keys, *[c for c in COLUMNS if any(c in r for r in rows)]]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _log_comparison(rows: list[dict], keys: list[str], tracking_uri: str, parent: str,
+                    out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / "sweep.md"
+    table.write_text(comparison_table(rows, keys) + "\n")
+    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2, default=str))
+    fig, ax = plt.subplots(figsize=(max(5, len(rows) * 0.9), 3.5))
+    labels = [", ".join(f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in keys) for r in rows]
+    ax.bar(range(len(rows)), [r.get("perplexity_sparse", float("nan")) for r in rows], color="#4c72b0")
+    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("sparse perplexity")
+    ax.set_title("Sweep")
+    fig.tight_layout()
+    plot = out_dir / "sweep.png"
+    fig.savefig(plot, dpi=100)
+    plt.close(fig)
+    client = MlflowClient(tracking_uri, tracking_uri)
+    for artifact in (table, out_dir / "sweep.json", plot):
+        client.log_artifact(parent, str(artifact))
+    client.set_terminated(parent, "FINISHED")

@@ -1,0 +1,69 @@
+"""`dist-prune sweep`: every combination as a Ray Tune trial, one MLflow parent run with a
+child run per trial, the comparison table logged; mistakes caught before any trial."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dist_prune.errors import UserError
+from dist_prune.sweep import split_axes, trials_of
+
+CLI = [sys.executable, "-m", "dist_prune.cli"]
+
+
+def test_grid_is_every_combination_in_order():
+    axes, plain = split_axes(["prune.sparsity=0.3,0.5", "prune.method=wanda,magnitude",
+                              "eval.num_windows=4", "prune.exclude=['*norm*','*embed*']"])
+    assert plain == ["eval.num_windows=4", "prune.exclude=['*norm*','*embed*']"]
+    trials = trials_of(axes, plain)
+    assert [t.grid_values for t in trials] == [
+        {"prune.sparsity": "0.3", "prune.method": "wanda"},
+        {"prune.sparsity": "0.3", "prune.method": "magnitude"},
+        {"prune.sparsity": "0.5", "prune.method": "wanda"},
+        {"prune.sparsity": "0.5", "prune.method": "magnitude"}]
+    assert trials[3].overrides[-2:] == ["prune.sparsity=0.5", "prune.method=magnitude"]
+    with pytest.raises(UserError):
+        split_axes(["prune.sparsity"])
+
+
+def _cli(args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(CLI + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_bad_trial_stops_the_sweep_before_it_starts(tiny_llama, tmp_path):
+    proc = _cli(["sweep", f"model.path={tiny_llama}", "prune.sparsity=0.5,1.5"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "prune.sparsity must be in [0, 1), got 1.5" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "exports").exists()
+
+
+def test_sweep_runs_trials_as_child_runs(tiny_llama, text_file, tmp_path):
+    from mlflow import MlflowClient
+
+    (tmp_path / "sweep.yaml").write_text(
+        "grid:\n  prune.sparsity: [0.3, 0.5]\n"
+        f"overrides: ['model.path={tiny_llama}', 'prune.method=magnitude', 'eval.path={text_file}',"
+        " 'eval.seq_len=64', 'eval.num_windows=2', 'registry.model_name=tiny-sweep']\n")
+    proc = _cli(["sweep", "sweep.yaml", "registry.experiment=sweeps"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| trial0 | 0.3 |" in proc.stdout and "| trial1 | 0.5 |" in proc.stdout
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    experiment = client.get_experiment_by_name("sweeps")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(c.data.metrics["sparsity"] for c in children) == pytest.approx([0.3, 0.5], abs=1e-3)
+    assert all(c.info.status == "FINISHED" for c in [*children, parent])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"sweep.md", "sweep.png"}
+    for trial, sparsity in (("trial0", 0.3), ("trial1", 0.5)):
+        version = client.get_model_version_by_alias("tiny-sweep", f"candidate-{trial}")
+        assert client.get_run(version.run_id).data.metrics["sparsity"] == pytest.approx(sparsity, abs=1e-3)
