@@ -14,6 +14,7 @@ resumed run continues exactly where the interrupted one stopped.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,7 +27,7 @@ from dist_prune.config import JobConfig, scope_of
 from dist_prune.engine import temporary_engine
 from dist_prune.gradients import new_stats, update_stats
 from dist_prune.layerwise import LayerRunner
-from dist_prune.mask_keeping import Zero2Masks, Zero3Masks, local_slices_of
+from dist_prune.mask_keeping import NoMasks, Zero2Masks, Zero3Masks, local_slices_of
 from dist_prune.masking import Target
 from dist_prune.neftune import NEFTune, DynamicAlpha
 from dist_prune.partition import gathered, local_range, local_weight, zero3_config
@@ -77,7 +78,10 @@ def finetune(model: torch.nn.Module, targets: list[Target], masks: dict[str, tor
                                   weight_decay=ft.weight_decay)
     state = TrainState(masks=dict(masks))
     with temporary_engine(trained, optimizer, config, trainable=lambda p: True) as engine:
-        if ft.zero_stage == 3:
+        pruned_any = all_reduce_(torch.tensor([sum(int(m.sum()) for m in state.masks.values())]))
+        if cfg.prune.schedule == "oneshot" and hooks.resume is None and int(pruned_any) == 0:
+            keeper = NoMasks(state.masks)  # a dense fine-tune
+        elif ft.zero_stage == 3:
             keeper = Zero3Masks(engine, targets, state.masks)
         else:
             keeper = Zero2Masks(engine, trained, targets, state.masks)
@@ -115,7 +119,9 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
     global_batch = ft.micro_batch_size * world * ft.gradient_accumulation_steps
     device = engine.device
 
+    step_seconds: list[float] = []
     for step in range(state.step, ft.steps):
+        started = time.perf_counter()
         sparsity = None
         if gradual and is_pruning_step(step, prune.start_step, end, prune.interval):
             sparsity = cubic_sparsity(step, prune.initial_sparsity, prune.sparsity, prune.start_step, end)
@@ -156,13 +162,16 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
             dynamic.update(loss_mean)
             state.alpha = dynamic.state_dict()
         state.step = step + 1
+        step_seconds.append(time.perf_counter() - started)
 
         done = state.step == ft.steps
         row = {}
         if state.step % max(ft.log_interval, 1) == 0 or done or sparsity is not None:
             row.update({"train/loss": loss_mean, "train/lr": ft.lr * factor,
                         "train/neftune_alpha": noise.alpha,
-                        "train/sparsity": current_sparsity(targets, state.masks)})
+                        "train/sparsity": current_sparsity(targets, state.masks),
+                        "train/step_seconds": sum(step_seconds) / len(step_seconds)})
+            step_seconds = []
         if eval_windows is not None and ((ft.eval_interval and state.step % ft.eval_interval == 0) or done):
             row["eval/perplexity"] = engine_perplexity(engine, eval_windows, ft.zero_stage)
         if row:

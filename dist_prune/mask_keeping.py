@@ -68,6 +68,24 @@ class Zero3Masks:
                 safe_get_local_optimizer_state(t.param, key)[: mask.numel()].masked_fill_(mask, 0.0)
 
 
+class NoMasks:
+    """Nothing is pruned and nothing will be (a dense fine-tune): no mask work at all."""
+
+    def __init__(self, masks: dict[str, torch.Tensor]):
+        self.masks = masks
+
+    def mask_gradients(self) -> None:
+        pass
+
+    def apply(self) -> None:
+        pass
+
+    def update(self, masks: dict[str, torch.Tensor]) -> None:
+        if any(bool(m.any()) for m in masks.values()):
+            raise RuntimeError("NoMasks cannot keep masks that prune something")
+        self.masks = masks
+
+
 class Zero2Masks:
     """Masks of `targets` while `engine` (stage 2, whole weights on every rank) trains the
     unpartitioned `model`; `targets` name the same weights in the partitioned model."""

@@ -63,6 +63,8 @@ def summary_table(metrics: dict, model_uri: str | None, export_dir: str) -> str:
     if "removed_fraction" in metrics:  # whole heads, channels or layers: the model got smaller
         before, after = metrics["parameters_before"], metrics["parameters_after"]
         rows.append(("parameters removed", f"{metrics['removed_fraction']:.4f} ({before - after:,} of {before:,})"))
+    if "resumed_at_step" in metrics:  # a worker failed; Ray restarted the group from a checkpoint
+        rows.append(("fine-tuning resumed at step", str(metrics["resumed_at_step"])))
     rows += [(f"seconds: {k.removeprefix('seconds_')}", f"{v:.1f}")
              for k, v in metrics.items() if k.startswith("seconds_")]
     rows += [("export", export_dir), ("model", model_uri or "(not registered)")]

@@ -69,7 +69,8 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
     scorer = SCORERS[cfg.prune.method]
     hooks = hooks or Hooks()
     if hooks.resume is not None:
-        metrics.update(read_meta(hooks.resume).get("metrics", {}))
+        meta = read_meta(hooks.resume)
+        metrics.update(meta.get("metrics", {}), resumed_at_step=meta["step"])
 
     with timer("load"):
         checkpoint = open_checkpoint(Path(job.model_dir))
@@ -388,9 +389,6 @@ def ray_train_loop(payload: dict) -> None:
     with contextlib.ExitStack() as stack:
         if resume is not None:
             hooks.resume = Path(stack.enter_context(resume.as_directory()))
-            if rank == 0:
-                print(f"dist-prune: resuming fine-tuning at step {read_meta(hooks.resume)['step']} "
-                      f"from {resume.path}", flush=True)
         metrics = run_worker(job, hooks)
     # Ray Train V2 keeps only metrics that come with a checkpoint: rank 0 attaches one.
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,7 +13,9 @@ from dist_prune.cli import main
 from dist_prune.config import JobConfig, describe_keys, load_config, parse_overrides
 from dist_prune.errors import UserError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.parent.name != "sweeps")
+SWEEPS = sorted((CONFIG_DIR / "sweeps").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -26,6 +28,23 @@ def test_every_config_loads(path, monkeypatch, tmp_path):
     monkeypatch.setenv("DIST_PRUNE_DATA", str(tmp_path))
     cfg = load_config(path)
     assert isinstance(cfg, JobConfig)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_every_sweep_file_expands_to_valid_configs(path, monkeypatch, tmp_path):
+    from dist_prune.sweep import configure, read_sweep_file, trials_of
+
+    data = tmp_path / "wikitext-2"
+    data.mkdir()
+    for name in ("valid.txt", "test.txt"):
+        (data / name).write_text("some text\n")
+    monkeypatch.setenv("DIST_PRUNE_DATA", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    base, grid, overrides = read_sweep_file(path)
+    trials = trials_of(grid, overrides)
+    assert len(trials) >= 3
+    configs = [configure(base, t, "stamp") for t in trials]
+    assert len({c.export.dir for c in configs}) == len(trials)
 
 
 def test_overrides_are_typed_and_nested():

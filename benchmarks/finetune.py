@@ -1,0 +1,207 @@
+"""Sparse-NEFT fine-tuning benchmarks on 2 gloo ranks (the worker recipe, without Ray).
+
+    python benchmarks/finetune.py speed    [--steps 8 --rounds 3 --seq-len 256]
+    python benchmarks/finetune.py quality  [--steps 60 --arms wanda-a0,wanda-a5,...]
+
+speed:   seconds per optimizer step of dense vs masked vs masked+NEFTune training of
+         SmolLM2-135M on the same data, side by side in one run: the arms are interleaved
+         round by round, the first step of each run is dropped (warm-up), medians reported.
+quality: one-shot Wanda 50% (llm-compressor's targets: every Linear, lm_head and the tied
+         embeddings included) then Sparse-NEFT fine-tuning on WikiText-2 valid for a fixed
+         number of steps; perplexity on the 16 x 512 test windows before and after; gradual
+         cubic pruning from dense with movement and SEVENdyn; the dense model tuned alike.
+Results go to benchmarks/results/finetune_{speed,quality}.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("DIST_PRUNE_DATA", ROOT.parent / "shared" / "data")) / "wikitext-2"
+RESULTS = ROOT / "benchmarks" / "results"
+WORLD = 2
+
+SPEED_ARMS = {
+    "dense": ["prune.sparsity=0.0", "finetune.neftune.alpha=0"],
+    "masked": ["prune.sparsity=0.5", "finetune.neftune.alpha=0"],
+    "masked+neftune": ["prune.sparsity=0.5", "finetune.neftune.alpha=5"],
+}
+PARITY = ["prune.exclude=['*norm*','*.bias']"]  # llm-compressor's Wanda targets (lm_head too)
+QUALITY_ARMS = {
+    "wanda50 + tune, alpha 0": ["prune.method=wanda", *PARITY, "finetune.neftune.alpha=0"],
+    "wanda50 + tune, alpha 5": ["prune.method=wanda", *PARITY, "finetune.neftune.alpha=5"],
+    "wanda50 + tune, dynamic alpha 5": ["prune.method=wanda", *PARITY, "finetune.neftune.alpha=5",
+                                        "finetune.neftune.dynamic=true"],
+    "cubic movement 0 -> 50%": ["prune.method=movement", "prune.schedule=cubic", *PARITY,
+                                "finetune.neftune.alpha=5"],
+    "cubic SEVENdyn 0 -> 50%": ["prune.method=seven", "prune.schedule=cubic", *PARITY,
+                                "finetune.neftune.alpha=5"],
+    "dense + tune (reference)": ["prune.method=magnitude", "prune.sparsity=0.0", "finetune.neftune.alpha=5"],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, out: str, arms: dict, base: list[str], rounds: int, data: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)  # one core per rank, as a Ray worker with cpus_per_worker=1
+    import deepspeed
+
+    from dist_prune.config import load_config, to_dict
+    from dist_prune.finetune import Hooks
+    from dist_prune.worker import WorkerJob, run_worker
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = {name: [] for name in arms}
+    for round_index in range(rounds):
+        for name, overrides in arms.items():
+            cfg = load_config(None, [f"model.path={data['model']}", *base, *overrides])
+            rows = []
+            with tempfile.TemporaryDirectory() as tmp:
+                job = WorkerJob(to_dict(cfg), data["model"], data["calibration"], data["evaluation"],
+                                f"{tmp}/export", {}, training=data["training"])
+                started = time.perf_counter()
+                metrics = run_worker(job, Hooks(log=lambda step, row: rows.append({"step": step, **row})))
+                metrics["seconds_total"] = time.perf_counter() - started
+            metrics.pop("finetune_history", None)
+            results[name].append({"metrics": metrics, "rows": rows})
+            if rank == 0:
+                print(f"round {round_index} {name}: {json.dumps({k: v for k, v in metrics.items() if 'perplexity' in k or k.startswith('seconds')})}", flush=True)
+    torch.distributed.barrier()
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()
+
+
+def _run(arms: dict, base: list[str], rounds: int, data: dict) -> dict:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", __import__("dist_prune.checkpoint", fromlist=["x"]).extensions_dir().__str__())
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/results.json"
+        mp.start_processes(_rank_main, args=(_free_port(), out, arms, base, rounds, data),
+                           nprocs=WORLD, join=True, start_method="spawn")
+        return json.loads(Path(out).read_text())
+
+
+def _machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {WORLD} gloo ranks x 1 thread"
+
+
+def _tokens(model_dir: Path, seq_len: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from dist_prune.data import calibration_windows, eval_windows, tokenize, training_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    valid = tokenize((DATA / "valid.txt").read_text(), tokenizer)
+    test = tokenize((DATA / "test.txt").read_text(), tokenizer)
+    return {"model": str(model_dir), "training": training_windows(valid, seq_len, source="valid"),
+            "calibration": calibration_windows(valid, 32, 512, 0, source="valid"),
+            "evaluation": eval_windows(test, 16, 512, source="test")}
+
+
+def speed(args) -> None:
+    from dist_prune.checkpoint import resolve_model
+
+    data = _tokens(resolve_model(None), args.seq_len)
+    data["calibration"] = data["evaluation"] = None  # magnitude, no evaluation: only the training is timed
+    base = ["prune.method=magnitude", "prune.scope=layer", f"finetune.steps={args.steps}",
+            f"finetune.data.seq_len={args.seq_len}", "finetune.log_interval=1", "finetune.lr=1e-4",
+            "eval.num_windows=0", "eval.dense=false"]
+    results = _run(SPEED_ARMS, base, args.rounds, data)
+    table = {}
+    for name, runs in results.items():
+        per_step = [row["train/step_seconds"] for run in runs for row in run["rows"][1:]]  # drop warm-up
+        table[name] = {"median_step_seconds": statistics.median(per_step), "steps_measured": len(per_step),
+                       "runs": len(runs)}
+    dense = table["dense"]["median_step_seconds"]
+    for row in table.values():
+        row["ratio_to_dense"] = row["median_step_seconds"] / dense
+    report = {"machine": _machine(), "model": "SmolLM2-135M-Instruct (fp32)", "seq_len": args.seq_len,
+              "global_batch": f"{WORLD} windows (1 per rank)", "rounds": args.rounds, "steps": args.steps,
+              "arms": table, "command": f"python benchmarks/finetune.py speed --steps {args.steps} "
+                                        f"--rounds {args.rounds} --seq-len {args.seq_len}"}
+    lines = [f"Machine: {report['machine']}. {report['model']}, {args.seq_len} tokens/window, "
+             f"global batch {report['global_batch']}, {args.rounds} interleaved rounds x {args.steps} steps "
+             "(first step of each run dropped).", "",
+             "| arm | median s/step | ratio to dense |", "|---|---|---|"]
+    lines += [f"| {name} | {row['median_step_seconds']:.3f} | {row['ratio_to_dense']:.3f} |"
+              for name, row in table.items()]
+    lines += ["", f"Command: `{report['command']}`"]
+    _write("finetune_speed", report, lines)
+
+
+def quality(args) -> None:
+    from dist_prune.checkpoint import resolve_model
+
+    data = _tokens(resolve_model(None), args.seq_len)
+    chosen = {k: v for k, v in QUALITY_ARMS.items() if not args.arms or k in args.arms.split("|")}
+    base = ["prune.sparsity=0.5", f"finetune.steps={args.steps}", f"finetune.data.seq_len={args.seq_len}",
+            f"finetune.lr={args.lr}", "finetune.warmup_steps=5", "finetune.log_interval=5",
+            f"finetune.gradient_accumulation_steps={args.accumulation}",
+            f"prune.end_step={int(args.steps * 0.75)}", f"prune.interval={max(1, args.steps // 8)}",
+            "eval.num_windows=16", "eval.seq_len=512"]
+    results = _run(chosen, base, 1, data)
+    report = {"machine": _machine(), "model": "SmolLM2-135M-Instruct (fp32)", "steps": args.steps,
+              "seq_len": args.seq_len, "lr": args.lr, "accumulation": args.accumulation, "arms": {}}
+    lines = [f"Machine: {report['machine']}. {args.steps} steps x {WORLD * args.accumulation} windows x "
+             f"{args.seq_len} tokens of WikiText-2 valid, lr {args.lr}; perplexity on 16 x 512 test windows.",
+             "", "| arm | dense | after pruning | after tuning | sparsity | tune seconds |", "|---|---|---|---|---|---|"]
+    for name, runs in results.items():
+        m = runs[0]["metrics"]
+        report["arms"][name] = {**m, "rows": runs[0]["rows"]}
+        lines.append(f"| {name} | {m.get('perplexity_dense', float('nan')):.2f} | "
+                     f"{m.get('perplexity_pruned', float('nan')):.2f} | {m['perplexity_sparse']:.2f} | "
+                     f"{m['sparsity']:.4f} | {m.get('seconds_finetune', 0):.0f} |")
+    report["command"] = (f"python benchmarks/finetune.py quality --steps {args.steps} --seq-len {args.seq_len} "
+                         f"--lr {args.lr} --accumulation {args.accumulation}"
+                         + (f" --arms '{args.arms}'" if args.arms else ""))
+    lines += ["", f"Command: `{report['command']}`"]
+    _write(args.name, report, lines)
+
+
+def _write(name: str, report: dict, lines: list[str]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="part", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--steps", type=int, default=8)
+    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--seq-len", type=int, default=256)
+    q = sub.add_parser("quality")
+    q.add_argument("--steps", type=int, default=60)
+    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--lr", type=float, default=1e-4)
+    q.add_argument("--accumulation", type=int, default=1)
+    q.add_argument("--arms", default="", help="'|'-separated arm names (default: all)")
+    q.add_argument("--name", default="finetune_quality", help="results file name")
+    args = parser.parse_args()
+    {"speed": speed, "quality": quality}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()
