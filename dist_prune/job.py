@@ -125,10 +125,10 @@ def init_ray(cfg: JobConfig, *, extra_cpus: int = 0) -> None:
             raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS="
                             f"{os.environ['RAY_ADDRESS']} ({str(e).splitlines()[0]})") from None
         return
-    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + extra_cpus
+    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
     # A local run may oversubscribe the laptop's cores (workers are processes);
     # the object store only carries small token tensors.
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed) + extra_cpus, include_dashboard=False,
              object_store_memory=256 * 1024**2, log_to_driver=True)
 
 

@@ -163,7 +163,6 @@ def _tune(trials: list[Trial], configs: list[JobConfig], parent: str | None, sta
         # a trial only drives its job (its Ray Train workers hold the CPUs): a token share
         tune.with_resources(_trial, {"cpu": TRIAL_CPU}),
         param_space=space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=1 if not first.cluster.use_gpu else None),
         run_config=tune.RunConfig(name=f"dist-prune-sweep-{stamp}", storage_path=str(storage),
                                   verbose=0),
     )

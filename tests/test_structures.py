@@ -213,8 +213,9 @@ def test_parse_structure():
     for bad in ("block:0x4", "block:4x0"):
         with pytest.raises(ValueError, match=">= 1"):
             parse_structure(bad)
-    for bad in ("heads", "2-4", "block:4", ""):
-        with pytest.raises(ValueError, match="unstructured.*N:M.*block:RxC") as err:
+    assert str(parse_structure("heads")) == "heads"
+    for bad in ("head", "2-4", "block:4", ""):
+        with pytest.raises(ValueError, match="unstructured.*N:M.*block:RxC.*heads.*channels.*layers") as err:
             parse_structure(bad)
         assert "\n" not in str(err.value)
     with pytest.raises(ValueError):

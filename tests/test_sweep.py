@@ -48,7 +48,8 @@ def test_sweep_runs_trials_as_child_runs(tiny_llama, text_file, tmp_path):
     (tmp_path / "sweep.yaml").write_text(
         "grid:\n  prune.sparsity: [0.3, 0.5]\n"
         f"overrides: ['model.path={tiny_llama}', 'prune.method=magnitude', 'eval.path={text_file}',"
-        " 'eval.seq_len=64', 'eval.num_windows=2', 'registry.model_name=tiny-sweep']\n")
+        " 'eval.seq_len=64', 'eval.num_windows=2', 'eval.dense=false', 'registry.model_name=tiny-sweep',"
+        " 'cluster.num_workers=1']\n")  # 1 worker each: the two trials run side by side
     proc = _cli(["sweep", "sweep.yaml", "registry.experiment=sweeps"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| trial0 | 0.3 |" in proc.stdout and "| trial1 | 0.5 |" in proc.stdout
