@@ -18,28 +18,28 @@ CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.parent.name != "swee
 SWEEPS = sorted((CONFIG_DIR / "sweeps").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_config_loads(path, monkeypatch, tmp_path):
-    # data paths in configs point at ../shared/data; make them exist wherever tests run
+@pytest.fixture
+def data_root(monkeypatch, tmp_path):
+    """Data paths in configs point at ../shared/data; make them exist wherever tests run."""
     data = tmp_path / "wikitext-2"
     data.mkdir()
     for name in ("valid.txt", "test.txt"):
         (data / name).write_text("some text\n")
     monkeypatch.setenv("DIST_PRUNE_DATA", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_loads(path, data_root):
     cfg = load_config(path)
     assert isinstance(cfg, JobConfig)
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
-def test_every_sweep_file_expands_to_valid_configs(path, monkeypatch, tmp_path):
+def test_every_sweep_file_expands_to_valid_configs(path, data_root, monkeypatch):
     from dist_prune.sweep import configure, read_sweep_file, trials_of
 
-    data = tmp_path / "wikitext-2"
-    data.mkdir()
-    for name in ("valid.txt", "test.txt"):
-        (data / name).write_text("some text\n")
-    monkeypatch.setenv("DIST_PRUNE_DATA", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(data_root)
     base, grid, overrides = read_sweep_file(path)
     trials = trials_of(grid, overrides)
     assert len(trials) >= 3

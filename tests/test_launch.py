@@ -201,7 +201,7 @@ def test_unreachable_address_is_one_line(tmp_path, tiny_llama, text_file):
 def test_submit_wait_prunes_and_registers(cluster, tmp_path, tiny_llama, text_file):
     workdir = tmp_path / "work"
     workdir.mkdir()
-    config = _job_config(workdir, tiny_llama, text_file)
+    _job_config(workdir, tiny_llama, text_file)  # writes tiny.yaml
     db = tmp_path / "registry" / "mlflow.db"
     db.parent.mkdir()
     env = _submit_env(cluster, text_file)

@@ -6,7 +6,6 @@ updated config.json, and that computes what the masked model inside the job comp
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest

@@ -1,0 +1,177 @@
+"""Validation of a job config: ranges, choices and combinations that types alone do not
+express. Everything is checked on the driver, before a single worker starts; a mistake
+costs the user one line (`config: ...`, naming the key and what is allowed) and exit 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dist_prune.config import JobConfig, scope_of
+from dist_prune.errors import UserError
+
+# Allowed values of enumerated keys. The scorer names come from the scorer registry,
+# imported lazily so this module stays importable without torch.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SCOPES = ("global", "layer", "row")
+NORMS = ("l1", "l2")
+
+
+def _scorer_names() -> tuple[str, ...]:
+    from dist_prune.scoring import SCORERS
+
+    return tuple(SCORERS)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(f"config: {message}")
+
+
+def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
+    """Range and choice checks that types alone do not express."""
+    p = cfg.prune
+    _require(p.method in _scorer_names(), f"prune.method '{p.method}' is unknown (allowed: "
+             f"{', '.join(_scorer_names())})")
+    _require(0.0 <= p.sparsity < 1.0, f"prune.sparsity must be in [0, 1), got {p.sparsity}")
+    _require(p.scope is None or p.scope in SCOPES,
+             f"prune.scope '{p.scope}' is unknown (allowed: {', '.join(SCOPES)})")
+    from dist_prune.structures import NM, Block, Unstructured, parse_structure
+
+    try:
+        structure = parse_structure(p.structure)
+    except ValueError as e:
+        raise UserError(f"config: prune.structure '{p.structure}': {e}") from None
+    _require(p.norm in NORMS, f"prune.norm '{p.norm}' is unknown (allowed: {', '.join(NORMS)})")
+    _require(not (isinstance(structure, Block) and p.scope == "row"),
+             "prune.scope row does not apply to block structures (allowed: global, layer)")
+    _require(not (p.method == "sparsegpt" and (p.scope is not None or isinstance(structure, Block))),
+             "prune.method sparsegpt chooses its masks per 128-column tile: leave prune.scope "
+             "empty and use structure unstructured or N:M")
+    _require(not (p.method == "sparsegpt" and isinstance(structure, NM) and 128 % structure.m),
+             f"prune.structure {p.structure}: sparsegpt needs M to divide its 128-column tiles")
+    _require(p.method != "threshold" or (p.epsilon is not None and p.epsilon >= 0),
+             "prune.method threshold needs prune.epsilon >= 0 (the absolute cut-off)")
+    _require(p.method != "threshold" or isinstance(structure, Unstructured),
+             "prune.method threshold prunes single weights: use prune.structure unstructured")
+    _require(not isinstance(structure, NM) or p.scope is None,
+             "prune.scope does not apply to N:M structures (every group of M is its own scope)")
+    cal = cfg.data.calibration
+    _require(cal.num_samples >= 1, f"data.calibration.num_samples must be >= 1, got {cal.num_samples}")
+    _require(cal.seq_len >= 2, f"data.calibration.seq_len must be >= 2, got {cal.seq_len}")
+    from dist_prune.scoring import SCORERS
+
+    _require(SCORERS[p.method].needs != "gradients" or cal.batch_size % cfg.cluster.num_workers == 0,
+             f"data.calibration.batch_size={cal.batch_size} must be a multiple of "
+             f"cluster.num_workers={cfg.cluster.num_workers} for prune.method {p.method}")
+    _require(cal.batch_size >= 1, f"data.calibration.batch_size must be >= 1, got {cal.batch_size}")
+    _require(cfg.eval.seq_len >= 2, f"eval.seq_len must be >= 2, got {cfg.eval.seq_len}")
+    _require(cfg.eval.num_windows >= 0, f"eval.num_windows must be >= 0, got {cfg.eval.num_windows}")
+    _require(cfg.cluster.num_workers >= 1,
+             f"cluster.num_workers must be >= 1, got {cfg.cluster.num_workers}")
+    _require(cfg.cluster.cpus_per_worker >= 1,
+             f"cluster.cpus_per_worker must be >= 1, got {cfg.cluster.cpus_per_worker}")
+    for key, value in (("model.dtype", cfg.model.dtype), ("export.dtype", cfg.export.dtype)):
+        _require(value in DTYPES, f"{key} '{value}' is unknown (allowed: {', '.join(DTYPES)})")
+    from dist_prune.export import parse_size
+
+    parse_size(cfg.export.max_shard_size)
+    if check_paths:
+        if cfg.model.path is not None:
+            _require(Path(cfg.model.path).exists(), f"model.path {cfg.model.path} does not exist")
+        for key, value in (("data.calibration.path", cal.path), ("eval.path", cfg.eval.path)):
+            _require(value is None or Path(value).is_file(), f"{key} {value} is not a file")
+    _require(bool(cfg.registry.model_name.strip()), "registry.model_name must not be empty")
+    validate_layer_choices(cfg)
+    validate_finetune(cfg, check_paths=check_paths)
+
+
+LAYER_SPARSITIES = ("uniform", "owl")
+GROUP_NEEDS = ("weights", "activations", "gradients", "ablation")  # scorers that can rank groups
+
+
+def validate_layer_choices(cfg: JobConfig) -> None:
+    """Whole heads / channels / layers, the infogain scorer and OWL layer sparsities."""
+    from dist_prune.scoring import SCORERS
+    from dist_prune.structural import UNITS
+
+    p = cfg.prune
+    kind = p.structure.strip().lower()
+    if kind in UNITS:
+        scope = UNITS[kind].scope
+        _require(p.scope in (None, scope), f"prune.scope {p.scope} does not apply to prune.structure "
+                 f"{kind} (allowed: {scope}, or leave it empty)")
+        ranking = [m for m, s in SCORERS.items() if s.needs in GROUP_NEEDS and m != "threshold"]
+        _require(p.method in ranking, f"prune.method {p.method} cannot rank whole {kind} (allowed: "
+                 f"{', '.join(ranking)})")
+    else:
+        _require(p.method != "infogain", "prune.method infogain scores whole groups: use "
+                 "prune.structure heads, channels or layers")
+    _require(p.layer_sparsity in LAYER_SPARSITIES, f"prune.layer_sparsity '{p.layer_sparsity}' is "
+             f"unknown (allowed: {', '.join(LAYER_SPARSITIES)})")
+    if p.layer_sparsity == "uniform":
+        return
+    _require(p.method == "wanda", "prune.layer_sparsity owl ranks layers by their outlier wanda "
+             f"scores: use prune.method wanda, not {p.method}")
+    _require(kind == "unstructured", "prune.layer_sparsity owl needs prune.structure unstructured")
+    _require(scope_of(p) in ("layer", "row"), "prune.layer_sparsity owl sets one target per layer: "
+             "prune.scope must be layer or row, not global")
+    _require(p.owl_threshold > 0, f"prune.owl_threshold must be > 0, got {p.owl_threshold}")
+    _require(0 <= p.owl_lambda <= min(p.sparsity, 1 - p.sparsity),
+             f"prune.owl_lambda must be in [0, {min(p.sparsity, 1 - p.sparsity):g}] (= min(sparsity, "
+             f"1 - sparsity), so every layer's sparsity stays in [0, 1]), got {p.owl_lambda}")
+
+
+SCHEDULES = ("oneshot", "cubic")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+ZERO_STAGES = (2, 3)
+TRAINING_SCORERS = ("magnitude", "taylor", "movement", "seven")  # what cubic re-scores with
+
+
+def validate_finetune(cfg: JobConfig, *, check_paths: bool = True) -> None:
+    """The fine-tuning section and the gradual-pruning keys of the prune section."""
+    ft, p = cfg.finetune, cfg.prune
+    _require(ft.steps >= 0, f"finetune.steps must be >= 0, got {ft.steps}")
+    _require(p.schedule in SCHEDULES, f"prune.schedule '{p.schedule}' is unknown (allowed: "
+             f"{', '.join(SCHEDULES)})")
+    from dist_prune.scoring import SCORERS
+
+    if SCORERS[p.method].needs == "training":
+        _require(p.schedule == "cubic", f"prune.method {p.method} scores weights while they train: "
+                 "use prune.schedule cubic (with finetune.steps > 0)")
+    if p.schedule == "cubic":
+        _require(ft.steps > 0, "prune.schedule cubic prunes during fine-tuning: set finetune.steps > 0")
+        _require(p.method in TRAINING_SCORERS, f"prune.schedule cubic re-scores during training with "
+                 f"{', '.join(TRAINING_SCORERS)}; prune.method is {p.method}")
+        _require(p.structure == "unstructured", "prune.schedule cubic needs prune.structure unstructured")
+        _require(0.0 <= p.initial_sparsity <= p.sparsity, f"prune.initial_sparsity must be in [0, "
+                 f"prune.sparsity={p.sparsity}], got {p.initial_sparsity}")
+        end = ft.steps if p.end_step is None else p.end_step
+        _require(0 <= p.start_step <= end <= ft.steps, f"prune.start_step={p.start_step} <= "
+                 f"prune.end_step={end} <= finetune.steps={ft.steps} must hold")
+        _require(p.interval >= 1, f"prune.interval must be >= 1, got {p.interval}")
+        _require(ft.zero_stage == 3 or SCORERS[p.method].needs == "weights",
+                 f"prune.method {p.method} reads gradient partitions during training: use "
+                 "finetune.zero_stage 3")
+    if ft.steps == 0:
+        return
+    _require(ft.zero_stage in ZERO_STAGES, f"finetune.zero_stage must be one of 2, 3, got {ft.zero_stage}")
+    _require(ft.lr_schedule in LR_SCHEDULES, f"finetune.lr_schedule '{ft.lr_schedule}' is unknown "
+             f"(allowed: {', '.join(LR_SCHEDULES)})")
+    _require(ft.lr > 0, f"finetune.lr must be > 0, got {ft.lr}")
+    _require(len(ft.betas) == 2 and all(0 <= b < 1 for b in ft.betas),
+             f"finetune.betas must be two numbers in [0, 1), got {ft.betas}")
+    for key in ("micro_batch_size", "gradient_accumulation_steps"):
+        _require(getattr(ft, key) >= 1, f"finetune.{key} must be >= 1, got {getattr(ft, key)}")
+    for key in ("warmup_steps", "eval_interval", "log_interval", "checkpoint_interval", "max_failures"):
+        _require(getattr(ft, key) >= 0, f"finetune.{key} must be >= 0, got {getattr(ft, key)}")
+    _require(ft.max_grad_norm >= 0, f"finetune.max_grad_norm must be >= 0, got {ft.max_grad_norm}")
+    _require(ft.data.seq_len >= 2, f"finetune.data.seq_len must be >= 2, got {ft.data.seq_len}")
+    _require(ft.neftune.alpha >= 0, f"finetune.neftune.alpha must be >= 0, got {ft.neftune.alpha}")
+    _require(0 <= ft.distill.beta <= 1, f"finetune.distill.beta must be in [0, 1], got {ft.distill.beta}")
+    _require(ft.distill.temperature > 0,
+             f"finetune.distill.temperature must be > 0, got {ft.distill.temperature}")
+    _require(ft.max_failures == 0 or ft.checkpoint_interval > 0,
+             "finetune.max_failures > 0 restarts from checkpoints: set finetune.checkpoint_interval > 0")
+    if check_paths and ft.data.path is not None:
+        _require(Path(ft.data.path).exists(), f"finetune.data.path {ft.data.path} does not exist")
