@@ -42,3 +42,26 @@ def test_empty_and_unreadable_files(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(UserError, match="cannot be read as UTF-8"):
         read_text(str(tmp_path / "bin.txt"), role="eval")
+
+
+def test_training_text_from_a_datasets_directory(tmp_path):
+    import datasets
+
+    from dist_prune.data import read_training_text, training_windows
+
+    rows = {"text": ["first document", "", "second document"], "id": [1, 2, 3]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(tmp_path / "dd")
+    datasets.Dataset.from_dict(rows).save_to_disk(tmp_path / "ds")
+    assert read_training_text(str(tmp_path / "dd")) == "first document\n\nsecond document"
+    assert read_training_text(str(tmp_path / "ds")) == "first document\n\nsecond document"
+    for kwargs, message in (({"split": "validation"}, "finetune.data.split 'validation'"),
+                            ({"text_column": "body"}, "finetune.data.text_column 'body'")):
+        with pytest.raises(UserError, match=message):
+            read_training_text(str(tmp_path / "dd"), **kwargs)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a `datasets` directory"):
+        read_training_text(str(tmp_path / "empty"))
+    windows = training_windows(torch.arange(10), 4, source="t")
+    assert windows.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(UserError, match="fewer than one window"):
+        training_windows(torch.arange(3), 4, source="t")
