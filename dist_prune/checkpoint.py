@@ -168,6 +168,12 @@ class Checkpoint:
         rows = sliced[first:last].reshape(-1)
         return rows[start - first * row: stop - first * row]
 
+    def shard_sha256(self) -> dict[str, str]:
+        """sha256 of every weight file: the source's identity in an export's lineage."""
+        from dist_prune.export import sha256_file
+
+        return {shard: sha256_file(self.directory / shard) for shard in sorted(set(self.weight_map.values()))}
+
     def tokenizer_files(self) -> list[Path]:
         return [self.directory / f for f in TOKENIZER_FILES if (self.directory / f).is_file()]
 

@@ -3,6 +3,7 @@
     dist-prune run CONFIG [key.sub=value ...]     prune on Ray workers, register in MLflow
     dist-prune sweep CONFIG key=v1,v2 [...]       every combination, as Ray Tune trials
     dist-prune pull models:/NAME@ALIAS DIR        fetch a registered model, verified
+    dist-prune register DIR --model-name NAME     register an export made earlier
     dist-prune keys                               every config key, its default and meaning
     dist-prune submit CONFIG [key.sub=value ...] --address http://HEAD:8265 [--wait]
                                                   run the job on a Ray cluster (Ray Jobs API)
@@ -48,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("dir", help="destination directory (must not exist or be empty)")
     pull.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
                                              "or sqlite:///mlflow.db)")
+
+    register = commands.add_parser("register", help="register an existing export directory in MLflow")
+    register.add_argument("dir", help="a dist-prune export (verified before anything is logged)")
+    register.add_argument("--model-name", required=True, help="registered model name")
+    register.add_argument("--alias", default="candidate", help="alias set on the new version")
+    register.add_argument("--experiment", default="dist-prune", help="MLflow experiment")
+    register.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
+                                                 "or sqlite:///mlflow.db)")
 
     commands.add_parser("keys", help="list every config key with its default and meaning")
 
@@ -98,6 +107,15 @@ def main(argv: list[str] | None = None) -> int:
             from dist_prune.registry import pull
 
             print(pull(args.uri, Path(args.dir), tracking_uri=args.tracking_uri))
+        elif args.command == "register":
+            from pathlib import Path
+
+            from dist_prune.registry import register_directory
+
+            registered = register_directory(Path(args.dir), tracking_uri=args.tracking_uri,
+                                            experiment=args.experiment, model_name=args.model_name,
+                                            alias=args.alias)
+            print(f"registered {registered.uri} ({registered.alias_uri})")
         elif args.command == "keys":
             from dist_prune.config import describe_keys
 

@@ -320,7 +320,7 @@ class StreamingExport:
         self._done = True
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -372,7 +372,7 @@ def verify_export(directory: Path) -> dict:
         if not path.is_file():
             raise UserError(f"shard {path} listed in {SPARSITY_FILE} is missing")
         stored |= set(_read_header(path)) - {"__metadata__"}
-        if _sha256_file(path) != digest:
+        if sha256_file(path) != digest:
             raise UserError(f"shard {path} is corrupt: sha256 does not match {SPARSITY_FILE}")
     index_path = directory / INDEX_FILE
     if index_path.exists():

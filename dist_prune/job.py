@@ -7,6 +7,7 @@ costs seconds, not a cluster start.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_prune import __version__
+from dist_prune import __version__, git_commit
 from dist_prune.checkpoint import extensions_dir, open_checkpoint, resolve_model
 from dist_prune.config import JobConfig, config_sha256, scope_of, to_dict
 from dist_prune.data import (calibration_windows, eval_windows, read_text, read_training_text,
@@ -77,6 +78,7 @@ def prepare(cfg: JobConfig) -> WorkerJob:
     report = {"method": cfg.prune.method, "structure": cfg.prune.structure,
               "scope": scope_of(cfg.prune), "target_sparsity": cfg.prune.sparsity,
               "config_sha256": config_sha256(cfg), "source_model": str(cfg.model.path or model_dir),
+              "source_sha256": checkpoint.shard_sha256(), "dist_prune_commit": git_commit(),
               "tensors_in_checkpoint": len(checkpoint.weight_map)}
     return WorkerJob(to_dict(cfg), str(model_dir), calibration, evaluation, str(export_dir), report,
                      training=training)
@@ -205,6 +207,17 @@ def _find_user_error(error: BaseException) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _keep_export_on_failure(export_dir: Path, cfg: JobConfig):
+    """A registry failure after the job must not lose the model: say where it is and how to
+    register it later."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(f"{e}; the verified export is kept at {export_dir}: register it later with "
+                        f"`dist-prune register {export_dir} --model-name {cfg.registry.model_name}`") from None
+
+
 def run(cfg: JobConfig, *, parent_run_id: str | None = None) -> JobResult:
     """`dist-prune run`: the whole job, end to end. `parent_run_id`: the MLflow run of the
     sweep this job is a trial of."""
@@ -240,7 +253,7 @@ def run(cfg: JobConfig, *, parent_run_id: str | None = None) -> JobResult:
     if cfg.registry.enabled:
         from dist_prune.registry import register_export
 
-        with timer("register"):
+        with timer("register"), _keep_export_on_failure(export_dir, cfg):
             registered = register_export(
                 export_dir, tracking_uri=job.mlflow["tracking_uri"], experiment=cfg.registry.experiment,
                 model_name=cfg.registry.model_name, alias=cfg.registry.alias, params=to_dict(cfg),

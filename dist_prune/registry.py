@@ -30,6 +30,7 @@ MAX_KEY = 250               # MAX_ENTITY_KEY_LENGTH
 MAX_TAG_VALUE = 5000        # model-registry tag value limit (run tags allow more)
 BATCH = 100                 # MAX_PARAMS_TAGS_PER_BATCH
 READY_TIMEOUT_S = 300
+RETRY_PAUSES_S = tuple(float(x) for x in os.environ.get("DIST_PRUNE_MLFLOW_RETRY_PAUSES", "1,2,4").split(",") if x)
 # A param/tag key is dropped when its last dotted part names a credential (hf_token, db.password,
 # api_key; not max_tokens or pad_token); env vars whose names say so have their values masked.
 _SECRET_KEY = re.compile(r"(?:.*[_\-])?(?:password|passwd|secret|secret_key|api_?key|access_?key|credentials?"
@@ -135,11 +136,16 @@ def _client(tracking_uri: str | None):
     if urlsplit(tracking_uri).scheme in ("http", "https"):
         import requests
 
-        try:
-            requests.get(tracking_uri.rstrip("/") + "/health", timeout=10)
-        except requests.RequestException as e:
-            raise UserError(f"cannot reach MLflow tracking server at {_redact_uri(tracking_uri)}: "
-                            f"{type(e).__name__}") from e
+        # a server restarting or a blip in the network: retry with back-off before giving up
+        for attempt, pause in enumerate((*RETRY_PAUSES_S, None)):
+            try:
+                requests.get(tracking_uri.rstrip("/") + "/health", timeout=10)
+                break
+            except requests.RequestException as e:
+                if pause is None:
+                    raise UserError(f"cannot reach MLflow tracking server at {_redact_uri(tracking_uri)} "
+                                    f"({attempt + 1} attempts): {type(e).__name__}") from e
+                time.sleep(pause)
     with _mlflow_errors(tracking_uri, "connecting"):
         return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri), tracking_uri, registry_uri
 
@@ -149,6 +155,27 @@ def check_registry(tracking_uri: str | None) -> None:
     client, uri, _ = _client(tracking_uri)
     with _mlflow_errors(uri, "listing experiments"):
         client.search_experiments(max_results=1)
+
+
+def _lineage(meta: dict) -> dict[str, str]:
+    """Where a model version came from, as tags: the source model and the sha256 of its shards,
+    the config hash, the dist-prune commit (the parent run, for sweeps, is MLflow's own
+    mlflow.parentRunId tag). The full record is the version's sparsity.json."""
+    keys = ("source_model", "source_sha256", "config_sha256", "dist_prune_commit")
+    return {f"lineage.{k}": json.dumps(meta[k], sort_keys=True) if isinstance(meta[k], dict) else str(meta[k])
+            for k in keys if meta.get(k) is not None}
+
+
+def register_directory(export_dir: Path, *, tracking_uri: str | None, experiment: str, model_name: str,
+                       alias: str) -> RegisteredModel:
+    """`dist-prune register DIR`: register an export made earlier (e.g. by a job whose MLflow
+    server was unreachable at the end). Its manifest is verified first; its scalar fields
+    become the run's params."""
+    meta = verify_export(Path(export_dir))
+    params = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) and k != "producer"}
+    return register_export(Path(export_dir), tracking_uri=tracking_uri, experiment=experiment,
+                           model_name=model_name, alias=alias, params={"export": params}, metrics={},
+                           artifacts=[Path(export_dir) / "sparsity.json"])
 
 
 def start_run(tracking_uri: str | None, experiment: str, *, artifact_location: str | None = None,
@@ -240,7 +267,7 @@ def register_export(export_dir: Path, *, tracking_uri: str | None, experiment: s
     all_tags = {"dist_prune.version": __version__, "dist_prune.producer": str(meta.get("producer")),
                 "dist_prune.overall_sparsity": f"{meta.get('overall_sparsity', 0.0):.6f}",
                 **{k: meta[k] for k in ("method", "structure", "scope") if k in meta and not isinstance(meta[k], dict)},
-                **(tags or {})}
+                **_lineage(meta), **(tags or {})}
     all_tags = {_key(k): _scrub(str(v), secrets)[:MAX_TAG_VALUE] for k, v in all_tags.items()
                 if not _is_secret(k)}
     flat_params = flatten_params(params)

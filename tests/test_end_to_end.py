@@ -100,4 +100,8 @@ def test_training_steps_are_mlflow_step_metrics(job):
     assert {m.value for m in client.get_metric_history(run_id, "train/sparsity")} == {0.5}
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
+    version = client.get_model_version_by_alias("tiny-e2e", "candidate")  # lineage
+    assert set(json.loads(version.tags["lineage.source_sha256"])) == {"model.safetensors"}
+    assert len(version.tags["lineage.config_sha256"]) == 64
+    assert len(version.tags.get("lineage.dist_prune_commit", "")) in (0, 40)  # 0: not a git checkout
     assert run.data.metrics["perplexity_sparse"] < run.data.metrics["perplexity_pruned"]

@@ -166,3 +166,33 @@ def test_second_version_and_tampered_artifact(store, tmp_path):
         pull(f"models:/{NAME}/2", tmp_path / "bad", tracking_uri=store["uri"])
     assert not (tmp_path / "bad").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]
+
+
+def test_register_cli_registers_an_existing_export_with_lineage(tmp_path):
+    """`dist-prune register DIR` (what a job whose MLflow was unreachable tells the user to run)."""
+    import json
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    export_dir, sd = make_export(tmp_path, 3)
+    manifest = json.loads((export_dir / "sparsity.json").read_text())
+    manifest.update(source_model="/models/tiny", source_sha256={"model.safetensors": "ab" * 32})
+    (export_dir / "sparsity.json").write_text(json.dumps(manifest))  # the manifest's own hash is not in it
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, "-m", "dist_prune.cli", "register", str(export_dir), "--model-name", "later",
+           "--alias", "rescued", "--tracking-uri", uri]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "models:/later/1" in proc.stdout and "models:/later@rescued" in proc.stdout
+    client = MlflowClient(uri, uri)
+    version = client.get_model_version_by_alias("later", "rescued")
+    assert version.tags["lineage.source_model"] == "/models/tiny"
+    assert json.loads(version.tags["lineage.source_sha256"]) == {"model.safetensors": "ab" * 32}
+    pulled = pull("models:/later@rescued", tmp_path / "pulled", tracking_uri=uri)
+    assert_same_weights(pulled, sd)
+    (export_dir / "sparsity.json").unlink()  # no manifest: nothing verified, nothing registered
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(client.search_model_versions("name='later'")) == 1
