@@ -17,20 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import socket
 import statistics
-import tempfile
-import time
-from pathlib import Path
 
-import torch
-import torch.multiprocessing as mp
+from _ranks import RESULTS, machine, run_job, run_ranks, tokens
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("DIST_PRUNE_DATA", ROOT.parent / "shared" / "data")) / "wikitext-2"
-RESULTS = ROOT / "benchmarks" / "results"
 WORLD = 2
 
 SPEED_ARMS = {
@@ -52,76 +42,30 @@ QUALITY_ARMS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, port: int, out: str, arms: dict, base: list[str], rounds: int, data: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)  # one core per rank, as a Ray worker with cpus_per_worker=1
-    import deepspeed
-
-    from dist_prune.config import load_config, to_dict
+def _rank_main(rank: int, arms: dict, base: list[str], rounds: int, data: dict) -> dict:
     from dist_prune.finetune import Hooks
-    from dist_prune.worker import WorkerJob, run_worker
 
-    deepspeed.init_distributed(dist_backend="gloo")
     results = {name: [] for name in arms}
     for round_index in range(rounds):
         for name, overrides in arms.items():
-            cfg = load_config(None, [f"model.path={data['model']}", *base, *overrides])
             rows = []
-            with tempfile.TemporaryDirectory() as tmp:
-                job = WorkerJob(to_dict(cfg), data["model"], data["calibration"], data["evaluation"],
-                                f"{tmp}/export", {}, training=data["training"])
-                started = time.perf_counter()
-                metrics = run_worker(job, Hooks(log=lambda step, row: rows.append({"step": step, **row})))
-                metrics["seconds_total"] = time.perf_counter() - started
+            metrics = run_job([*base, *overrides], data,
+                              Hooks(log=lambda step, row: rows.append({"step": step, **row})))
             metrics.pop("finetune_history", None)
             results[name].append({"metrics": metrics, "rows": rows})
             if rank == 0:
                 print(f"round {round_index} {name}: {json.dumps({k: v for k, v in metrics.items() if 'perplexity' in k or k.startswith('seconds')})}", flush=True)
-    torch.distributed.barrier()
-    if rank == 0:
-        Path(out).write_text(json.dumps(results))
-    torch.distributed.destroy_process_group()
+    return results
 
 
 def _run(arms: dict, base: list[str], rounds: int, data: dict) -> dict:
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", __import__("dist_prune.checkpoint", fromlist=["x"]).extensions_dir().__str__())
-    with tempfile.TemporaryDirectory() as tmp:
-        out = f"{tmp}/results.json"
-        mp.start_processes(_rank_main, args=(_free_port(), out, arms, base, rounds, data),
-                           nprocs=WORLD, join=True, start_method="spawn")
-        return json.loads(Path(out).read_text())
-
-
-def _machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {WORLD} gloo ranks x 1 thread"
-
-
-def _tokens(model_dir: Path, seq_len: int) -> dict:
-    from transformers import AutoTokenizer
-
-    from dist_prune.data import calibration_windows, eval_windows, tokenize, training_windows
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    valid = tokenize((DATA / "valid.txt").read_text(), tokenizer)
-    test = tokenize((DATA / "test.txt").read_text(), tokenizer)
-    return {"model": str(model_dir), "training": training_windows(valid, seq_len, source="valid"),
-            "calibration": calibration_windows(valid, 32, 512, 0, source="valid"),
-            "evaluation": eval_windows(test, 16, 512, source="test")}
+    return run_ranks(_rank_main, arms, base, rounds, data, world=WORLD)
 
 
 def speed(args) -> None:
     from dist_prune.checkpoint import resolve_model
 
-    data = _tokens(resolve_model(None), args.seq_len)
+    data = tokens(resolve_model(None), training_seq_len=args.seq_len)
     data["calibration"] = data["evaluation"] = None  # magnitude, no evaluation: only the training is timed
     base = ["prune.method=magnitude", "prune.scope=layer", f"finetune.steps={args.steps}",
             f"finetune.data.seq_len={args.seq_len}", "finetune.log_interval=1", "finetune.lr=1e-4",
@@ -135,7 +79,7 @@ def speed(args) -> None:
     dense = table["dense"]["median_step_seconds"]
     for row in table.values():
         row["ratio_to_dense"] = row["median_step_seconds"] / dense
-    report = {"machine": _machine(), "model": "SmolLM2-135M-Instruct (fp32)", "seq_len": args.seq_len,
+    report = {"machine": machine(WORLD), "model": "SmolLM2-135M-Instruct (fp32)", "seq_len": args.seq_len,
               "global_batch": f"{WORLD} windows (1 per rank)", "rounds": args.rounds, "steps": args.steps,
               "arms": table, "command": f"python benchmarks/finetune.py speed --steps {args.steps} "
                                         f"--rounds {args.rounds} --seq-len {args.seq_len}"}
@@ -152,7 +96,7 @@ def speed(args) -> None:
 def quality(args) -> None:
     from dist_prune.checkpoint import resolve_model
 
-    data = _tokens(resolve_model(None), args.seq_len)
+    data = tokens(resolve_model(None), training_seq_len=args.seq_len)
     chosen = {k: v for k, v in QUALITY_ARMS.items() if not args.arms or k in args.arms.split("|")}
     base = ["prune.sparsity=0.5", f"finetune.steps={args.steps}", f"finetune.data.seq_len={args.seq_len}",
             f"finetune.lr={args.lr}", "finetune.warmup_steps=5", "finetune.log_interval=5",
@@ -160,7 +104,7 @@ def quality(args) -> None:
             f"prune.end_step={int(args.steps * 0.75)}", f"prune.interval={max(1, args.steps // 8)}",
             "eval.num_windows=16", "eval.seq_len=512"]
     results = _run(chosen, base, 1, data)
-    report = {"machine": _machine(), "model": "SmolLM2-135M-Instruct (fp32)", "steps": args.steps,
+    report = {"machine": machine(WORLD), "model": "SmolLM2-135M-Instruct (fp32)", "steps": args.steps,
               "seq_len": args.seq_len, "lr": args.lr, "accumulation": args.accumulation, "arms": {}}
     lines = [f"Machine: {report['machine']}. {args.steps} steps x {WORLD * args.accumulation} windows x "
              f"{args.seq_len} tokens of WikiText-2 valid, lr {args.lr}; perplexity on 16 x 512 test windows.",

@@ -1,0 +1,93 @@
+"""What the benchmarks that run the worker recipe without Ray share: spawned gloo ranks,
+one job of the recipe on them, the machine description and WikiText-2 token windows."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("DIST_PRUNE_DATA", ROOT.parent / "shared" / "data")) / "wikitext-2"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def run_ranks(fn, *args, world: int = 2):
+    """fn(rank, *args) on `world` spawned gloo ranks; returns what rank 0's fn returned (as JSON).
+    `fn` must be a module-level function (spawn pickles it by name)."""
+    from dist_prune.checkpoint import extensions_dir
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))  # DeepSpeed compiles once
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/results.json"
+        mp.start_processes(_rank_entry, args=(world, _free_port(), out, fn, args),
+                           nprocs=world, join=True, start_method="spawn")
+        return json.loads(Path(out).read_text())
+
+
+def _rank_entry(rank: int, world: int, port: int, out: str, fn, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)  # one core per rank, as a Ray worker with cpus_per_worker=1
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    result = fn(rank, *args)
+    torch.distributed.barrier()
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(overrides: list[str], data: dict, hooks=None) -> dict:
+    """One job of the worker recipe on the current ranks, exported to a temporary directory;
+    its metrics plus `seconds_total` (the whole recipe: load to export)."""
+    from dist_prune.config import load_config, to_dict
+    from dist_prune.worker import WorkerJob, run_worker
+
+    cfg = load_config(None, [f"model.path={data['model']}", *overrides])
+    with tempfile.TemporaryDirectory() as tmp:
+        job = WorkerJob(to_dict(cfg), data["model"], data["calibration"], data["evaluation"],
+                        f"{tmp}/export", {}, training=data.get("training"))
+        started = time.perf_counter()
+        metrics = run_worker(job, hooks)
+        metrics["seconds_total"] = time.perf_counter() - started
+    return metrics
+
+
+def machine(world: int) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {world} gloo ranks x 1 thread"
+
+
+def tokens(model_dir: Path, *, calibration: tuple[int, int] = (32, 512), evaluation: tuple[int, int] = (16, 512),
+           training_seq_len: int | None = None) -> dict:
+    """Token windows of WikiText-2: `calibration` (windows, tokens) at seeded random offsets of
+    valid, `evaluation` (windows, tokens) from the start of test, and with `training_seq_len`
+    every consecutive window of valid for fine-tuning."""
+    from transformers import AutoTokenizer
+
+    from dist_prune.data import calibration_windows, eval_windows, tokenize, training_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    valid = tokenize((DATA / "valid.txt").read_text(), tokenizer)
+    test = tokenize((DATA / "test.txt").read_text(), tokenizer)
+    data = {"model": str(model_dir), "calibration": calibration_windows(valid, *calibration, 0, source="valid"),
+            "evaluation": eval_windows(test, *evaluation, source="test")}
+    if training_seq_len is not None:
+        data["training"] = training_windows(valid, training_seq_len, source="valid")
+    return data
