@@ -31,6 +31,7 @@ from dist_prune.mask_keeping import NoMasks, Zero2Masks, Zero3Masks, local_slice
 from dist_prune.masking import Target
 from dist_prune.neftune import NEFTune, DynamicAlpha
 from dist_prune.partition import gathered, local_range, local_weight, zero3_config
+from dist_prune.report import progress
 from dist_prune.schedule import cubic_sparsity, is_pruning_step, lr_factor, rank_share, step_windows
 from dist_prune.scoring import SCORERS
 
@@ -120,6 +121,8 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
     device = engine.device
 
     step_seconds: list[float] = []
+    bar = progress(ft.steps, "fine-tune", enabled=rank == 0)
+    bar.update(state.step)
     for step in range(state.step, ft.steps):
         started = time.perf_counter()
         sparsity = None
@@ -162,6 +165,7 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
             dynamic.update(loss_mean)
             state.alpha = dynamic.state_dict()
         state.step = step + 1
+        bar.update(1)
         step_seconds.append(time.perf_counter() - started)
 
         done = state.step == ft.steps
@@ -177,9 +181,12 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
         if row:
             state.history.append({"step": state.step, **row})
             hooks.log(state.step, row)
+            if "train/loss" in row:
+                bar.set_description(f"fine-tune (loss {row['train/loss']:.3f})")
         if hooks.checkpoint is not None and ft.checkpoint_interval and not done \
                 and state.step % ft.checkpoint_interval == 0:
             hooks.checkpoint(state, engine, hooks.metrics)
+    bar.close()
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, beta: float,

@@ -29,6 +29,9 @@ class _NoBar:
     def update(self, n: int = 1) -> None:
         pass
 
+    def set_description(self, desc: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
