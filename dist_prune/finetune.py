@@ -120,6 +120,7 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
     global_batch = ft.micro_batch_size * world * ft.gradient_accumulation_steps
     device = engine.device
 
+    params = dict(model.named_parameters())  # stage 2: the whole weights by name
     step_seconds: list[float] = []
     bar = progress(ft.steps, "fine-tune", enabled=rank == 0)
     bar.update(state.step)
@@ -158,7 +159,7 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
         if grads is not None:  # SEVENdyn: "after each optimizer step"; movement: -w*g
             for t in targets:
                 update_stats(state.stats[t.name], grads[t.name],
-                             _local_view(t, model, ft.zero_stage), step)
+                             _local_view(t, params, ft.zero_stage), step)
         loss_mean = all_reduce_(torch.tensor([loss_sum / len(micro_batches)], dtype=torch.float64))
         loss_mean = loss_mean.item() / world
         if dynamic is not None:
@@ -209,7 +210,8 @@ def reselect(targets: list[Target], state: TrainState, scorer, cfg: JobConfig, s
     weights stay pruned (their score is -inf), so masks only grow. Collective."""
     from dist_prune.worker import select_and_mask  # the same exact selection as one-shot
 
-    views = {t.name: _local_view(t, model, stage) for t in targets}
+    params = dict(model.named_parameters())
+    views = {t.name: _local_view(t, params, stage) for t in targets}
     prune = cfg.prune
     prune_cfg = type(prune)(**{**vars(prune), "sparsity": sparsity})
     return select_and_mask(targets, state.stats, scorer, prune_cfg, scope_of(prune),
@@ -279,11 +281,12 @@ def _size(t: Target) -> int:
     return stop - start
 
 
-def _local_view(t: Target, model, stage: int) -> torch.Tensor:
-    """This rank's slice of the current weights, in the pruning layout."""
+def _local_view(t: Target, params: dict[str, torch.nn.Parameter], stage: int) -> torch.Tensor:
+    """This rank's slice of the current weights, in the pruning layout (`params`: the trained
+    model's parameters by name, looked up once per step by the caller)."""
     if stage == 3:
         return local_weight(t.param)
-    return local_slices_of(dict(model.named_parameters())[t.name].data, t)
+    return local_slices_of(params[t.name].data, t)
 
 
 def _local_grad(t: Target, model, stage: int) -> torch.Tensor:

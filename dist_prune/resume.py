@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 from dist_prune.collectives import rank_and_world
 from dist_prune.errors import UserError
 from dist_prune.finetune import TrainState
+from dist_prune.mask_keeping import MOMENTS
 from dist_prune.masking import Target
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _flats(engine, stage: int) -> list[torch.Tensor]:
