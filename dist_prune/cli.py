@@ -3,6 +3,7 @@
     dist-prune run CONFIG [key.sub=value ...]     prune on Ray workers, register in MLflow
     dist-prune sweep CONFIG key=v1,v2 [...]       every combination, as Ray Tune trials
     dist-prune pull models:/NAME@ALIAS DIR        fetch a registered model, verified
+                                                  (--decompress: in the dense HF layout)
     dist-prune register DIR --model-name NAME     register an export made earlier
     dist-prune keys                               every config key, its default and meaning
     dist-prune submit CONFIG [key.sub=value ...] --address http://HEAD:8265 [--wait]
@@ -47,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     pull = commands.add_parser("pull", help="download a registered model into a directory")
     pull.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     pull.add_argument("dir", help="destination directory (must not exist or be empty)")
+    pull.add_argument("--decompress", action="store_true",
+                      help="write the dense HF layout of a compressed export (export.format sparse-*)")
     pull.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
                                              "or sqlite:///mlflow.db)")
 
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from dist_prune.registry import pull
 
-            print(pull(args.uri, Path(args.dir), tracking_uri=args.tracking_uri))
+            print(pull(args.uri, Path(args.dir), tracking_uri=args.tracking_uri, decompress=args.decompress))
         elif args.command == "register":
             from pathlib import Path
 

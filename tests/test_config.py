@@ -86,6 +86,10 @@ def test_env_expansion_with_default(monkeypatch, tmp_path):
     ("prune.norm=l3", "prune.norm 'l3' is unknown"),
     ("prune.method=sparsegpt prune.scope=row", "sparsegpt chooses its masks"),
     ("export.max_shard_size=lots", "lots"),
+    ("export.format=zip", "export.format 'zip' is unknown (allowed: dense, sparse-bitmask, sparse-24-bitmask)"),
+    ("export.format=sparse-24-bitmask", "export.format sparse-24-bitmask stores 2 of every 4 weights: "
+                                        "it needs prune.structure 2:4, not unstructured"),
+    ("export.format=sparse-24-bitmask prune.structure=1:4", "needs prune.structure 2:4, not 1:4"),
     ("eval.path=/nope.txt", "eval.path /nope.txt is not a file"),
     ("prune", "expected key.sub=value"),
 ])

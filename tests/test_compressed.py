@@ -1,0 +1,279 @@
+"""Compressed exports (export.format sparse-bitmask / sparse-24-bitmask): our layout against
+compressed-tensors' own compressors, exact sizes, and the way back to the dense export
+(`decompress_export`, `dist-prune pull --decompress`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask import Sparse24BitMaskTensor
+from compressed_tensors.compressors.sparse_compressors.sparse_bitmask import BitmaskTensor
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from dist_prune.cli import main
+from dist_prune.compressed import compress_tensor, decompress_export, decompress_tensor
+from dist_prune.config import load_config
+from dist_prune.errors import UserError
+from dist_prune.export import INDEX_FILE, SPARSITY_FILE, StreamingExport, TensorSpec, verify_export
+from dist_prune.registry import pull, register_export
+
+SPARSE = ("sparse-bitmask", "sparse-24-bitmask")
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype])))
+
+
+def prune_2_4(w: torch.Tensor) -> torch.Tensor:
+    """Zero the 2 smallest of every 4 consecutive inputs (masked_fill, as dist-prune does)."""
+    groups = w.reshape(w.shape[0], -1, 4)
+    smallest = groups.abs().topk(2, -1, largest=False).indices
+    drop = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, smallest, True)
+    return groups.masked_fill(drop, 0.0).reshape(w.shape)
+
+
+# -- one tensor ------------------------------------------------------------------------------------
+
+W = torch.tensor([[0.0, 1.5, 0.0, 0.0, -2.0, 0.0, 0.0, 3.0],
+                  [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5]])
+
+
+def test_known_answer_sparse_bitmask():
+    parts = compress_tensor("m.weight", W, "sparse-bitmask")
+    assert list(parts) == ["shape", "compressed", "bitmask", "row_offsets"]
+    assert parts["shape"].tolist() == [2, 8] and parts["shape"].dtype == torch.int64
+    assert parts["compressed"].tolist() == [1.5, -2.0, 3.0, 0.5]
+    assert parts["bitmask"].tolist() == [[0b10010010], [0b10000000]] and parts["bitmask"].dtype == torch.uint8
+    assert parts["row_offsets"].tolist() == [0, 3] and parts["row_offsets"].dtype == torch.int64
+    library = BitmaskTensor.from_dense(W).dict("m", "cpu")
+    assert all(torch.equal(parts[k], library[f"m.{k}"]) and parts[k].dtype == library[f"m.{k}"].dtype for k in parts)
+
+
+def test_known_answer_sparse_24_bitmask():
+    parts = compress_tensor("m.weight", W, "sparse-24-bitmask")
+    assert list(parts) == ["shape", "compressed", "bitmask"]
+    assert parts["shape"].tolist() == [[2], [8]] and parts["shape"].dtype == torch.int64
+    # groups with fewer than 2 non-zeros are filled with their first zeros
+    assert parts["compressed"].tolist() == [[0.0, 1.5, -2.0, 3.0], [0.0, 0.0, 0.0, 0.5]]
+    assert parts["bitmask"].tolist() == [[0b10010011], [0b10010011]]
+    library = Sparse24BitMaskTensor.from_dense(W).dict("m.weight", "cpu")
+    assert set(library) == {f"m.{k}" for k in parts}
+    assert torch.equal(parts["shape"], library["m.shape"])
+    # compressed-tensors picks the filler zeros by topk, so only the decompressed tensor is comparable
+    theirs = Sparse24BitMaskTensor.from_compressed_data(**{k: parts[k] for k in parts}).decompress()
+    assert same_bits(theirs, W)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", SPARSE)
+def test_round_trip_is_bit_identical(fmt, dtype):
+    torch.manual_seed(1)
+    w = prune_2_4(torch.randn(24, 36)).to(dtype)  # 36 columns: the last bitmask byte is partial
+    w[0, 0:4] = torch.tensor([-0.0, 0.0, 0.0, 0.0])  # -0.0 is kept; an all-zero group is filled
+    w[1, 0:4] = torch.tensor([float("nan"), 0.0, -0.0, 0.0])
+    w[2, 4:8] = 0.0
+    parts = compress_tensor("m.weight", w, fmt)
+    assert parts["compressed"].dtype == dtype
+    assert same_bits(decompress_tensor("m.weight", parts), w)
+    library = (BitmaskTensor(**parts) if fmt == "sparse-bitmask"
+               else Sparse24BitMaskTensor.from_compressed_data(**parts)).decompress()
+    assert same_bits(library, w)
+
+
+def test_2_4_violations_are_one_line_errors():
+    w = prune_2_4(torch.randn(4, 8))
+    w[3, 4:8] = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    with pytest.raises(UserError) as e:
+        compress_tensor("model.layers.0.mlp.up_proj.weight", w, "sparse-24-bitmask")
+    assert str(e.value) == ("export.format sparse-24-bitmask needs 2:4 sparse weights, but model.layers.0."
+                            "mlp.up_proj.weight has 3 non-zeros (a -0.0 counts) in row 3, columns 4-7")
+    with pytest.raises(UserError, match=r"^export.format sparse-24-bitmask: m.weight has 6 input columns, "
+                                        r"not a multiple of 4$"):
+        compress_tensor("m.weight", torch.zeros(2, 6), "sparse-24-bitmask")
+    compress_tensor("m.weight", w, "sparse-bitmask")  # any sparsity is fine for sparse-bitmask
+
+
+def test_config_accepts_2_4_with_sparse_24_bitmask():
+    cfg = load_config(None, ["export.format=sparse-24-bitmask", "prune.structure=2:4"], check_paths=False)
+    assert cfg.export.format == "sparse-24-bitmask"
+
+
+# -- whole exports -----------------------------------------------------------------------------------
+
+def tiny_state_dict() -> tuple[LlamaForCausalLM, dict[str, torch.Tensor], list[str]]:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                         tie_word_embeddings=False))
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    pruned = [k for k in sd if ".layers." in k and k.endswith("_proj.weight")]
+    for k in pruned:
+        sd[k] = prune_2_4(sd[k])
+    sd[pruned[0]][0, :4] = torch.tensor([0.0, -0.0, 0.0, 0.0])
+    return model, sd, pruned
+
+
+def write_export(out: Path, model, sd: dict, pruned: list[str], fmt: str, shard_size: int,
+                 extra: Path | None = None, structure: str = "2:4") -> Path:
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
+    with StreamingExport(out, specs, shard_size) as ex:
+        for k, v in sd.items():
+            ex.write(k, v)
+        return ex.finish(model.config.to_dict(), [extra] if extra else [],
+                         {"method": "magnitude", "structure": structure, "pruned_tensors": pruned}, fmt=fmt)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compressed")
+    model, sd, pruned = tiny_state_dict()
+    extra = root / "tokenizer.json"
+    extra.write_text('{"not": "a real tokenizer"}')
+    dirs = {(fmt, size): write_export(root / f"{fmt}-{size}", model, sd, pruned, fmt, size, extra)
+            for fmt in ("dense", *SPARSE) for size in (20_000, 10**9)}
+    return {"root": root, "model": model, "sd": sd, "pruned": pruned, "dirs": dirs}
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def data_bytes(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file (file size minus its header)."""
+    raw = path.read_bytes()
+    return len(raw) - 8 - int.from_bytes(raw[:8], "little")
+
+
+@pytest.mark.parametrize("fmt", SPARSE)
+def test_compressed_tensors_decompresses_to_the_dense_export(exports, fmt):
+    sd = exports["sd"]
+    for size in (20_000, 10**9):
+        directory = exports["dirs"][fmt, size]
+        compressor = ModelCompressor.from_pretrained(str(directory))  # reads config.json's quantization_config
+        assert type(compressor.sparsity_compressor).__name__ == {
+            "sparse-bitmask": "BitmaskCompressor", "sparse-24-bitmask": "Sparse24BitMaskCompressor"}[fmt]
+        theirs = dict(compressor.sparsity_compressor.decompress(str(directory)))
+        assert set(theirs) == set(sd)
+        assert all(same_bits(theirs[k], v) for k, v in sd.items())
+        model = LlamaForCausalLM(exports["model"].config)
+        compressor.decompress(str(directory), model)
+        assert all(same_bits(v, sd[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("fmt", SPARSE)
+def test_files_shrink_by_the_formula(exports, fmt):
+    sd, pruned = exports["sd"], set(exports["pruned"])
+    expected = 0
+    for name, t in sd.items():
+        if name not in pruned:
+            expected += t.numel() * 4
+            continue
+        rows, cols = t.shape
+        if fmt == "sparse-bitmask":  # shape + values with non-zero bits (-0.0 too) + bitmask + row_offsets
+            expected += 2 * 8 + int((t.view(torch.int32) != 0).sum()) * 4 + rows * math.ceil(cols / 8) + rows * 8
+        else:                        # shape + half the values + bitmask
+            expected += 2 * 8 + rows * cols // 2 * 4 + rows * math.ceil(cols / 8)
+    dense_total = sum(t.numel() * 4 for t in sd.values())
+    assert expected < dense_total * 0.75
+    for size in (20_000, 10**9):
+        directory = exports["dirs"][fmt, size]
+        shards = sorted(directory.glob("*.safetensors"))
+        assert sum(data_bytes(p) for p in shards) == expected
+        meta = verify_export(directory)
+        assert meta["format"] == fmt and meta["total_size"] == dense_total
+        assert meta["dense_shards"] == verify_export(exports["dirs"]["dense", size])["shards"]
+        if size == 20_000:
+            assert len(shards) > 1
+            assert json.loads((directory / INDEX_FILE).read_text())["metadata"]["total_size"] == expected
+        config = json.loads((directory / "config.json").read_text())
+        assert config["sparsity_config"]["format"] == fmt
+        assert config["quantization_config"] == {"quant_method": "compressed-tensors", "version": "0.12.2",
+                                                 "sparsity_config": config["sparsity_config"]}
+
+
+@pytest.mark.parametrize("fmt", SPARSE)
+def test_decompress_gives_the_dense_export_byte_for_byte(exports, fmt, tmp_path):
+    for size in (20_000, 10**9):
+        out = decompress_export(exports["dirs"][fmt, size], tmp_path / f"dense-{size}")
+        assert files(out) == files(exports["dirs"]["dense", size])
+
+
+def test_decompress_checks_the_dense_sha256(exports, tmp_path):
+    src = tmp_path / "tampered"
+    shutil.copytree(exports["dirs"]["sparse-bitmask", 10**9], src)
+    shard = src / "model.safetensors"
+    raw = bytearray(shard.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    begin, _ = json.loads(raw[8:8 + n])["model.layers.1.mlp.up_proj.compressed"]["data_offsets"]
+    raw[8 + n + begin] ^= 0x01  # one stored value changes, the bitmask stays consistent
+    shard.write_bytes(raw)
+    meta = json.loads((src / SPARSITY_FILE).read_text())
+    from dist_prune.export import sha256_file
+
+    meta["shards"]["model.safetensors"] = sha256_file(shard)  # passes verify_export ...
+    (src / SPARSITY_FILE).write_text(json.dumps(meta))
+    verify_export(src)
+    with pytest.raises(UserError, match="decompressed shard model.safetensors of .* does not match the dense sha256"):
+        decompress_export(src, tmp_path / "out")  # ... but not the dense sha256
+    assert not (tmp_path / "out").exists()
+    meta["format"] = "zip"
+    (src / SPARSITY_FILE).write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="names export format 'zip', unknown to this dist-prune"):
+        verify_export(src)
+
+
+def test_non_2_4_weights_are_refused_and_nothing_is_published(exports, tmp_path):
+    model, sd = exports["model"], dict(exports["sd"])
+    name = exports["pruned"][3]
+    sd[name] = sd[name].clone()
+    sd[name][5, 8:12] = torch.tensor([1.0, 2.0, 3.0, 0.0])
+    with pytest.raises(UserError) as e:
+        write_export(tmp_path / "out", model, sd, exports["pruned"], "sparse-24-bitmask", 10**9)
+    assert str(e.value) == (f"export.format sparse-24-bitmask needs 2:4 sparse weights, but {name} has "
+                            "3 non-zeros (a -0.0 counts) in row 5, columns 8-11")
+    assert list(tmp_path.iterdir()) == []  # no export, no temporary directory
+
+
+# -- registry -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def registered(exports):
+    root = exports["root"]
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # MLflow's defaults (mlruns/) land here, not in the repo
+        reg = register_export(exports["dirs"]["sparse-24-bitmask", 20_000], tracking_uri=uri,
+                              experiment="compressed", model_name="tiny-24", alias="candidate",
+                              params={}, metrics={}, artifact_location=(root / "artifacts").as_uri())
+        yield {"uri": uri, "reg": reg}
+
+
+def test_pull_decompress_gives_the_dense_hf_layout(exports, registered, tmp_path, capsys):
+    as_registered = pull("models:/tiny-24@candidate", tmp_path / "compressed", tracking_uri=registered["uri"])
+    assert files(as_registered) == files(exports["dirs"]["sparse-24-bitmask", 20_000])
+    dst = tmp_path / "dense"
+    assert main(["pull", "models:/tiny-24/1", str(dst), "--decompress", "--tracking-uri", registered["uri"]]) == 0
+    assert capsys.readouterr().out.strip() == str(dst.absolute())
+    assert files(dst) == files(exports["dirs"]["dense", 20_000])
+    loaded = AutoModelForCausalLM.from_pretrained(dst).state_dict()
+    assert set(loaded) == set(exports["sd"])
+    assert all(same_bits(loaded[k], v) for k, v in exports["sd"].items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compressed", "dense"]  # no temporary left
+
+
+def test_compressed_export_as_model_path_is_one_line(exports, tmp_path):
+    """A compressed export holds bitmasks, not weights: a job refuses it before any worker starts."""
+    from dist_prune.job import prepare
+
+    directory = exports["dirs"][("sparse-bitmask", 20_000)]
+    cfg = load_config(None, [f"model.path={directory}"], check_paths=False)
+    with pytest.raises(UserError, match="is a sparse-bitmask export; decompress it first"):
+        prepare(cfg)
