@@ -119,8 +119,30 @@ def _mlflow_errors(uri: str, action: str) -> Iterator[None]:
     except UserError:
         raise
     except (MlflowException, RequestException, OSError) as e:
+        denied = _auth_failure(e, action)
+        if denied:
+            raise UserError(f"MLflow at {_redact_uri(uri)} {denied}") from None
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"MLflow at {_redact_uri(uri)}: {action} failed: {_scrub(msg, _env_secrets())}") from e
+
+
+def _auth_failure(e: Exception, action: str) -> str | None:
+    """What a 401/403 from the server (REST call or artifact upload) means for the user, naming
+    the credential variables but never their values; None for any other error."""
+    status = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}.get(getattr(e, "error_code", None))
+    status = status or getattr(getattr(e, "response", None), "status_code", None)  # requests.HTTPError
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401 and user:
+        return (f"rejected the credentials of MLFLOW_TRACKING_USERNAME={user} (HTTP 401): "
+                f"check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    if status == 401:
+        what = "MLFLOW_TRACKING_TOKEN" if os.environ.get("MLFLOW_TRACKING_TOKEN") else "no credentials"
+        return (f"rejected the request (HTTP 401, {what} given): set MLFLOW_TRACKING_USERNAME and "
+                f"MLFLOW_TRACKING_PASSWORD")
+    if status == 403:
+        return (f"denied MLFLOW_TRACKING_USERNAME={user} permission for {action} (HTTP 403): ask the "
+                f"server's admin for EDIT on the experiment and the registered model")
+    return None
 
 
 def _client(tracking_uri: str | None):
@@ -186,13 +208,16 @@ def start_run(tracking_uri: str | None, experiment: str, *, artifact_location: s
     with _mlflow_errors(uri, f"experiment {experiment!r}"):
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
-            exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
-        elif exp.lifecycle_stage != "active":
+            try:
+                exp = client.get_experiment(client.create_experiment(experiment, artifact_location=artifact_location))
+            except Exception as e:  # MlflowException; two jobs starting at once both found none
+                if not _is_code(e, "RESOURCE_ALREADY_EXISTS"):
+                    raise
+                exp = client.get_experiment_by_name(experiment)
+        if exp.lifecycle_stage != "active":
             raise UserError(f"MLflow experiment {experiment!r} at {_redact_uri(uri)} is deleted; restore it or pick another name")
-        else:
-            exp_id = exp.experiment_id
         tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
-        return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        return client.create_run(exp.experiment_id, run_name=run_name, tags=tags).info.run_id
 
 
 def end_run(tracking_uri: str | None, run_id: str, status: str = "FAILED") -> None:
@@ -331,8 +356,9 @@ def parse_model_uri(model_uri: str) -> tuple[str, str | None, int | None]:
     raise UserError(f"invalid model URI {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
 
 
-def pull(model_uri: str, dst: Path, *, tracking_uri: str | None = None) -> Path:
-    """Download a registered dist-prune export into `dst` (must not exist or be empty), verified."""
+def pull(model_uri: str, dst: Path, *, tracking_uri: str | None = None, decompress: bool = False) -> Path:
+    """Download a registered dist-prune export into `dst` (must not exist or be empty), verified.
+    `decompress`: write the dense HF layout of a compressed export (export.format sparse-*)."""
     import mlflow.artifacts
 
     name, alias, version = parse_model_uri(model_uri)
@@ -370,9 +396,13 @@ def pull(model_uri: str, dst: Path, *, tracking_uri: str | None = None) -> Path:
         if not local.is_dir():
             raise UserError(f"{model_uri} does not point at a directory of artifacts")
         try:
-            verify_export(local)
+            meta = verify_export(local)
         except UserError as e:
             raise UserError(f"{model_uri} failed verification after download: {e}") from None
+        if decompress and meta.get("format", "dense") != "dense":
+            from dist_prune.compressed import decompress_export
+
+            local = decompress_export(local, tmp / "dense", meta)
         if dst.exists():
             dst.rmdir()  # empty, checked above
         os.rename(local, dst)

@@ -1,0 +1,324 @@
+"""Against real `mlflow server` processes on loopback (sqlite backend, artifacts served by the
+server): a job registers over HTTP, basic-auth credentials come from MLFLOW_TRACKING_USERNAME /
+MLFLOW_TRACKING_PASSWORD, an unreachable server fails in one line and keeps the export, and two
+registrations racing for one model name get distinct, intact versions.
+
+The servers start once per module, in their own process groups, and the whole group is killed at
+teardown. Only the first test runs a Ray job; the others register a pre-built export."""
+
+from __future__ import annotations
+
+import contextlib
+import filecmp
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from test_registry import make_export
+
+CLI = [sys.executable, "-m", "dist_prune.cli"]
+ADMIN, PASSWORD, WRONG = "admin", "Adm1n-pa55word-x7", "Wr0ng-pa55word-q9"
+START_TIMEOUT_S = 240  # imports and schema migration: 15-90 s here on a busy 2-core box
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The environment without the caller's MLflow/Ray settings: nothing leaks in from the shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _start(root: Path, *, auth: bool) -> Server:
+    root.mkdir()
+    port = _free_port()
+    # no background job runner: it is not needed here and costs a process and CPU
+    env = _clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"]
+    if auth:
+        ini = root / "auth.ini"
+        # auth_cache_ttl_seconds: without it every request re-hashes the password (PBKDF2), seconds
+        # per request on a loaded machine
+        ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                       f"database_uri = sqlite:///{root}/auth.db\n"
+                       f"admin_username = {ADMIN}\nadmin_password = {PASSWORD}\n"
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                       "auth_cache_ttl_seconds = 300\n")
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_FLASK_SERVER_SECRET_KEY=uuid.uuid4().hex)
+        args += ["--app-name", "basic-auth"]
+    log = root / "server.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(args, cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return Server(f"http://127.0.0.1:{port}", proc, log)
+
+
+def _wait_healthy(server: Server) -> Server:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            pytest.fail(f"mlflow server exited {server.proc.returncode}:\n{server.log.read_text()[-3000:]}")
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(server.url + "/health", timeout=5).status_code == 200:
+                return server
+        time.sleep(0.25)
+    pytest.fail(f"mlflow server not healthy after {START_TIMEOUT_S} s:\n{server.log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """TERM, then KILL, the server's whole process group (uvicorn workers included)."""
+    for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):  # a test server needs no grace
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait_s)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-servers")
+    started: dict[str, Server] = {}
+    try:  # both start at once; each test waits only for the one it uses
+        started["plain"] = _start(root / "plain", auth=False)
+        started["auth"] = _start(root / "auth", auth=True)
+        yield started
+    finally:
+        for server in started.values():
+            _stop(server.proc)
+
+
+@pytest.fixture(scope="module")
+def plain(servers) -> Server:
+    return _wait_healthy(servers["plain"])
+
+
+@pytest.fixture(scope="module")
+def secured(servers) -> Server:
+    return _wait_healthy(servers["auth"])
+
+
+def _cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + args, cwd=cwd, capture_output=True, text=True, env=_clean_env(**env),
+                          timeout=600, check=False)
+
+
+def _client(url: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(url, url)
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """Same file names, byte for byte the same contents."""
+    names = sorted(p.name for p in a.iterdir())
+    _, differ, unreadable = filecmp.cmpfiles(a, b, names, shallow=False)
+    return names == sorted(p.name for p in b.iterdir()) and differ == unreadable == []
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[str, int]]:
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in directory.iterdir()}
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dist-prune: error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+# -- a real job ------------------------------------------------------------------------------------
+
+def test_job_registers_on_remote_server_with_lineage(plain, tiny_llama, text_file, tmp_path):
+    from dist_prune.registry import pull
+
+    proc = _cli(["run", f"model.path={tiny_llama}", "prune.method=wanda", "prune.sparsity=0.5",
+                 "cluster.num_workers=1", f"data.calibration.path={text_file}",
+                 "data.calibration.num_samples=4", "data.calibration.seq_len=32",
+                 f"eval.path={text_file}", "eval.seq_len=32", "eval.num_windows=2",
+                 f"registry.tracking_uri={plain.url}", "registry.model_name=tiny-remote",
+                 "registry.experiment=remote", "export.dir=out"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "models:/tiny-remote@candidate" in proc.stdout
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()  # all went to the server
+
+    pulled = pull("models:/tiny-remote@candidate", tmp_path / "pulled", tracking_uri=plain.url)
+    assert _same_files(tmp_path / "out", pulled)  # bit-identical shards, manifest, config
+
+    client = _client(plain.url)
+    version = client.get_model_version_by_alias("tiny-remote", "candidate")
+    assert version.version in (1, "1") and version.source.startswith("mlflow-artifacts:")
+    tags = version.tags
+    assert tags["lineage.source_model"] == str(tiny_llama)
+    shard = tiny_llama / "model.safetensors"
+    assert json.loads(tags["lineage.source_sha256"]) == {shard.name: hashlib.sha256(shard.read_bytes()).hexdigest()}
+    manifest = json.loads((tmp_path / "out" / "sparsity.json").read_text())
+    assert tags["lineage.config_sha256"] == manifest["config_sha256"] and len(manifest["config_sha256"]) == 64
+    head = subprocess.run(["git", "-C", str(Path(__file__).parents[1]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+    assert tags.get("lineage.dist_prune_commit") == (head or None)
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["prune.method"] == "wanda" and run.data.params["model.path"] == str(tiny_llama)
+    assert run.data.metrics["overall_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert {"perplexity_dense", "perplexity_sparse"} <= set(run.data.metrics)
+
+
+def test_parent_run_is_recorded(plain, tmp_path):
+    """A sweep trial's version points at the sweep's run (MLflow's mlflow.parentRunId)."""
+    from dist_prune.registry import register_export, start_run
+
+    parent = start_run(plain.url, "remote-sweep", run_name="sweep")
+    child = start_run(plain.url, "remote-sweep", parent_run_id=parent)
+    export_dir, _ = make_export(tmp_path, 5)
+    reg = register_export(export_dir, tracking_uri=plain.url, experiment="remote-sweep", model_name="trial",
+                          alias="candidate", params={"prune": {"sparsity": 0.5}}, metrics={"ppl": 12.5},
+                          run_id=child)
+    run = _client(plain.url).get_run(reg.run_id)
+    assert reg.run_id == child and run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.metrics["ppl"] == 12.5 and run.data.params["prune.sparsity"] == "0.5"
+
+
+# -- basic auth -----------------------------------------------------------------------------------
+
+def test_basic_auth_credentials(secured, tmp_path, monkeypatch, capsys):
+    from dist_prune.errors import UserError
+    from dist_prune.registry import pull, register_directory
+
+    export_dir, _ = make_export(tmp_path, 6)
+    before = _snapshot(export_dir)
+    proc = _cli(["register", str(export_dir), "--model-name", "secured", "--tracking-uri", secured.url],
+                tmp_path, MLFLOW_TRACKING_USERNAME=ADMIN, MLFLOW_TRACKING_PASSWORD=WRONG)
+    line = _one_error_line(proc)
+    assert line == (f"dist-prune: error: MLflow at {secured.url} rejected the credentials of "
+                    f"MLFLOW_TRACKING_USERNAME={ADMIN} (HTTP 401): check MLFLOW_TRACKING_USERNAME and "
+                    f"MLFLOW_TRACKING_PASSWORD")
+    assert WRONG not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert _snapshot(export_dir) == before
+
+    with pytest.raises(UserError, match=r"rejected the request \(HTTP 401, no credentials given\)"):
+        register_directory(export_dir, tracking_uri=secured.url, experiment="dist-prune",
+                           model_name="secured", alias="candidate")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    client = _client(secured.url)
+    assert client.search_registered_models() == []  # the failed attempts registered nothing
+    reg = register_directory(export_dir, tracking_uri=secured.url, experiment="dist-prune",
+                             model_name="secured", alias="candidate")
+    assert reg.version == 1
+    dst = pull("models:/secured@candidate", tmp_path / "pulled", tracking_uri=secured.url)
+    assert _same_files(export_dir, dst)
+    run = client.get_run(reg.run_id)
+    version = client.get_model_version("secured", "1")
+    logged = json.dumps([run.data.params, run.data.tags, version.tags])
+    assert PASSWORD not in logged and "MLFLOW_TRACKING_PASSWORD" not in logged
+
+    # a user the server knows, without EDIT on the admin's experiment: 403, named as such
+    requests.post(f"{secured.url}/api/2.0/mlflow/users/create", auth=(ADMIN, PASSWORD), timeout=60,
+                  json={"username": "reader", "password": "Reader-pa55word-1"}).raise_for_status()
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "Reader-pa55word-1")
+    with pytest.raises(UserError) as denied:
+        register_directory(export_dir, tracking_uri=secured.url, experiment="dist-prune",
+                           model_name="secured", alias="candidate")
+    assert str(denied.value).startswith(f"MLflow at {secured.url} denied MLFLOW_TRACKING_USERNAME=reader permission "
+                                        f"for experiment 'dist-prune' (HTTP 403)")
+    assert len(_client(secured.url).search_model_versions("name='secured'")) == 1
+    assert PASSWORD not in "".join(capsys.readouterr())
+
+
+# -- unreachable server ---------------------------------------------------------------------------
+
+def test_unreachable_server_fails_in_one_line_and_keeps_export(plain, tmp_path, monkeypatch, capsys):
+    """A job's final registration when nothing answers: retries, one clear line, the export kept,
+    and the `dist-prune register DIR` it suggests works once the server is back. (The CLI prints
+    a UserError as that one line: test_basic_auth_credentials runs it in a subprocess.)"""
+    from dist_prune import cli, registry
+    from dist_prune.config import load_config
+    from dist_prune.errors import UserError
+    from dist_prune.job import _keep_export_on_failure
+
+    monkeypatch.setattr(registry, "RETRY_PAUSES_S", (0.5, 1.0))  # DIST_PRUNE_MLFLOW_RETRY_PAUSES=0.5,1
+    export_dir, _ = make_export(tmp_path, 7)
+    before = _snapshot(export_dir)
+    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    cfg = load_config(None, ["registry.model_name=rescued", f"registry.tracking_uri={dead}"], check_paths=False)
+    started = time.monotonic()
+    with pytest.raises(UserError) as failure, _keep_export_on_failure(export_dir, cfg):
+        registry.register_export(export_dir, tracking_uri=dead, experiment="dist-prune", model_name="rescued",
+                                 alias="candidate", params={}, metrics={})
+    assert time.monotonic() - started >= 1.5  # it waited out both pauses
+    assert str(failure.value) == (f"cannot reach MLflow tracking server at {dead} (3 attempts): ConnectionError; "
+                                  f"the verified export is kept at {export_dir}: register it later with "
+                                  f"`dist-prune register {export_dir} --model-name rescued`")
+    assert _snapshot(export_dir) == before
+
+    assert cli.main(["register", str(export_dir), "--model-name", "rescued", "--tracking-uri", plain.url]) == 0
+    assert "registered models:/rescued/1 (models:/rescued@candidate)" in capsys.readouterr().out
+    dst = registry.pull("models:/rescued@candidate", tmp_path / "pulled", tracking_uri=plain.url)
+    assert _same_files(export_dir, dst)
+
+
+# -- concurrency ----------------------------------------------------------------------------------
+
+# `dist-prune register DIR` in a process that, once imported, waits for a "go" file, so that two of
+# them hit the server within milliseconds of each other
+RACER = """
+import sys, time
+from pathlib import Path
+from dist_prune.registry import check_registry, register_directory
+export_dir, url, ready, go = sys.argv[1:]
+check_registry(url)  # imports and first connection done: after "go" only the registration is left
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.002)
+print(register_directory(Path(export_dir), tracking_uri=url, experiment="raced", model_name="raced",
+                         alias="candidate").version)
+"""
+
+
+def test_concurrent_registrations_get_distinct_versions(plain, tmp_path):
+    from dist_prune.registry import pull
+
+    exports = [make_export(tmp_path, seed)[0] for seed in (10, 11)]
+    go = tmp_path / "go"
+    ready = [tmp_path / f"ready-{i}" for i in range(2)]
+    # a new experiment and a new model name: both processes race to create each of them
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(e), plain.url, str(r), str(go)], cwd=tmp_path,
+                              env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for e, r in zip(exports, ready)]
+    deadline = time.monotonic() + 300
+    while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    versions = [int(out.split()[-1]) for out, _ in outs]
+    assert sorted(versions) == [1, 2]
+    for version, export_dir in zip(versions, exports):
+        dst = pull(f"models:/raced/{version}", tmp_path / f"pulled-{version}", tracking_uri=plain.url)
+        assert _same_files(export_dir, dst)
+    assert int(_client(plain.url).get_model_version_by_alias("raced", "candidate").version) in versions
