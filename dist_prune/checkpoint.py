@@ -168,6 +168,22 @@ class Checkpoint:
         rows = sliced[first:last].reshape(-1)
         return rows[start - first * row: stop - first * row]
 
+    def check_finite(self, max_elements: int = 1 << 24) -> None:
+        """Refuse NaN or Inf weights on the driver, before any worker starts. Streams one
+        tensor at a time, and a large one in runs of rows of at most `max_elements`."""
+        for name, shard in self.weight_map.items():
+            sliced = self._handle(name).get_slice(name)
+            shape = sliced.get_shape()
+            if sliced.get_dtype() not in ("F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3"):
+                continue  # integer buffers cannot hold NaN
+            row = math.prod(shape[1:]) if shape else 1
+            step = max(1, max_elements // max(row, 1))
+            for first in range(0, shape[0] if shape else 1, step):
+                part = sliced[first:first + step] if shape else self._handle(name).get_tensor(name)
+                if not torch.isfinite(part.float() if part.element_size() == 1 else part).all():
+                    raise UserError(f"model.path {self.directory}: tensor {name} in {shard} contains "
+                                    "NaN or Inf values")
+
     def shard_sha256(self) -> dict[str, str]:
         """sha256 of every weight file: the source's identity in an export's lineage."""
         from dist_prune.export import sha256_file

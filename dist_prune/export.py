@@ -12,6 +12,8 @@ sparsity.json (our provenance record: per-tensor zeros, shard sha256; see `finis
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
 import math
@@ -33,7 +35,8 @@ PRODUCER = f"dist-prune {__version__}"
 SPARSITY_FILE = "sparsity.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_RESERVED = {"producer", "format_version", "tensors", "overall_sparsity", "shards", "total_size"}
+_RESERVED = {"producer", "format_version", "format", "tensors", "overall_sparsity", "shards", "total_size",
+             "dense_shards"}
 
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -139,6 +142,24 @@ def _module_name(tensor_name: str) -> str:
     return tensor_name.rsplit(".", 1)[0] if "." in tensor_name else tensor_name
 
 
+def _disk_full_is_user_error(method):
+    """A full disk or an exceeded quota is the user's to fix: the partial export is removed and
+    the error is one line naming the export, not a traceback."""
+
+    @functools.wraps(method)
+    def wrapper(self: StreamingExport, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.abort()
+            raise UserError(f"{os.strerror(e.errno).lower()} while writing the export to {self.final_dir}; "
+                            "free some space or choose another export.dir") from None
+
+    return wrapper
+
+
 class StreamingExport:
     """Writes an HF-loadable checkpoint directory one tensor at a time (see module docstring).
 
@@ -179,6 +200,7 @@ class StreamingExport:
             self.abort()
 
     # -- writing ------------------------------------------------------------------------------
+    @_disk_full_is_user_error
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._done:
             raise RuntimeError("export already finished or aborted")
@@ -213,6 +235,7 @@ class StreamingExport:
         if self._next == len(self._order) or self._order[self._next][0] != fi:
             self._close_shard(fi)
 
+    @_disk_full_is_user_error
     def _close_shard(self, fi: int) -> None:
         self._fh.flush()
         os.fsync(self._fh.fileno())
@@ -220,13 +243,16 @@ class StreamingExport:
         self._fh = None
         self.sha256[self.files[fi]] = self._hash.hexdigest()
 
-    def finish(self, config: dict, extra_files: Sequence[Path], report: dict) -> Path:
+    @_disk_full_is_user_error
+    def finish(self, config: dict, extra_files: Sequence[Path], report: dict, fmt: str = "dense") -> Path:
         """Write config.json, extra files, index, sparsity.json; fsync; rename into place.
 
         config.json gets a top-level "sparsity_config" block (compressed-tensors convention).
         Its "targets" and "ignore" hold *module* names (tensor name minus the last component,
         e.g. "model.layers.0.mlp.up_proj"), which is what compressed-tensors matches against:
         targets = modules with at least one pruned tensor, ignore = every other module.
+        `fmt` is export.format: dense, or sparse-bitmask / sparse-24-bitmask (pruned weights stored
+        compressed, as compressed-tensors does; `dist-prune pull --decompress` undoes it).
         """
         if self._done:
             raise RuntimeError("export already finished or aborted")
@@ -259,10 +285,27 @@ class StreamingExport:
         targets = sorted({_module_name(n) for n in pruned})
         ignore = sorted({_module_name(s.name) for s in self.specs} - set(targets))
         cfg = dict(config)
-        cfg["sparsity_config"] = {"format": "dense", "global_sparsity": overall,
+        cfg["sparsity_config"] = {"format": fmt, "global_sparsity": overall,
                                   "sparsity_structure": report.get("structure", "unstructured"),
                                   "targets": targets, "ignore": ignore,
                                   "registry_requires_subclass": False}
+        # fmt sparse-bitmask / sparse-24-bitmask (dist_prune/compressed.py): the dense shards just
+        # written are replaced by compressed ones; config.json also gets the "quantization_config"
+        # compressed-tensors reads, sparsity.json keeps the dense shards' sha256 for decompression.
+        total_size = sum(s.nbytes for s in self.specs)
+        shards, stored_size = dict(self.sha256), total_size
+        weight_map = {s.name: self.files[fi] for fi, s in self._order}
+        if fmt != "dense":
+            from dist_prune.compressed import FORMATS, compress_shards, compressible, compression_config
+
+            if fmt not in FORMATS:
+                raise ValueError(f"unknown export format {fmt!r} (allowed: {', '.join(FORMATS)})")
+            if "quantization_config" in cfg:
+                raise UserError(f"export.format {fmt} cannot be written for a model whose config.json "
+                                "already has a quantization_config")
+            cfg["quantization_config"] = compression_config(cfg["sparsity_config"])
+            names = {n for n, entry in tensors.items() if compressible(n, entry)}
+            shards, weight_map, stored_size = compress_shards(self.tmp_dir, self.files, fmt, names)
         _write_json(self.tmp_dir / "config.json", cfg, indent=2, sort_keys=True)
 
         for src in extra_files:
@@ -276,18 +319,16 @@ class StreamingExport:
             with open(dst, "rb") as f:
                 os.fsync(f.fileno())
 
-        total_size = sum(s.nbytes for s in self.specs)
         if len(self.files) > 1:
-            weight_map = {s.name: self.files[fi] for fi, s in self._order}
             index = {"metadata": {"total_parameters": sum(s.numel for s in self.specs),
-                                  "total_size": total_size},
+                                  "total_size": stored_size},
                      "weight_map": weight_map}
             _write_json(self.tmp_dir / INDEX_FILE, index, indent=2, sort_keys=True)
 
-        record = {"producer": PRODUCER, "format_version": 1,
+        record = {"producer": PRODUCER, "format_version": 1, "format": fmt,
                   **{k: v for k, v in report.items() if k != "pruned_tensors"},
                   "tensors": tensors, "overall_sparsity": overall, "total_size": total_size,
-                  "shards": dict(self.sha256)}
+                  "shards": shards, **({"dense_shards": dict(self.sha256)} if fmt != "dense" else {})}
         _write_json(self.tmp_dir / SPARSITY_FILE, record, indent=2, default=str)
         _fsync_dir(self.tmp_dir)
         self._publish()
@@ -313,7 +354,10 @@ class StreamingExport:
     def abort(self) -> None:
         """Remove the temporary directory; nothing appears at final_dir."""
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:  # flushing its buffer onto a full disk: the file goes anyway
+                pass
             self._fh = None
         if not self._done:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
@@ -388,7 +432,9 @@ def verify_export(directory: Path) -> dict:
             raise UserError(f"{index_path} weight_map disagrees with the shards' tensors")
     elif set(shards) != {SINGLE_FILE}:
         raise UserError(f"{index_path} is missing but {SPARSITY_FILE} lists {len(shards)} shards")
-    if isinstance(meta.get("tensors"), dict) and set(meta["tensors"]) != stored:
+    from dist_prune.compressed import expected_tensors  # compressed weights are stored as parts
+
+    if isinstance(meta.get("tensors"), dict) and expected_tensors(meta) != stored:
         raise UserError(f"{meta_path} lists tensors that disagree with the shards' contents")
     return meta
 

@@ -44,7 +44,11 @@ def prepare(cfg: JobConfig) -> WorkerJob:
     check_remote_code(model_dir, cfg.model.trust_remote_code)
     checkpoint = open_checkpoint(model_dir)
     if (model_dir / "sparsity.json").is_file():  # a dist-prune export: its manifest must hold
-        verify_export(model_dir)
+        fmt = verify_export(model_dir).get("format", "dense")
+        if fmt != "dense":  # its pruned weights are stored as bitmask + values, not as tensors
+            raise UserError(f"model.path {model_dir} is a {fmt} export; decompress it first "
+                            f"(dist-prune pull MODEL_URI DIR --decompress)")
+    checkpoint.check_finite()  # seconds here, not a cluster start, for a NaN in the weights
     from transformers import AutoTokenizer
 
     try:
@@ -80,7 +84,8 @@ def prepare(cfg: JobConfig) -> WorkerJob:
               "config_sha256": config_sha256(cfg), "source_model": str(cfg.model.path or model_dir),
               "source_sha256": checkpoint.shard_sha256(), "dist_prune_commit": git_commit(),
               "tensors_in_checkpoint": len(checkpoint.weight_map)}
-    return WorkerJob(to_dict(cfg), str(model_dir), calibration, evaluation, str(export_dir), report,
+    # absolute: Ray Train workers run in a directory of their own
+    return WorkerJob(to_dict(cfg), str(model_dir.resolve()), calibration, evaluation, str(export_dir), report,
                      training=training)
 
 
@@ -147,20 +152,39 @@ def _probe(address: str, timeout: float = 5.0) -> None:
                         f"({getattr(e, 'strerror', None) or e})") from None
 
 
+def placeable_workers(nodes: list[dict], cpus: float, gpus: float, wanted: int) -> int:
+    """How many of `wanted` workers of `cpus` CPUs and `gpus` GPUs the nodes' total resources
+    hold; one worker's resources come from one node."""
+    placed = 0
+    for resources in nodes:
+        fits = [resources.get(key, 0) // need for key, need in (("CPU", cpus), ("GPU", gpus)) if need > 0]
+        placed += int(min(fits)) if fits else wanted
+    return min(placed, wanted)
+
+
+def check_placement(cfg: JobConfig) -> None:
+    """Ray Train waits forever for workers the cluster cannot place: refuse them in one line.
+    (Against the nodes there now: an autoscaling cluster is judged by its current size.)"""
+    import ray
+
+    c = cfg.cluster
+    gpus = 1 if c.use_gpu else 0
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if placeable_workers(nodes, c.cpus_per_worker, gpus, c.num_workers) < c.num_workers:
+        total = {key: sum(n.get(key, 0) for n in nodes) for key in ("CPU", "GPU")}
+        raise UserError(f"cluster.num_workers={c.num_workers} workers of {c.cpus_per_worker} CPU"
+                        f"{' and 1 GPU' if gpus else ''} each cannot be placed: the Ray cluster has "
+                        f"{len(nodes)} node{'s' * (len(nodes) != 1)} with {total['CPU']:g} CPUs and "
+                        f"{total['GPU']:g} GPUs in all")
+
+
 def fit(job: WorkerJob, cfg: JobConfig) -> dict:
     """Run the workers; return rank 0's metrics. Worker UserErrors come back as UserErrors."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from dist_prune.worker import ray_train_loop
 
-    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-    available = ray.cluster_resources().get("CPU", 0)
-    if available < needed:
-        raise UserError(f"cluster.num_workers={cfg.cluster.num_workers} x cpus_per_worker="
-                        f"{cfg.cluster.cpus_per_worker} needs {needed} CPUs; the Ray cluster has "
-                        f"{available:g}")
     storage = Path(cfg.cluster.storage_path or "ray_results").resolve()
     trainer = TorchTrainer(
         ray_train_loop,
@@ -230,6 +254,8 @@ def run(cfg: JobConfig, *, parent_run_id: str | None = None) -> JobResult:
             from dist_prune.registry import check_registry
 
             check_registry(cfg.registry.tracking_uri)
+    init_ray(cfg)
+    check_placement(cfg)  # before the MLflow run: an impossible job leaves no trace there
     run_id = None
     if cfg.registry.enabled:  # opened now, so the workers can log training steps into it
         from dist_prune.registry import end_run, resolved_tracking_uri, start_run
@@ -239,7 +265,6 @@ def run(cfg: JobConfig, *, parent_run_id: str | None = None) -> JobResult:
                            parent_run_id=parent_run_id)
         job.mlflow = {"tracking_uri": tracking_uri, "run_id": run_id}
     try:
-        init_ray(cfg)
         metrics = fit(job, cfg)
     except BaseException:
         if run_id is not None:
