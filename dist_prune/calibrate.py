@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from dist_prune.collectives import all_reduce_
+from dist_prune.partition import model_device
 
 
 class InputCollector:
@@ -49,17 +50,19 @@ class InputCollector:
 
 class InputNormCollector(InputCollector):
     """Per input column j of each linear, sum_t x_tj^2 (float64: sums over ~10^5 tokens);
-    `reduce()` gives {"input_sq_sum": tensor[in_features]} per weight name."""
+    `reduce()` gives {"input_sq_sum": tensor[in_features]} per weight name, on the module's
+    device: the inputs are summed where they are computed (no copy to the host per batch) and
+    the scores that use the sums are computed there too."""
 
     def __init__(self, linears: dict[str, torch.nn.Module]):
         super().__init__(linears)
-        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float64)
+        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=model_device(m))
                      for name, m in linears.items()}
 
     def add(self, name: str, inputs: torch.Tensor) -> None:
         """Account for a batch of inputs [..., in_features] of weight `name`."""
         x = inputs.detach().reshape(-1, inputs.shape[-1]).double()
-        self.sums[name] += (x * x).sum(0).cpu()
+        self.sums[name] += (x * x).sum(0).to(self.sums[name].device)
 
     def reduce(self) -> dict[str, dict[str, torch.Tensor]]:
         """All-reduce the sums across ranks (one collective) and return the stats."""

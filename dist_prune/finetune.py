@@ -113,7 +113,8 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
     end = prune.end_step if prune.end_step is not None else ft.steps
     keep = set(scorer.stats) if gradual else set()
     if keep and not state.stats:
-        state.stats = {t.name: new_stats(_size(t), keep) for t in targets}
+        # on the partitions' device: the steps' gradients and weights are added there
+        state.stats = {t.name: new_stats(_size(t), keep, local_weight(t.param).device) for t in targets}
     dynamic = DynamicAlpha(ft.neftune.alpha) if ft.neftune.dynamic else None
     if dynamic is not None and state.alpha:
         dynamic.load_state_dict(state.alpha)

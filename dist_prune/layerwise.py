@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dist_prune.partition import gathered
+from dist_prune.partition import gathered, model_device
 
 MICRO_BATCH = 4  # windows per forward call: big enough for efficient matmuls, small in memory
 
@@ -50,6 +50,7 @@ class LayerRunner:
         layer_params = {id(p) for p in self.layers.parameters()}
         # embeddings and the like: what runs before layer 0
         self.stem_params = [p for p in self.decoder.parameters() if id(p) not in layer_params]
+        self.device = model_device(model)  # token windows arrive on the CPU; they go where the model is
 
     def start(self, windows: torch.Tensor) -> list[Batch]:
         """Embed the windows; return what enters layer 0, one Batch per micro-batch."""
@@ -63,7 +64,7 @@ class LayerRunner:
             with gathered(self.stem_params), torch.no_grad():
                 for chunk in _micro_batches(windows):
                     try:
-                        self.model(input_ids=chunk, use_cache=False)
+                        self.model(input_ids=chunk.to(self.device), use_cache=False)
                     except _Captured as c:
                         kwargs = dict(c.kwargs)
                         hidden = c.args_[0] if c.args_ else kwargs.pop("hidden_states")
@@ -94,7 +95,8 @@ class LayerRunner:
         total, count = 0.0, 0
         with gathered(params), torch.no_grad():
             for b, ids in zip(batches, _micro_batches(windows)):
-                for hidden, target in zip(b.hidden, ids):  # one window at a time: logits are big
+                # one window at a time: logits are big
+                for hidden, target in zip(b.hidden, ids.to(self.device)):
                     logits = head(self.decoder.norm(hidden[None]))[0, :-1].float()
                     total += F.cross_entropy(logits, target[1:], reduction="sum").item()
                     count += target.numel() - 1

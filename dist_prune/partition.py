@@ -52,6 +52,22 @@ def local_range(param: torch.nn.Parameter) -> tuple[int, int]:
     return start, min(start + size, param.ds_numel)
 
 
+def held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of model state this rank holds: its partition of every parameter (padding
+    included), which is about 1/W of the model."""
+    return sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())
+
+
+def model_device(module: torch.nn.Module) -> torch.device:
+    """Where this rank's partitions of `module` live: cuda:$LOCAL_RANK on a GPU worker
+    (`deepspeed.zero.Init` allocates there), cpu otherwise. Token windows come from the driver
+    as CPU tensors; whatever meets the model (inputs, statistics, masks) goes here. A module
+    that is not partitioned (ZeRO stage 2's whole copy, a plain Linear) answers with its
+    parameters' device; one without parameters with cpu."""
+    param = next(module.parameters(), None)
+    return torch.device("cpu") if param is None else getattr(param, "ds_tensor", param).device
+
+
 def local_weight(param: torch.nn.Parameter) -> torch.Tensor:
     """A 1-D view of this rank's elements of `param` (writes go to the partition)."""
     start, stop = local_range(param)

@@ -66,6 +66,9 @@ def summary_table(metrics: dict, model_uri: str | None, export_dir: str) -> str:
     if "removed_fraction" in metrics:  # whole heads, channels or layers: the model got smaller
         before, after = metrics["parameters_before"], metrics["parameters_after"]
         rows.append(("parameters removed", f"{metrics['removed_fraction']:.4f} ({before - after:,} of {before:,})"))
+    if "model_bytes_per_worker" in metrics:  # ZeRO-3: each worker holds about 1/W of the model
+        rows.append(("model bytes per worker", f"{metrics['model_bytes_per_worker'] / 2**20:,.1f} MiB "
+                                               f"({metrics['world_size']} workers)"))
     if "resumed_at_step" in metrics:  # a worker failed; Ray restarted the group from a checkpoint
         rows.append(("fine-tuning resumed at step", str(metrics["resumed_at_step"])))
     rows += [(f"seconds: {k.removeprefix('seconds_')}", f"{v:.1f}")

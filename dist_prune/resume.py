@@ -27,6 +27,7 @@ from dist_prune.errors import UserError
 from dist_prune.finetune import TrainState
 from dist_prune.mask_keeping import MOMENTS
 from dist_prune.masking import Target
+from dist_prune.partition import model_device
 
 
 
@@ -97,12 +98,13 @@ def load_train_state(directory: Path, engine, model: torch.nn.Module, targets: l
             p.ds_tensor.data.copy_(safe_get_local_fp32_param(p))
     else:
         _restore_whole_weights(model, directory, rank)
-    masks = {t.name: tensors[f"mask.{t.name}"].bool() for t in targets}
+    device = model_device(model)  # masks and statistics are read onto the CPU; used where the model is
+    masks = {t.name: tensors[f"mask.{t.name}"].bool().to(device) for t in targets}
     stats: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("stat."):
             name, stat = key[len("stat."):].rsplit(".", 1)
-            stats.setdefault(name, {})[stat] = value
+            stats.setdefault(name, {})[stat] = value.to(device)
     return TrainState(step=meta["step"], masks=masks, stats=stats, alpha=meta["alpha"] or {},
                       history=meta["history"])
 

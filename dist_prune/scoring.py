@@ -22,8 +22,9 @@ class LocalSlice:
     shape: tuple[int, int]  # full (out_features, in_features)
 
     def columns(self) -> torch.Tensor:
-        """Input column of every local element: (start + i) % in_features."""
-        return torch.arange(self.start, self.start + self.weight.numel()) % self.shape[1]
+        """Input column of every local element: (start + i) % in_features (on the weight's device)."""
+        positions = torch.arange(self.start, self.start + self.weight.numel(), device=self.weight.device)
+        return positions % self.shape[1]
 
 
 Stats = Mapping[str, torch.Tensor]
@@ -37,7 +38,7 @@ def magnitude(local: LocalSlice, stats: Stats) -> torch.Tensor:
 def wanda(local: LocalSlice, stats: Stats) -> torch.Tensor:
     """|w_ij| * ||X_j||_2 (Sun et al. 2023): weights times the norm of their input column
     over all calibration tokens. `stats["input_sq_sum"][j]` = sum over tokens of x_j^2."""
-    column_norm = stats["input_sq_sum"].float().sqrt()
+    column_norm = stats["input_sq_sum"].to(local.weight.device).float().sqrt()
     return local.weight.float().abs() * column_norm[local.columns()]
 
 

@@ -208,12 +208,14 @@ def group_ids(start: int, count: int, shape: Sequence[int], member: Member, geom
 
 def pool_partial(values: torch.Tensor, start: int, shape: Sequence[int], member: Member, geometry: Geometry,
                  n_groups: int, square: bool = False) -> torch.Tensor:
-    """float64 [n_groups]: this slice's sum of `values` (or of their squares) per group."""
+    """float64 [n_groups] on the CPU: this slice's sum of `values` (or of their squares) per group.
+    Pooled on the host wherever `values` are (a GPU's scores come over chunk by chunk): group sums
+    are small, and they are all-reduced and chosen from there."""
     if start + values.numel() > math.prod(shape):
         raise ValueError(f"slice [{start}, {start + values.numel()}) exceeds a tensor of shape {list(shape)}")
     total = torch.zeros(n_groups, dtype=torch.float64)
     for lo in range(0, values.numel(), CHUNK):
-        x = values[lo : lo + CHUNK].double()
+        x = values[lo : lo + CHUNK].double().cpu()
         total.index_add_(0, group_ids(start + lo, x.numel(), shape, member, geometry), x * x if square else x)
     return total
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Sequence, Union
 import torch
 import torch.distributed as dist
 
+from dist_prune.collectives import all_reduce_
 from dist_prune.selection import Segment, group_sizes, prune_counts, select_pruned
 from dist_prune.structural import UNITS, Structural
 
@@ -119,7 +120,7 @@ def check_shape(structure: Structure, shape: tuple[int, int], name: str) -> None
 def _prune_lowest(values: torch.Tensor, n: int) -> torch.Tensor:
     """[G, m] values -> [G, m] bool: the n lowest of each row, ties by lower column first."""
     order = torch.argsort(values, dim=1, stable=True)[:, :n]
-    return torch.zeros(values.shape, dtype=torch.bool).scatter_(1, order, True)
+    return torch.zeros(values.shape, dtype=torch.bool, device=values.device).scatter_(1, order, True)
 
 
 def nm_mask(scores: torch.Tensor, start: int, shape: tuple[int, int], nm: NM,
@@ -136,7 +137,7 @@ def nm_mask(scores: torch.Tensor, start: int, shape: tuple[int, int], nm: NM,
     e = s + size
     _check_slice(scores, s, shape)
     rank, world = _rank_world(group)
-    mask = torch.zeros(size, dtype=torch.bool)
+    mask = torch.zeros(size, dtype=torch.bool, device=scores.device)
 
     # Local structure: whole groups [fs, fe), and up to two partial fragments (global ranges).
     fs, fe = -(-s // m) * m, e // m * m
@@ -201,10 +202,10 @@ def block_scores(scores: torch.Tensor, start: int, shape: tuple[int, int], block
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     check_shape(block, shape, "block_scores")
     _check_slice(scores, int(start), shape)
-    total = torch.zeros(n_blocks(shape, block), dtype=torch.float64)
+    total = torch.zeros(n_blocks(shape, block), dtype=torch.float64, device=scores.device)
     for lo in range(0, scores.numel(), CHUNK):
         x = scores[lo : lo + CHUNK].double()
-        pos = torch.arange(int(start) + lo, int(start) + lo + x.numel())
+        pos = torch.arange(int(start) + lo, int(start) + lo + x.numel(), device=scores.device)
         total.index_add_(0, _block_ids(pos, shape, block), x * x if pool == "l2" else x)
     _all_reduce(total, group)
     return (total.sqrt() if pool == "l2" else total).float()
@@ -216,11 +217,12 @@ def block_mask(scores: torch.Tensor, start: int, shape: tuple[int, int], block: 
     check_shape(block, shape, "block_mask")
     if prune_blocks.numel() != n_blocks(shape, block):
         raise ValueError(f"expected {n_blocks(shape, block)} block decisions, got {prune_blocks.numel()}")
-    decisions = prune_blocks.reshape(-1).bool()
-    mask = torch.empty(scores.numel(), dtype=torch.bool)
+    decisions = prune_blocks.reshape(-1).bool().to(scores.device)
+    mask = torch.empty(scores.numel(), dtype=torch.bool, device=scores.device)
     for lo in range(0, scores.numel(), CHUNK):
         hi = min(lo + CHUNK, scores.numel())
-        mask[lo:hi] = decisions[_block_ids(torch.arange(int(start) + lo, int(start) + hi), shape, block)]
+        pos = torch.arange(int(start) + lo, int(start) + hi, device=scores.device)
+        mask[lo:hi] = decisions[_block_ids(pos, shape, block)]
     return mask
 
 
@@ -283,6 +285,6 @@ def _rank_world(group: ProcessGroup | None) -> tuple[int, int]:
 
 
 def _all_reduce(t: torch.Tensor, group: ProcessGroup | None) -> None:
-    """Sum over ranks in place; a no-op without an initialized process group."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, group=group)
+    """Sum over ranks in place; a no-op without an initialized process group. Under nccl the
+    buffers kept on the CPU (N:M fragments, block decisions) go through the GPU (collectives.py)."""
+    all_reduce_(t, group)

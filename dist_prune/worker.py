@@ -31,8 +31,8 @@ from dist_prune.finetune import Hooks, finetune
 from dist_prune.layerwise import LayerRunner
 from dist_prune.masking import Target, apply_mask, find_targets, local_start, pruned_counts
 from dist_prune.owl import group_counts, owl_budgets
-from dist_prune.partition import (DTYPES, build_partitioned_model, compute_dtype, gathered,
-                                  local_range, local_weight)
+from dist_prune.partition import (DTYPES, build_partitioned_model, compute_dtype, gathered, held_bytes,
+                                  local_range, local_weight, model_device)
 from dist_prune.report import StageTimer, progress
 from dist_prune.resume import read_meta, save_train_state
 from dist_prune.gradients import accumulate_gradient_stats
@@ -80,6 +80,9 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
                                         trust_remote_code=cfg.model.trust_remote_code, progress=bar)
         bar.close()
         targets = find_targets(model, cfg.prune.exclude)
+        # the largest share any rank holds: ZeRO-3 gives each about 1/W of every weight
+        held = all_reduce_(torch.tensor([float(held_bytes(model))]), op=torch.distributed.ReduceOp.MAX)
+        metrics["model_bytes_per_worker"] = int(held.item())
         structure = parse_structure(cfg.prune.structure)
         if isinstance(structure, Structural):  # whole heads, channels or layers: their projections
             targets = member_targets(targets, structure.kind, Geometry.of(model.config))
@@ -94,7 +97,8 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
 
     calibration = None if job.calibration is None else shard(job.calibration, rank, world)
     if hooks.resume is not None or cfg.prune.schedule == "cubic":  # masks come from the tuning
-        masks = {t.name: torch.zeros(local_weight(t.param).numel(), dtype=torch.bool) for t in targets}
+        masks = {t.name: torch.zeros(local_weight(t.param).numel(), dtype=torch.bool,
+                                     device=model_device(model)) for t in targets}
     else:
         masks = prune(model, targets, scorer, cfg, calibration, timer, show=rank == 0)
     if cfg.finetune.steps > 0:
@@ -245,8 +249,9 @@ def select_and_mask(targets: list[Target], stats: dict, scorer: Scorer, prune_cf
     if isinstance(structure, Structural):
         if geometry is None or pruned_before or weights:
             raise UserError(f"prune.structure {structure} is pruned once, before any fine-tuning")
-        return select_groups(targets, stats, scorer, structure.kind, prune_cfg.sparsity, prune_cfg.norm,
-                             geometry)
+        masks = select_groups(targets, stats, scorer, structure.kind, prune_cfg.sparsity, prune_cfg.norm,
+                              geometry)  # chosen on the CPU; kept where the partitions are
+        return {t.name: masks[t.name].to(local_weight(t.param).device) for t in targets}
     if scorer.score is None:
         return reconstruct(targets, stats, prune_cfg.sparsity, structure)
     starts = [local_start(t) for t in targets]
@@ -286,8 +291,9 @@ def reconstruct(targets: list[Target], stats: dict, sparsity: float, structure) 
                                                   prune_n=n, prune_m=m)
     masks = {}
     for index, t in enumerate(targets):  # one tensor at a time: the owner's result, summed with zeros
-        weight = torch.zeros(t.numel, dtype=torch.float32)
-        mask = torch.zeros(t.numel, dtype=torch.uint8)
+        device = local_weight(t.param).device  # nccl reduces there
+        weight = torch.zeros(t.numel, dtype=torch.float32, device=device)
+        mask = torch.zeros(t.numel, dtype=torch.uint8, device=device)
         if t.name in results:
             weight.copy_(results[t.name][0].reshape(-1))
             mask.copy_(results.pop(t.name)[1].reshape(-1))
@@ -339,7 +345,7 @@ def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir:
             config.pop("torch_dtype", None)
             if plan is not None:
                 config = plan.config(config)
-            writer.finish(config, checkpoint.tokenizer_files(), report)
+            writer.finish(config, checkpoint.tokenizer_files(), report, fmt=cfg.export.format)
         except Exception as e:  # noqa: BLE001
             failure = e
     if failure is not None and writer is not None:
@@ -370,11 +376,16 @@ def ray_train_loop(payload: dict) -> None:
     After a worker failure Ray restarts the group; fine-tuning then resumes from the last
     checkpoint the workers reported."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    use_gpu = payload["config"]["cluster"]["use_gpu"]
+    # DeepSpeed picks its accelerator once, at import, from what it finds: a CPU job on a GPU
+    # machine must say so, or zero.Init would put the partitions on a GPU next to gloo
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    if use_gpu:
+        use_assigned_gpu()
     import deepspeed
     import ray.train
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    use_gpu = payload["config"]["cluster"]["use_gpu"]
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     job = WorkerJob(**payload)
     rank = rank_and_world()[0]
@@ -397,6 +408,21 @@ def ray_train_loop(payload: dict) -> None:
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(_scalars(metrics), checkpoint=checkpoint)
+
+
+def use_assigned_gpu() -> torch.device:
+    """Make the GPU Ray assigned to this worker the current device, and DeepSpeed's: zero.Init and
+    the engine use cuda:$LOCAL_RANK, which is another GPU (or none) when Ray shows each worker
+    only its own (CUDA_VISIBLE_DEVICES) or numbers them differently."""
+    import ray.train.torch
+
+    if not torch.cuda.is_available():
+        raise UserError("cluster.use_gpu is true but a Ray worker sees no CUDA device (torch "
+                        f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    device = ray.train.torch.get_device()
+    torch.cuda.set_device(device)
+    os.environ["LOCAL_RANK"] = str(device.index)
+    return device
 
 
 def _report_checkpoint(state, engine, metrics: dict) -> None:
