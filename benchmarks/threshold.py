@@ -3,12 +3,17 @@
 For each size N: N float32 scores |normal|, sparsity 0.5, scope global. Timed (medians of repeats):
   x.sum()                    one read pass, the floor
   select_pruned, 1 process   masks included
+  x.sum(), 2 processes       each rank sums its half at the same time: the machine's single-pass
+                             bandwidth when both cores read
   select_pruned, 2 processes gloo, each rank holds half (its ZeRO-3 slice) with 1 torch thread;
                              time per repeat is the slower rank's
   torch.kthvalue             on the whole tensor (what single-process pruning code does)
   torch.kthvalue + mask      plus the `x <= v` pass, to compare like with like
+Above --single-max (3e8) only the 2-process rows run: each rank generates just its own half, so
+N = 1e9 needs 2 x 2 GB, not a whole 4 GB copy per process. GB/s is 4N bytes over the median time;
+"÷ bandwidth" divides it by the single-pass bandwidth of the same row kind (1 or 2 processes).
 
-    .venv/bin/python benchmarks/threshold.py [--sizes 1e7 1e8] [--repeats 5]
+    .venv/bin/python benchmarks/threshold.py [--sizes 1e7 1e8 1e9] [--repeats 5]
 
 Writes benchmarks/results/threshold.json and threshold.md.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -35,8 +41,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SPARSITY = 0.5
 
 
-def scores(n: int) -> torch.Tensor:
-    return torch.randn(n, generator=torch.Generator().manual_seed(0)).abs_()
+CHUNK = 1 << 24  # scores are generated chunk by chunk, so any slice can be made on its own
+
+
+def scores(n: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Elements [start, stop) of the N scores (chunk c drawn from seed c)."""
+    stop = n if stop is None else min(stop, n)
+    parts = []
+    for c in range(start // CHUNK, -(-stop // CHUNK)):
+        lo, hi = c * CHUNK, min((c + 1) * CHUNK, n)
+        chunk = torch.randn(hi - lo, generator=torch.Generator().manual_seed(c)).abs_()
+        parts.append(chunk[max(start, lo) - lo : stop - lo])
+    return torch.cat(parts) if parts else torch.empty(0)
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -54,34 +70,36 @@ def rank_worker(rank: int, world: int, n: int, repeats: int, init_file: str, out
     """One of `world` gloo ranks: select on this rank's slice, time each repeat between barriers."""
     torch.set_num_threads(1)  # one core per rank, as Ray sets OMP_NUM_THREADS=1 per worker
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    full = scores(n)
     ps = -(-n // world)
-    segment = Segment(full[rank * ps : (rank + 1) * ps].clone(), 0, rank * ps)
-    del full
+    segment = Segment(scores(n, rank * ps, (rank + 1) * ps), 0, rank * ps)
     counts = prune_counts(SPARSITY, [n])
     pruned = torch.tensor([int(select_pruned([segment], [n], counts)[0].sum())])  # also the warm-up
     dist.all_reduce(pruned)
     assert int(pruned) == int(counts), "ranks together must prune exactly k"
-    times = []
+    times = {"sum": [], "select": []}
     for _ in range(repeats):
-        dist.barrier()  # start together; the clock runs on each rank from here
-        start = time.perf_counter()
-        select_pruned([segment], [n], counts)
-        times.append(time.perf_counter() - start)
+        for op, fn in (("sum", segment.scores.sum), ("select", lambda: select_pruned([segment], [n], counts))):
+            dist.barrier()  # start together; the clock runs on each rank from here
+            start = time.perf_counter()
+            fn()
+            times[op].append(time.perf_counter() - start)
     torch.save(times, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def distributed_times(n: int, repeats: int, world: int = 2) -> list[float]:
-    """Per repeat, the slowest rank's time."""
+def distributed_times(n: int, repeats: int, world: int = 2) -> dict[str, list[float]]:
+    """Per repeat, the slowest rank's time of its x.sum() and of select_pruned."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(rank_worker, args=(world, n, repeats, str(Path(tmp) / "init"), tmp),
                            nprocs=world, join=True, start_method="spawn")
         per_rank = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
-    return [max(ts) for ts in zip(*per_rank)]
+    return {f"{'x.sum()' if op == 'sum' else 'select_pruned'}, {world} processes":
+            [max(ts) for ts in zip(*(r[op] for r in per_rank))] for op in ("sum", "select")}
 
 
-def measure(n: int, repeats: int) -> dict[str, list[float]]:
+def measure(n: int, repeats: int, single: bool) -> dict[str, list[float]]:
+    if not single:
+        return distributed_times(n, repeats)
     x = scores(n)
     counts = prune_counts(SPARSITY, [n])
     k = int(counts)
@@ -91,7 +109,7 @@ def measure(n: int, repeats: int) -> dict[str, list[float]]:
     return {
         "x.sum()": timed(lambda: x.sum(), repeats),
         "select_pruned, 1 process": timed(lambda: select_pruned([Segment(x, 0, 0)], [n], counts), repeats),
-        "select_pruned, 2 gloo processes": distributed_times(n, repeats),
+        **distributed_times(n, repeats),
         "torch.kthvalue": timed(lambda: torch.kthvalue(x, k), repeats),
         "torch.kthvalue + mask": timed(lambda: x <= torch.kthvalue(x, k).values, repeats),
     }
@@ -121,33 +139,47 @@ def machine() -> dict:
     }
 
 
+def rows_of(n: int, times: dict[str, list[float]]) -> list[dict]:
+    medians = {op: statistics.median(ts) for op, ts in times.items()}
+    rows = []
+    for op, ts in times.items():
+        procs = "2 processes" if "2 processes" in op else "1 process"
+        floor = medians["x.sum(), 2 processes" if procs == "2 processes" else "x.sum()"]
+        rows.append({"n": n, "operation": op, "median_s": medians[op], "times_s": ts,
+                     "gb_per_s": 4 * n / medians[op] / 1e9, "x_sum": medians[op] / floor,
+                     "kthvalue_over": medians.get("torch.kthvalue", math.nan) / medians[op],
+                     "kthvalue_mask_over": medians.get("torch.kthvalue + mask", math.nan) / medians[op]})
+    return rows
+
+
+def _ratio(x: float) -> str:
+    return "—" if math.isnan(x) else f"{x:.1f}"
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| N | operation | median s | min s | × sum | kthvalue ÷ this | kthvalue+mask ÷ this |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| N | operation | median s | min s | GB/s | ÷ bandwidth | × sum | kthvalue ÷ this | kthvalue+mask ÷ this |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['n']:,} | {r['operation']} | {r['median_s']:.3f} | {min(r['times_s']):.3f} | "
-                     f"{r['x_sum']:.1f} | {r['kthvalue_over']:.1f} | {r['kthvalue_mask_over']:.1f} |")
+                     f"{r['gb_per_s']:.2f} | {1 / r['x_sum']:.3f} | {r['x_sum']:.1f} | "
+                     f"{_ratio(r['kthvalue_over'])} | {_ratio(r['kthvalue_mask_over'])} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1e7, 1e8])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e7, 1e8, 1e9])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--single-max", type=float, default=3e8, help="largest N also run in 1 process")
     args = parser.parse_args()
 
     info, rows, others = machine(), [], {}
     for n in map(int, args.sizes):
         (busy0, own0), start = cpu_seconds(), time.perf_counter()
-        times = measure(n, args.repeats)
+        times = measure(n, args.repeats, single=n <= args.single_max)
         (busy1, own1), wall = cpu_seconds(), time.perf_counter() - start
         others[n] = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
-        medians = {op: statistics.median(ts) for op, ts in times.items()}
-        for op, ts in times.items():
-            rows.append({"n": n, "operation": op, "median_s": medians[op], "times_s": ts,
-                         "x_sum": medians[op] / medians["x.sum()"],
-                         "kthvalue_over": medians["torch.kthvalue"] / medians[op],
-                         "kthvalue_mask_over": medians["torch.kthvalue + mask"] / medians[op]})
+        rows += rows_of(n, times)
         print(table([r for r in rows if r["n"] == n]), flush=True)
         print(f"other processes used {others[n]:.0%} of the CPUs meanwhile", flush=True)
     info["load_average_at_end"] = os.getloadavg()
@@ -162,7 +194,9 @@ def main() -> None:
         "# Exact threshold: `select_pruned` vs `torch.kthvalue`\n\n"
         f"float32 scores |normal|, sparsity {SPARSITY}, scope global, median of {args.repeats} repeats "
         "after one warm-up. 2-process times: the slower rank per repeat; each rank holds half the "
-        "scores and runs 1 torch thread. Masks are included in `select_pruned`.\n\n"
+        "scores and runs 1 torch thread. Masks are included in `select_pruned`. GB/s is 4N bytes over "
+        "the median; ÷ bandwidth divides it by the single-pass (`x.sum()`) bandwidth with as many "
+        f"processes. N above {args.single_max:,.0f}: 2-process rows only (each rank makes its own half).\n\n"
         f"{text}\n\nMachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
         f"{info['torch_threads_1_process']} torch threads in the 1-process runs, "
         f"OMP_NUM_THREADS={info['OMP_NUM_THREADS']}. The machine is shared: other processes used "
