@@ -76,3 +76,34 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "text.txt"
     path.write_text(sample_text())
     return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_servers(tmp_path_factory):
+    """A plain and a basic-auth `mlflow server` on loopback, started together once per session
+    (each test waits only for the one it uses) and killed with their process groups at the end."""
+    from mlflow_servers import start, stop
+
+    root = tmp_path_factory.mktemp("mlflow-servers")
+    started = {}
+    try:
+        started["plain"] = start(root / "plain", auth=False)
+        started["auth"] = start(root / "auth", auth=True)
+        yield started
+    finally:
+        for server in started.values():
+            stop(server.proc)
+
+
+@pytest.fixture(scope="session")
+def plain_mlflow(mlflow_servers):
+    from mlflow_servers import wait_healthy
+
+    return wait_healthy(mlflow_servers["plain"])
+
+
+@pytest.fixture(scope="session")
+def secured_mlflow(mlflow_servers):
+    from mlflow_servers import wait_healthy
+
+    return wait_healthy(mlflow_servers["auth"])

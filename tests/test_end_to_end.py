@@ -1,9 +1,10 @@
-"""`dist-prune run` on 2 Ray workers, then `dist-prune pull`, as a user runs them."""
+"""`dist-prune run` on 2 Ray workers registering on a real `mlflow server` over HTTP, then
+`dist-prune pull`, as a user runs them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +14,18 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from mlflow_servers import clean_env
+
 CLI = [sys.executable, "-m", "dist_prune.cli"]
 
 
-def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS")
+def _cli(args: list[str], cwd: Path, uri: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(clean_env(), MLFLOW_TRACKING_URI=uri)  # the standard variable, as a user sets it
     return subprocess.run(CLI + args, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
-def job(tiny_llama, text_file, tmp_path_factory):
+def job(tiny_llama, text_file, tmp_path_factory, plain_mlflow):
     cwd = tmp_path_factory.mktemp("job")
     proc = _cli(["run", f"model.path={tiny_llama}", "prune.method=wanda", "prune.sparsity=0.5",
                  "cluster.num_workers=2", f"data.calibration.path={text_file}",
@@ -32,13 +34,15 @@ def job(tiny_llama, text_file, tmp_path_factory):
                  "registry.model_name=tiny-e2e", "export.dir=out", "export.max_shard_size=40KB",
                  # a few Sparse-NEFT steps: the masks must survive them
                  "finetune.steps=6", "finetune.log_interval=2", "finetune.eval_interval=3",
-                 f"finetune.data.path={text_file}", "finetune.data.seq_len=64", "finetune.lr=1e-3"], cwd)
+                 f"finetune.data.path={text_file}", "finetune.data.seq_len=64", "finetune.lr=1e-3"], cwd,
+                plain_mlflow.url)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd, proc.stdout
+    assert not (cwd / "mlflow.db").exists() and not (cwd / "mlruns").exists()  # all went to the server
+    return cwd, proc.stdout, plain_mlflow.url
 
 
 def test_summary_and_exact_sparsity_in_files(job):
-    cwd, stdout = job
+    cwd, stdout, _ = job
     assert "sparse perplexity" in stdout and "models:/tiny-e2e@candidate" in stdout
     out = cwd / "out"
     shards = sorted(out.glob("model-*.safetensors"))
@@ -64,9 +68,9 @@ def test_summary_and_exact_sparsity_in_files(job):
 
 
 def test_pull_by_alias_and_version_loads(job):
-    cwd, _ = job
+    cwd, _, url = job
     for uri, dst in (("models:/tiny-e2e@candidate", "pulled-alias"), ("models:/tiny-e2e/1", "pulled-v1")):
-        proc = _cli(["pull", uri, dst], cwd)
+        proc = _cli(["pull", uri, dst], cwd, url)
         assert proc.returncode == 0, proc.stderr[-2000:]
         model = AutoModelForCausalLM.from_pretrained(cwd / dst)
         exported = AutoModelForCausalLM.from_pretrained(cwd / "out")
@@ -77,8 +81,8 @@ def test_pull_by_alias_and_version_loads(job):
 
 
 def test_pull_missing_alias_is_one_line(job):
-    cwd, _ = job
-    proc = _cli(["pull", "models:/tiny-e2e@production", "x"], cwd)
+    cwd, _, url = job
+    proc = _cli(["pull", "models:/tiny-e2e@production", "x"], cwd, url)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "no alias 'production'" in proc.stderr and not (cwd / "x").exists()
 
@@ -88,9 +92,8 @@ def test_training_steps_are_mlflow_step_metrics(job):
     run while they train; the registered version comes from that same run."""
     from mlflow import MlflowClient
 
-    cwd, stdout = job
-    uri = f"sqlite:///{cwd / 'mlflow.db'}"
-    client = MlflowClient(uri, uri)
+    _, _, url = job
+    client = MlflowClient(url, url)
     run_id = client.get_model_version_by_alias("tiny-e2e", "candidate").run_id
     steps = {key: [m.step for m in client.get_metric_history(run_id, key)]
              for key in ("train/loss", "train/lr", "train/sparsity", "train/neftune_alpha", "eval/perplexity")}
@@ -100,8 +103,24 @@ def test_training_steps_are_mlflow_step_metrics(job):
     assert {m.value for m in client.get_metric_history(run_id, "train/sparsity")} == {0.5}
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    version = client.get_model_version_by_alias("tiny-e2e", "candidate")  # lineage
-    assert set(json.loads(version.tags["lineage.source_sha256"])) == {"model.safetensors"}
-    assert len(version.tags["lineage.config_sha256"]) == 64
-    assert len(version.tags.get("lineage.dist_prune_commit", "")) in (0, 40)  # 0: not a git checkout
     assert run.data.metrics["perplexity_sparse"] < run.data.metrics["perplexity_pruned"]
+    assert run.data.params["prune.method"] == "wanda"
+    assert run.data.metrics["overall_sparsity"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_lineage_of_the_registered_version(job, tiny_llama):
+    """Source model path and shard sha256s, config hash, dist-prune commit, served artifacts."""
+    from mlflow import MlflowClient
+
+    cwd, _, url = job
+    version = MlflowClient(url, url).get_model_version_by_alias("tiny-e2e", "candidate")
+    assert version.source.startswith("mlflow-artifacts:")  # uploaded through the server
+    tags = version.tags
+    assert tags["lineage.source_model"] == str(tiny_llama)
+    shard = tiny_llama / "model.safetensors"
+    assert json.loads(tags["lineage.source_sha256"]) == {shard.name: hashlib.sha256(shard.read_bytes()).hexdigest()}
+    manifest = json.loads((cwd / "out" / "sparsity.json").read_text())
+    assert tags["lineage.config_sha256"] == manifest["config_sha256"] and len(manifest["config_sha256"]) == 64
+    head = subprocess.run(["git", "-C", str(Path(__file__).parents[1]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+    assert tags.get("lineage.dist_prune_commit") == (head or None)  # None: not a git checkout

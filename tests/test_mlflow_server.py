@@ -1,127 +1,41 @@
 """Against real `mlflow server` processes on loopback (sqlite backend, artifacts served by the
-server): a job registers over HTTP, basic-auth credentials come from MLFLOW_TRACKING_USERNAME /
-MLFLOW_TRACKING_PASSWORD, an unreachable server fails in one line and keeps the export, and two
-registrations racing for one model name get distinct, intact versions.
-
-The servers start once per module, in their own process groups, and the whole group is killed at
-teardown. Only the first test runs a Ray job; the others register a pre-built export."""
+server; tests/mlflow_servers.py): basic-auth credentials come from MLFLOW_TRACKING_USERNAME /
+MLFLOW_TRACKING_PASSWORD, an unreachable server fails in one line and keeps the export, two
+registrations racing for one model name get distinct, intact versions, and a sweep trial's run
+records its parent. These tests register pre-built exports; the end-to-end job
+(tests/test_end_to_end.py) registers on the same plain server over HTTP."""
 
 from __future__ import annotations
 
-import contextlib
 import filecmp
 import hashlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
+from mlflow_servers import ADMIN, PASSWORD, Server, clean_env, free_port
 from test_registry import make_export
 
 CLI = [sys.executable, "-m", "dist_prune.cli"]
-ADMIN, PASSWORD, WRONG = "admin", "Adm1n-pa55word-x7", "Wr0ng-pa55word-q9"
-START_TIMEOUT_S = 240  # imports and schema migration: 15-90 s here on a busy 2-core box
-
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """The environment without the caller's MLflow/Ray settings: nothing leaks in from the shell."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
-
-
-def _start(root: Path, *, auth: bool) -> Server:
-    root.mkdir()
-    port = _free_port()
-    # no background job runner: it is not needed here and costs a process and CPU
-    env = _clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"]
-    if auth:
-        ini = root / "auth.ini"
-        # auth_cache_ttl_seconds: without it every request re-hashes the password (PBKDF2), seconds
-        # per request on a loaded machine
-        ini.write_text("[mlflow]\ndefault_permission = READ\n"
-                       f"database_uri = sqlite:///{root}/auth.db\n"
-                       f"admin_username = {ADMIN}\nadmin_password = {PASSWORD}\n"
-                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                       "auth_cache_ttl_seconds = 300\n")
-        env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_FLASK_SERVER_SECRET_KEY=uuid.uuid4().hex)
-        args += ["--app-name", "basic-auth"]
-    log = root / "server.log"
-    with log.open("w") as f:
-        proc = subprocess.Popen(args, cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    return Server(f"http://127.0.0.1:{port}", proc, log)
-
-
-def _wait_healthy(server: Server) -> Server:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            pytest.fail(f"mlflow server exited {server.proc.returncode}:\n{server.log.read_text()[-3000:]}")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(server.url + "/health", timeout=5).status_code == 200:
-                return server
-        time.sleep(0.25)
-    pytest.fail(f"mlflow server not healthy after {START_TIMEOUT_S} s:\n{server.log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """TERM, then KILL, the server's whole process group (uvicorn workers included)."""
-    for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):  # a test server needs no grace
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(wait_s)
+WRONG = "Wr0ng-pa55word-q9"
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-servers")
-    started: dict[str, Server] = {}
-    try:  # both start at once; each test waits only for the one it uses
-        started["plain"] = _start(root / "plain", auth=False)
-        started["auth"] = _start(root / "auth", auth=True)
-        yield started
-    finally:
-        for server in started.values():
-            _stop(server.proc)
+def plain(plain_mlflow) -> Server:
+    return plain_mlflow
 
 
 @pytest.fixture(scope="module")
-def plain(servers) -> Server:
-    return _wait_healthy(servers["plain"])
-
-
-@pytest.fixture(scope="module")
-def secured(servers) -> Server:
-    return _wait_healthy(servers["auth"])
+def secured(secured_mlflow) -> Server:
+    return secured_mlflow
 
 
 def _cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + args, cwd=cwd, capture_output=True, text=True, env=_clean_env(**env),
+    return subprocess.run(CLI + args, cwd=cwd, capture_output=True, text=True, env=clean_env(**env),
                           timeout=600, check=False)
 
 
@@ -147,43 +61,6 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("dist-prune: error: "), proc.stderr[-3000:]
     return lines[0]
-
-
-# -- a real job ------------------------------------------------------------------------------------
-
-def test_job_registers_on_remote_server_with_lineage(plain, tiny_llama, text_file, tmp_path):
-    from dist_prune.registry import pull
-
-    proc = _cli(["run", f"model.path={tiny_llama}", "prune.method=wanda", "prune.sparsity=0.5",
-                 "cluster.num_workers=1", f"data.calibration.path={text_file}",
-                 "data.calibration.num_samples=4", "data.calibration.seq_len=32",
-                 f"eval.path={text_file}", "eval.seq_len=32", "eval.num_windows=2",
-                 f"registry.tracking_uri={plain.url}", "registry.model_name=tiny-remote",
-                 "registry.experiment=remote", "export.dir=out"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "models:/tiny-remote@candidate" in proc.stdout
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()  # all went to the server
-
-    pulled = pull("models:/tiny-remote@candidate", tmp_path / "pulled", tracking_uri=plain.url)
-    assert _same_files(tmp_path / "out", pulled)  # bit-identical shards, manifest, config
-
-    client = _client(plain.url)
-    version = client.get_model_version_by_alias("tiny-remote", "candidate")
-    assert version.version in (1, "1") and version.source.startswith("mlflow-artifacts:")
-    tags = version.tags
-    assert tags["lineage.source_model"] == str(tiny_llama)
-    shard = tiny_llama / "model.safetensors"
-    assert json.loads(tags["lineage.source_sha256"]) == {shard.name: hashlib.sha256(shard.read_bytes()).hexdigest()}
-    manifest = json.loads((tmp_path / "out" / "sparsity.json").read_text())
-    assert tags["lineage.config_sha256"] == manifest["config_sha256"] and len(manifest["config_sha256"]) == 64
-    head = subprocess.run(["git", "-C", str(Path(__file__).parents[1]), "rev-parse", "HEAD"],
-                          capture_output=True, text=True, check=False).stdout.strip()
-    assert tags.get("lineage.dist_prune_commit") == (head or None)
-    run = client.get_run(version.run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["prune.method"] == "wanda" and run.data.params["model.path"] == str(tiny_llama)
-    assert run.data.metrics["overall_sparsity"] == pytest.approx(0.5, abs=1e-6)
-    assert {"perplexity_dense", "perplexity_sparse"} <= set(run.data.metrics)
 
 
 def test_parent_run_is_recorded(plain, tmp_path):
@@ -264,7 +141,7 @@ def test_unreachable_server_fails_in_one_line_and_keeps_export(plain, tmp_path, 
     monkeypatch.setattr(registry, "RETRY_PAUSES_S", (0.5, 1.0))  # DIST_PRUNE_MLFLOW_RETRY_PAUSES=0.5,1
     export_dir, _ = make_export(tmp_path, 7)
     before = _snapshot(export_dir)
-    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     cfg = load_config(None, ["registry.model_name=rescued", f"registry.tracking_uri={dead}"], check_paths=False)
     started = time.monotonic()
     with pytest.raises(UserError) as failure, _keep_export_on_failure(export_dir, cfg):
@@ -308,7 +185,7 @@ def test_concurrent_registrations_get_distinct_versions(plain, tmp_path):
     ready = [tmp_path / f"ready-{i}" for i in range(2)]
     # a new experiment and a new model name: both processes race to create each of them
     procs = [subprocess.Popen([sys.executable, "-c", RACER, str(e), plain.url, str(r), str(go)], cwd=tmp_path,
-                              env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for e, r in zip(exports, ready)]
     deadline = time.monotonic() + 300
     while not all(r.exists() for r in ready) and time.monotonic() < deadline:
