@@ -147,7 +147,7 @@ def _quality_table(arm_dir, settings: dict, name: str) -> None:
     for arm, a in arms.items():
         m = a["metrics"]
         before, after = m.get("perplexity_pruned", dense), m["perplexity_sparse"]  # cubic: starts dense
-        shares = [(before - after) / (before - ref) if before - ref > 1e-6 and a is not reference_arm
+        shares = [(before - after) / (before - ref) if before - ref > 1e-6 and a is not reference_arm and "perplexity_pruned" in m
                   else float("nan") for ref in (dense, tuned)]
         lines.append(f"| {arm} | {before:.2f} | {after:.2f} | "
                      + " | ".join("—" if x != x else f"{x:.0%}" for x in shares) + " | "
