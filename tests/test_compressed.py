@@ -14,7 +14,7 @@ import torch
 from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask import Sparse24BitMaskTensor
 from compressed_tensors.compressors.sparse_compressors.sparse_bitmask import BitmaskTensor
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from dist_prune.cli import main
 from dist_prune.compressed import compress_tensor, decompress_export, decompress_tensor
@@ -22,6 +22,7 @@ from dist_prune.config import load_config
 from dist_prune.errors import UserError
 from dist_prune.export import INDEX_FILE, SPARSITY_FILE, StreamingExport, TensorSpec, verify_export
 from dist_prune.registry import pull, register_export
+from test_registry import tiny_model
 
 SPARSE = ("sparse-bitmask", "sparse-24-bitmask")
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -109,12 +110,7 @@ def test_config_accepts_2_4_with_sparse_24_bitmask():
 # -- whole exports -----------------------------------------------------------------------------------
 
 def tiny_state_dict() -> tuple[LlamaForCausalLM, dict[str, torch.Tensor], list[str]]:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                         tie_word_embeddings=False))
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    pruned = [k for k in sd if ".layers." in k and k.endswith("_proj.weight")]
+    model, sd, pruned = tiny_model(0)
     for k in pruned:
         sd[k] = prune_2_4(sd[k])
     sd[pruned[0]][0, :4] = torch.tensor([0.0, -0.0, 0.0, 0.0])

@@ -18,14 +18,19 @@ SECRET = "hunter2-very-secret"
 NAME = "tiny-llama-sparse"
 
 
-def make_export(root: Path, seed: int) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A tiny random Llama, half of its decoder linear weights zeroed, exported in several shards."""
+def tiny_model(seed: int) -> tuple[LlamaForCausalLM, dict[str, torch.Tensor], list[str]]:
+    """A tiny random Llama, a copy of its state dict and the names of its decoder linear weights."""
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
                                          tie_word_embeddings=False))
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    pruned = [k for k in sd if ".layers." in k and k.endswith("_proj.weight")]
+    return model, sd, [k for k in sd if ".layers." in k and k.endswith("_proj.weight")]
+
+
+def make_export(root: Path, seed: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A tiny random Llama, half of its decoder linear weights zeroed, exported in several shards."""
+    model, sd, pruned = tiny_model(seed)
     for k in pruned:
         sd[k][sd[k].abs() <= sd[k].abs().median()] = 0
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
