@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _ranks import RESULTS, _free_port, run_job  # noqa: E402
 from make_checkpoint import llama_config, tensor_specs  # noqa: E402
 
+from dist_prune import selection  # noqa: E402
 from dist_prune.selection import Segment, prune_counts, select_pruned  # noqa: E402
 from dist_prune.structures import NM, nm_mask  # noqa: E402
 
@@ -51,6 +52,12 @@ SELECT_SIZES = (1_000_000_000, 500_000_000)
 SELECT_BYTES_PER_SCORE = 10
 LINEARS = ((4096, 11008), (11008, 4096))  # [out, in]: Llama-7B down_proj and up/gate_proj
 TOKENS = 2048
+BACKENDS = ("cusparselt", "cusparselt-searched", "cutlass")
+# select_pruned settings timed side by side with the defaults in (a)
+SELECT_VARIANTS = {
+    "top-16-bit histogram in one copy (the CPU's way)": {"HIST_LANES": {"cuda": 1}},
+    **{f"{chunk:,} scores per step": {"CUDA_CHUNK": chunk} for chunk in (1 << 22, 1 << 24, 1 << 28)},
+}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 CALIBRATION = (128, 2048)  # windows x tokens, as in the Wanda paper
 EVALUATION = (8, 2048)
@@ -124,8 +131,9 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> list[
 # --- (a) selection ---------------------------------------------------------------------------------
 
 
-def measure_selection(n: int, device: torch.device, repeats: int) -> dict:
-    """x.sum() and select_pruned on N scores |normal| on `device`; the selection checked exact."""
+def measure_selection(n: int, device: torch.device, repeats: int, variants: dict[str, dict] | None = None) -> dict:
+    """x.sum() and select_pruned on N scores |normal| on `device`; the selection checked exact.
+    `variants`: also time select_pruned with these dist_prune.selection settings, by label."""
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.empty(n, device=device).normal_(generator=generator).abs_()
     counts = prune_counts(SPARSITY, [n])
@@ -141,17 +149,31 @@ def measure_selection(n: int, device: torch.device, repeats: int) -> dict:
     selects = timed(lambda: select_pruned([Segment(x, 0, 0)], [n], counts), repeats, device)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     s_sum, s_select = statistics.median(sums), statistics.median(selects)
+    by_variant = {}
+    for label, values in (variants or {}).items():
+        saved = {name: getattr(selection, name) for name in values}
+        try:
+            for name, value in values.items():
+                setattr(selection, name, value)
+            by_variant[label] = statistics.median(
+                timed(lambda: select_pruned([Segment(x, 0, 0)], [n], counts), repeats, device))
+        finally:
+            for name, value in saved.items():
+                setattr(selection, name, value)
     return {"n": n, "k": k, "exact": exact, "sum_s": s_sum, "select_s": s_select, "sum_times_s": sums,
             "select_times_s": selects, "sum_gb_per_s": gb_per_s(n, s_sum),
             "select_gb_per_s": gb_per_s(n, s_select), "of_bandwidth": s_sum / s_select,
-            "peak_gpu_bytes": peak}
+            "peak_gpu_bytes": peak, "select_s_by_variant": by_variant}
 
 
 # --- (c) 2:4 sparse matmul -------------------------------------------------------------------------
 
 
-def measure_sparse_matmul(out_features: int, in_features: int, dtype: torch.dtype, repeats: int) -> dict:
-    """A 2:4-pruned linear layer as a semi-structured sparse tensor against the masked dense one."""
+def measure_sparse_matmul(out_features: int, in_features: int, dtype: torch.dtype, repeats: int,
+                          backend: str) -> dict:
+    """A 2:4-pruned linear layer as a semi-structured sparse tensor (`backend`: cusparselt or
+    cutlass) against the masked dense one, in both operand orders: F.linear(x, W) = x Wᵀ as a model
+    calls it, and (W xᵀ)ᵀ with the sparse operand first, which the kernels take without a transpose."""
     device = torch.device("cuda")
     generator = torch.Generator(device=device).manual_seed(0)
     weight = torch.randn(out_features, in_features, device=device, generator=generator).to(dtype)
@@ -159,17 +181,27 @@ def measure_sparse_matmul(out_features: int, in_features: int, dtype: torch.dtyp
     if not nm_pattern_ok(weight, pruned):
         raise AssertionError("nm_mask did not give a 2:4 pattern of the smallest |w|")
     dense = weight.masked_fill(pruned, 0)
-    sparse = torch.sparse.to_sparse_semi_structured(dense)
+    semi = torch.sparse.SparseSemiStructuredTensor
+    semi._FORCE_CUTLASS = backend == "cutlass"
+    try:
+        sparse = torch.sparse.to_sparse_semi_structured(dense)
+    finally:
+        semi._FORCE_CUTLASS = False
     x = torch.randn(TOKENS, in_features, device=device, generator=generator).to(dtype)
-    reference, result = F.linear(x, dense), F.linear(x, sparse)
-    error = (result.float() - reference.float()).abs().max().item()
+    xt = x.t().contiguous()
+    if backend == "cusparselt-searched":  # cuSPARSELt's own search for this product's fastest algorithm
+        sparse.alg_id_cusparselt = torch._cslt_sparse_mm_search(sparse.packed, xt)
+    reference = F.linear(x, dense)
+    error = max((F.linear(x, sparse).float() - reference.float()).abs().max().item(),
+                (torch.mm(sparse, xt).t().float() - reference.float()).abs().max().item())
     dense_s = statistics.median(timed(lambda: F.linear(x, dense), repeats, device))
-    sparse_s = statistics.median(timed(lambda: F.linear(x, sparse), repeats, device))
+    linear_s = statistics.median(timed(lambda: F.linear(x, sparse), repeats, device))
+    first_s = statistics.median(timed(lambda: torch.mm(sparse, xt), repeats, device))
     flops = 2 * TOKENS * out_features * in_features  # of the dense product
     return {"weight": [out_features, in_features], "tokens": TOKENS, "dtype": str(dtype).removeprefix("torch."),
-            "backend": type(sparse).__name__, "dense_s": dense_s, "sparse_s": sparse_s,
-            "speedup": dense_s / sparse_s, "dense_tflops": flops / dense_s / 1e12,
-            "sparse_effective_tflops": flops / sparse_s / 1e12, "max_abs_error": error,
+            "backend": backend, "dense_s": dense_s, "sparse_linear_s": linear_s,
+            "sparse_first_s": first_s, "speedup_linear": dense_s / linear_s, "speedup_first": dense_s / first_s,
+            "dense_tflops": flops / dense_s / 1e12, "max_abs_error": error,
             "reference_max_abs": reference.abs().max().item()}
 
 
@@ -252,16 +284,24 @@ def markdown(results: dict) -> str:
                   f"{s['peak_gpu_bytes'] / 2**30:.1f} GiB.", "",
                   "| operation | median s | GB/s | ÷ bandwidth |", "|---|---|---|---|",
                   f"| x.sum() | {s['sum_s']:.4f} | {s['sum_gb_per_s']:.0f} | 1.000 |",
-                  f"| select_pruned | {s['select_s']:.4f} | {s['select_gb_per_s']:.0f} | {s['of_bandwidth']:.3f} |", ""]
+                  f"| select_pruned (defaults: {selection.CUDA_CHUNK:,} scores per step, histogram in "
+                  f"{selection.HIST_LANES['cuda']} copies) | {s['select_s']:.4f} | {s['select_gb_per_s']:.0f} | {s['of_bandwidth']:.3f} |",
+                  *(f"| select_pruned, {label} | {t:.4f} | {gb_per_s(s['n'], t):.0f} | {s['sum_s'] / t:.3f} |"
+                    for label, t in s.get("select_s_by_variant", {}).items()), ""]
     if "sparse_matmul" in results:
         lines += ["## (c) 2:4 sparse linear layer against dense", "",
-                  f"{TOKENS} tokens; mask by `nm_mask` on |W|, `torch.sparse.to_sparse_semi_structured`.", "",
-                  "| weight [out, in] | dtype | backend | dense s | sparse s | speedup | dense TFLOP/s | max abs error |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"{TOKENS} tokens; mask by `nm_mask` on |W|, `torch.sparse.to_sparse_semi_structured`. "
+                  "`x Wᵀ` is F.linear(x, W) as a model calls it; `W xᵀ` puts the sparse operand first "
+                  "(the layout the kernels take without a transpose). Speedup = dense ÷ sparse time.", "",
+                  "| weight [out, in] | dtype | backend | dense | sparse x Wᵀ | speedup | sparse W xᵀ | speedup "
+                  "| dense TFLOP/s | max abs error |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["sparse_matmul"]:
             lines.append(f"| {r['weight'][0]}x{r['weight'][1]} | {r['dtype']} | {r['backend']} | "
-                         f"{r['dense_s'] * 1e3:.3f} ms | {r['sparse_s'] * 1e3:.3f} ms | {r['speedup']:.2f} | "
+                         f"{r['dense_s'] * 1e3:.3f} ms | {r['sparse_linear_s'] * 1e3:.3f} ms | "
+                         f"{r['speedup_linear']:.2f} | {r['sparse_first_s'] * 1e3:.3f} ms | {r['speedup_first']:.2f} | "
                          f"{r['dense_tflops']:.0f} | {r['max_abs_error']:.3g} (of {r['reference_max_abs']:.3g}) |")
+        lines += [f"- {backend}: {why}" for backend, why in results.get("sparse_matmul_unsupported", {}).items()]
         lines.append("")
     if "wanda" in results:
         w, c = results["wanda"], results["checkpoint"]
@@ -310,11 +350,17 @@ def gpu_run(args: argparse.Namespace) -> dict:
     results: dict = {"gpu": gpu_info(), "repeats": args.repeats, "checkpoint": checkpoint_facts(args.params)}
     print(f"GPU: {results['gpu']['name']}", flush=True)
     free, _ = torch.cuda.mem_get_info()
-    results["selection"] = measure_selection(int(args.n) if args.n else select_size(free), device, args.repeats)
+    results["selection"] = measure_selection(int(args.n) if args.n else select_size(free), device, args.repeats,
+                                             SELECT_VARIANTS)
     save(results)
     torch.cuda.empty_cache()
-    results["sparse_matmul"] = [measure_sparse_matmul(out_f, in_f, dtype, args.repeats)
-                                for dtype in DTYPES.values() for out_f, in_f in LINEARS]
+    results["sparse_matmul"], results["sparse_matmul_unsupported"] = [], {}
+    for backend in BACKENDS:
+        try:
+            results["sparse_matmul"] += [measure_sparse_matmul(out_f, in_f, dtype, args.repeats, backend)
+                                         for dtype in DTYPES.values() for out_f, in_f in LINEARS]
+        except (RuntimeError, TypeError, AttributeError) as error:  # e.g. CUTLASS's: compute capability 8.x only
+            results["sparse_matmul_unsupported"][backend] = str(error).splitlines()[0]
     save(results)
     torch.cuda.empty_cache()
     if not args.skip_wanda:

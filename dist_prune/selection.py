@@ -33,10 +33,18 @@ if TYPE_CHECKING:
 
 SCOPES = ("global", "layer", "row")
 
-CHUNK = 1 << 22  # elements per step of a pass: bounds temporaries (tens of MiB) and per-op overheads
+CHUNK = 1 << 22  # elements per step of a pass on a CPU: bounds temporaries (tens of MiB) and per-op overheads
+# A GPU reads 4M floats in microseconds, less than one kernel launch and host sync cost: bigger steps
+# (a few hundred MiB of temporaries, small beside the scores) keep the passes near HBM bandwidth.
+CUDA_CHUNK = 1 << 26
 HIST_BINS = 1 << 22  # most local histogram bins per batch of groups (32 MiB of int64)
 COMPACT_MIN = 1 << 22  # keep up to this many candidates in memory ...
 COMPACT_SHARE = 16  # ... or up to 1/16 of the local elements, whichever is more
+
+# Copies of the top-16-bit histogram that consecutive scores spread their counts over, by device.
+# Scores crowd into a few hundred of its 65536 bins, and a GPU's atomic adds to one bin serialise:
+# on an H100, counting 1e9 |normal| scores took 123 ms into one copy and 33 ms into 64.
+HIST_LANES = {"cpu": 1, "cuda": 64}  # powers of two
 
 _SIGN = 1 << 31
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0  # the 16-bit half of a float32 with its sign
@@ -259,7 +267,7 @@ def _local_hist(pairs: _Pairs, prefix: torch.Tensor, known: int, bits: int, widt
             top = (value >> (bits - known)).bitwise_and_((1 << known) - 1)  # int32 holds unsigned keys
             index.masked_fill_(top != prefix.to(value.dtype)[gid], n_bins)
         pending.append(index)
-        if sum(map(len, pending)) >= max(CHUNK, n_bins):
+        if sum(map(len, pending)) >= max(_chunk(prefix.device), n_bins):
             _count(hist, pending)
             pending = []
     _count(hist, pending)
@@ -269,10 +277,15 @@ def _local_hist(pairs: _Pairs, prefix: torch.Tensor, known: int, bits: int, widt
 # --- passes over the scores ----------------------------------------------------------------------
 
 
+def _chunk(device: torch.device) -> int:
+    return CUDA_CHUNK if device.type == "cuda" else CHUNK
+
+
 def _chunks(scores: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """(offset, float32 chunk); contiguous float32 input is not copied."""
-    for lo in range(0, scores.numel(), CHUNK):
-        yield lo, scores[lo : lo + CHUNK].float().contiguous()
+    step = _chunk(scores.device)
+    for lo in range(0, scores.numel(), step):
+        yield lo, scores[lo : lo + step].float().contiguous()
 
 
 def _keys32(x: torch.Tensor) -> torch.Tensor:
@@ -308,14 +321,19 @@ def _below(x: torch.Tensor, key: int, out: torch.Tensor) -> torch.Tensor:
 
 def _top16_hist(parts: Sequence[_Part], n_groups: int, device: torch.device) -> torch.Tensor:
     """[groups, 65536] counts of the top 16 key bits, for parts that each lie in one group."""
-    hist = torch.zeros(n_groups, 1 << 16, dtype=torch.int64, device=device)
-    size = min(CHUNK, max((p.scores.numel() for p in parts), default=0))
+    lanes = HIST_LANES.get(device.type, 1)
+    hist = torch.zeros(n_groups, lanes << 16, dtype=torch.int64, device=device)
+    size = min(_chunk(device), max((p.scores.numel() for p in parts), default=0))
     top = torch.empty(size, dtype=torch.int64, device=device)
+    lane = torch.arange(size, device=device).bitwise_and_(lanes - 1) if lanes > 1 else None
     for p in parts:
         for _, x in _chunks(p.scores):
             n = x.numel()
             top[:n].copy_(x.view(torch.uint16)[_HIGH_HALF::2])  # raw high halves, not keys: cheaper
+            if lane is not None:
+                top[:n].mul_(lanes).add_(lane[:n])
             _count(hist[p.group], [top[:n]])
+    hist = hist.view(n_groups, 1 << 16, lanes).sum(2)
     # Raw high half r to key order: positives (r < 2**15) go to 2**15 + r, negatives run backwards.
     return torch.cat([hist[:, 1 << 15 :].flip(1), hist[:, : 1 << 15]], 1)
 

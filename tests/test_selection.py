@@ -31,6 +31,8 @@ SETTINGS = {
     "default": {},
     # 64-element chunks, 8 tensors (layer) or 2048 rows per batch, candidates re-scanned, not kept.
     "small": {"CHUNK": 64, "HIST_BINS": 1 << 19, "COMPACT_MIN": 0, "COMPACT_SHARE": 1 << 40},
+    # The GPU's top-16-bit histogram: counts spread over copies, then summed.
+    "lanes": {"HIST_LANES": {"cpu": 4}},
 }
 SUBGROUP_CASES = ("random-global", "all-layer", "all-row")
 FORBIDDEN = ("all_gather", "all_gather_into_tensor", "all_gather_object", "gather", "gather_object",
