@@ -209,7 +209,7 @@ def reselect(targets: list[Target], state: TrainState, scorer, cfg: JobConfig, s
              model, stage: int) -> dict[str, torch.Tensor]:
     """New masks at `sparsity` from the current weights and training statistics; pruned
     weights stay pruned (their score is -inf), so masks only grow. Collective."""
-    from dist_prune.worker import select_and_mask  # the same exact selection as one-shot
+    from dist_prune.pruning import select_and_mask  # the same exact selection as one-shot
 
     params = dict(model.named_parameters())
     views = {t.name: _local_view(t, params, stage) for t in targets}

@@ -9,40 +9,31 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tempfile
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from dist_prune.calibrate import InputNormCollector
 from dist_prune.checkpoint import extensions_dir, open_checkpoint
 from dist_prune.collectives import all_reduce_, rank_and_world
-from dist_prune.config import JobConfig, PruneConfig, config_from_dict, scope_of
+from dist_prune.config import JobConfig, config_from_dict
 from dist_prune.data import shard
 from dist_prune.errors import UserError
 from dist_prune.evaluate import perplexity
 from dist_prune.export import StreamingExport, TensorSpec
 from dist_prune.finetune import Hooks, finetune
-from dist_prune.layerwise import LayerRunner
-from dist_prune.masking import Target, apply_mask, find_targets, local_start, pruned_counts
-from dist_prune.owl import group_counts, owl_budgets
+from dist_prune.masking import find_targets, pruned_counts
 from dist_prune.partition import (DTYPES, build_partitioned_model, compute_dtype, gathered, held_bytes,
-                                  local_range, local_weight, model_device)
+                                  local_weight, model_device)
+from dist_prune.pruning import Pruned, prune
 from dist_prune.report import StageTimer, progress
 from dist_prune.resume import read_meta, save_train_state
-from dist_prune.gradients import accumulate_gradient_stats
-from dist_prune.infogain import GroupLossCollector
-from dist_prune.scoring import SCORERS, LocalSlice, Scorer, threshold_mask
-from dist_prune.selection import Segment, group_sizes, prune_counts, select_pruned
-from dist_prune.sparsegpt import HessianCollector, sparsegpt_prune
-from dist_prune.structural import (Geometry, ShrinkPlan, Structural, member_targets, select_groups,
-                                   shrink_plan)
-from dist_prune.structures import NM, Block, nm_mask, parse_structure, select_blocks
+from dist_prune.scoring import SCORERS
+from dist_prune.structural import Geometry, ShrinkPlan, Structural, member_targets, shrink_plan
+from dist_prune.structures import parse_structure
 
 
 @dataclass
@@ -96,11 +87,16 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
             bar.close()
 
     calibration = None if job.calibration is None else shard(job.calibration, rank, world)
+    # Fine-tuning keeps the masks, a structural export cuts out what they removed; a plain
+    # export needs only the counts (the masks would be half a bf16 model again).
+    keep_masks = cfg.finetune.steps > 0 or isinstance(structure, Structural)
     if hooks.resume is not None or cfg.prune.schedule == "cubic":  # masks come from the tuning
-        masks = {t.name: torch.zeros(local_weight(t.param).numel(), dtype=torch.bool,
-                                     device=model_device(model)) for t in targets}
+        pruned = Pruned(keep_masks)
+        pruned.add({t.name: torch.zeros(local_weight(t.param).numel(), dtype=torch.bool,
+                                        device=model_device(model)) for t in targets})
     else:
-        masks = prune(model, targets, scorer, cfg, calibration, timer, show=rank == 0)
+        pruned = prune(model, targets, scorer, cfg, calibration, timer, show=rank == 0, keep_masks=keep_masks)
+    masks = pruned.masks
     if cfg.finetune.steps > 0:
         if eval_windows is not None and hooks.resume is None and cfg.prune.schedule == "oneshot":
             with timer("evaluate"):  # the starting point of the fine-tuning
@@ -124,7 +120,8 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
         report = plan.report(targets, {n: tuple(p.ds_shape) for n, p in model.named_parameters()})
         metrics.update({k: report["structural"][k] for k in ("parameters_before", "parameters_after",
                                                              "removed_fraction")})
-    counts = report.get("pruned_counts") or pruned_counts(targets, masks)
+    counts = (report.get("pruned_counts") or (pruned_counts(targets, masks) if cfg.finetune.steps > 0
+                                              else pruned.counts(targets)))
 
     if eval_windows is not None:
         with timer("evaluate"):
@@ -141,168 +138,6 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
                    sparsity=sum(counts.values()) / max(prunable, 1), world_size=world)
     metrics.update({f"seconds_{k}": v for k, v in timer.seconds.items()})
     return metrics
-
-
-def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: JobConfig,
-          calibration: torch.Tensor | None, timer: StageTimer, show: bool) -> dict[str, torch.Tensor]:
-    """Score, select and mask every target; returns the local masks (True = pruned).
-
-    Methods that need activations calibrate layer by layer. With `sequential`, each
-    layer is pruned before its outputs feed the next layer, so later layers see the
-    inputs they will see at inference (Wanda / SparseGPT reference behaviour).
-    """
-    scope = scope_of(cfg.prune)
-    structure = parse_structure(cfg.prune.structure)
-    geometry = Geometry.of(model.config) if isinstance(structure, Structural) else None
-    budgets = None  # OWL: weights to prune in each decoder layer, from a dense pass
-    if cfg.prune.layer_sparsity == "owl":
-        with timer("calibrate"):
-            budgets = owl_budgets(model, targets, calibration, cfg.prune.owl_threshold, cfg.prune.sparsity,
-                                  cfg.prune.owl_lambda)
-    select = partial(select_and_mask, scorer=scorer, prune_cfg=cfg.prune, scope=scope, geometry=geometry,
-                     budgets=budgets)
-    if cfg.prune.method == "threshold":  # an absolute cut-off: no selection, no agreement needed
-        with timer("score+select+mask"):
-            masks = {t.name: threshold_mask(LocalSlice(local_weight(t.param), local_start(t), t.shape),
-                                            cfg.prune.epsilon) for t in targets}
-            for t in targets:
-                apply_mask(t, masks[t.name])
-            return masks
-    if scorer.needs == "weights":
-        with timer("score+select+mask"):
-            return select(targets, {})
-    if scorer.needs == "gradients":  # one backward over the whole model, not layer by layer
-        with timer("calibrate"):
-            # windows are dealt r::W, so micro-batches of G/W make step s = windows [sG, (s+1)G)
-            micro_batch = cfg.data.calibration.batch_size // rank_and_world()[1]
-            stats = accumulate_gradient_stats(model, calibration, targets, stats=scorer.stats,
-                                              micro_batch=micro_batch)
-        with timer("score+select+mask"):
-            return select(targets, stats)
-
-    # SparseGPT keeps one Hessian per linear: only a layer's worth at a time.
-    sequential = scorer.needs == "hessian" or (cfg.data.calibration.sequential and scope != "global")
-    collector_of = {"activations": InputNormCollector, "hessian": HessianCollector,
-                    "ablation": partial(GroupLossCollector, structure=structure, geometry=geometry)}[scorer.needs]
-    runner = LayerRunner(model)
-    by_layer: dict[int | None, list[Target]] = {}
-    for t in targets:
-        by_layer.setdefault(t.layer, []).append(t)
-    head = model.get_output_embeddings()
-    head_targets = by_layer.pop(None, [])
-    if any(t.module is not head for t in head_targets):
-        other = next(t for t in head_targets if t.module is not head)
-        raise UserError(f"prune.method {cfg.prune.method} calibrates the decoder layers and the "
-                        f"output head only; add {other.name} to prune.exclude")
-
-    masks, stats = {}, {}
-    bar = progress(len(runner.layers), f"calibrate+prune ({cfg.prune.method})", enabled=show)
-    with timer("calibrate"):
-        batches = runner.start(calibration)
-    for index in range(len(runner.layers)):
-        layer_targets = by_layer.get(index, [])
-        with timer("calibrate"):
-            with collector_of({t.name: t.module for t in layer_targets}) as collector:
-                outputs = runner.run_layer(index, batches)
-            stats.update(collector.reduce())
-        if sequential and layer_targets:
-            with timer("score+select+mask"):
-                masks.update(select(layer_targets, stats))
-            for t in layer_targets:
-                stats.pop(t.name, None)  # a 7B layer's Hessians are gigabytes
-            with timer("calibrate"):
-                outputs = runner.run_layer(index, batches)  # what the pruned layer passes on
-        batches = outputs
-        bar.update(1)
-    if head_targets:  # the output head sees the final norm of the last layer's outputs
-        with timer("calibrate"):
-            collector = collector_of({t.name: t.module for t in head_targets})
-            for x in runner.head_inputs(batches):
-                for t in head_targets:
-                    collector.add(t.name, x)
-            stats.update(collector.reduce())
-        if sequential:
-            with timer("score+select+mask"):
-                masks.update(select(head_targets, stats))
-    bar.close()
-    if not sequential:
-        with timer("score+select+mask"):
-            masks = select(targets, stats)
-    return masks
-
-
-def select_and_mask(targets: list[Target], stats: dict, scorer: Scorer, prune_cfg: PruneConfig,
-                    scope: str, *, pruned_before: dict[str, torch.Tensor] | None = None,
-                    weights: dict[str, torch.Tensor] | None = None,
-                    geometry: Geometry | None = None,
-                    budgets: dict[int, int] | None = None) -> dict[str, torch.Tensor]:
-    """Score each local slice, agree on the exact pruned set of each group, zero it.
-
-    Every call is collective, and the same targets come in the same order on all ranks.
-    Gradual pruning passes the masks so far (`pruned_before`: they score -inf, so they
-    stay pruned) and, when the weights being trained are not the partitions themselves
-    (ZeRO stage 2), this rank's slices of them (`weights`). Whole heads, channels or
-    layers need the model's `geometry` (dist_prune/structural.py); OWL gives each decoder
-    layer its own number of weights to prune (`budgets`, dist_prune/owl.py).
-    """
-    structure = parse_structure(prune_cfg.structure)
-    if isinstance(structure, Structural):
-        if geometry is None or pruned_before or weights:
-            raise UserError(f"prune.structure {structure} is pruned once, before any fine-tuning")
-        masks = select_groups(targets, stats, scorer, structure.kind, prune_cfg.sparsity, prune_cfg.norm,
-                              geometry)  # chosen on the CPU; kept where the partitions are
-        return {t.name: masks[t.name].to(local_weight(t.param).device) for t in targets}
-    if scorer.score is None:
-        return reconstruct(targets, stats, prune_cfg.sparsity, structure)
-    starts = [local_start(t) for t in targets]
-    weights = weights or {t.name: local_weight(t.param) for t in targets}
-    scores = [scorer.score(LocalSlice(weights[t.name], start, t.shape), stats.get(t.name, {}))
-              for t, start in zip(targets, starts)]
-    if pruned_before:
-        scores = [s.masked_fill(pruned_before[t.name], -math.inf) for s, t in zip(scores, targets)]
-    if isinstance(structure, NM):
-        pruned = [nm_mask(s, start, t.shape, structure) for s, start, t in zip(scores, starts, targets)]
-    elif isinstance(structure, Block):
-        pruned = select_blocks([(s, start, t.shape) for s, start, t in zip(scores, starts, targets)],
-                               structure, prune_cfg.sparsity, scope,
-                               pool="l2" if prune_cfg.norm == "l2" else "sum")
-    else:
-        numels = [t.numel for t in targets]
-        row_lengths = [t.shape[1] for t in targets]
-        counts = (prune_counts(prune_cfg.sparsity, group_sizes(numels, scope, row_lengths)) if budgets is None
-                  else group_counts(budgets, targets, scope))
-        segments = [Segment(s, i, start) for i, (s, start) in enumerate(zip(scores, starts))]
-        pruned = select_pruned(segments, numels, counts, scope=scope, row_lengths=row_lengths)
-    for t, mask in zip(targets, pruned):
-        apply_mask(t, mask)
-    return {t.name: mask for t, mask in zip(targets, pruned)}
-
-
-def reconstruct(targets: list[Target], stats: dict, sparsity: float, structure) -> dict[str, torch.Tensor]:
-    """SparseGPT on one layer's targets: rank r reconstructs every W-th tensor of the layer
-    (gathered read-only), then each result reaches every rank's partition."""
-    rank, world = rank_and_world()
-    n, m = (structure.n, structure.m) if isinstance(structure, NM) else (0, 0)
-    results = {}
-    with gathered(t.param for t in targets):
-        for index, t in enumerate(targets):
-            if index % world == rank:
-                results[t.name] = sparsegpt_prune(t.param.data, stats[t.name]["hessian"], sparsity,
-                                                  prune_n=n, prune_m=m)
-    masks = {}
-    for index, t in enumerate(targets):  # one tensor at a time: the owner's result, summed with zeros
-        device = local_weight(t.param).device  # nccl reduces there
-        weight = torch.zeros(t.numel, dtype=torch.float32, device=device)
-        mask = torch.zeros(t.numel, dtype=torch.uint8, device=device)
-        if t.name in results:
-            weight.copy_(results[t.name][0].reshape(-1))
-            mask.copy_(results.pop(t.name)[1].reshape(-1))
-        all_reduce_(weight)
-        all_reduce_(mask)
-        start, stop = local_range(t.param)
-        local_weight(t.param).copy_(weight[start:stop])
-        masks[t.name] = mask[start:stop].bool()
-    return masks
 
 
 def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir: Path,

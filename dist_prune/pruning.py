@@ -1,0 +1,241 @@
+"""Stage 3-5, score -> select -> mask: which weights of every target go, agreed exactly by all ranks.
+
+`prune` runs the method: it calibrates what the scorer needs (activations layer by layer,
+gradients, Hessians), then `select_and_mask` scores each rank's slices, agrees on the exact
+pruned set of every group by all-reduce (dist_prune/selection.py) and zeroes it. Scores
+exist for one decoder layer at a time wherever the selection groups do not span layers, and
+the local masks are kept only when something after pruning needs them (fine-tuning,
+structural export): a plain export needs only how many each mask pruned.
+
+Every function here is collective: all ranks call it in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from dist_prune.calibrate import InputNormCollector
+from dist_prune.collectives import all_reduce_, rank_and_world
+from dist_prune.config import JobConfig, PruneConfig, scope_of
+from dist_prune.errors import UserError
+from dist_prune.gradients import accumulate_gradient_stats
+from dist_prune.infogain import GroupLossCollector
+from dist_prune.layerwise import LayerRunner
+from dist_prune.masking import Target, apply_mask, local_start
+from dist_prune.owl import group_counts, owl_budgets
+from dist_prune.partition import gathered, local_range, local_weight
+from dist_prune.report import StageTimer, progress
+from dist_prune.scoring import LocalSlice, Scorer, threshold_mask
+from dist_prune.selection import Segment, group_sizes, prune_counts, select_pruned
+from dist_prune.sparsegpt import HessianCollector, sparsegpt_prune
+from dist_prune.structural import Geometry, Structural, select_groups
+from dist_prune.structures import NM, Block, nm_mask, parse_structure, select_blocks
+
+
+@dataclass
+class Pruned:
+    """What pruning decided: every target's local mask (True = pruned) when `keep_masks`,
+    and always how many elements each local mask pruned."""
+
+    keep_masks: bool
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    local_counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, masks: dict[str, torch.Tensor]) -> None:
+        for name, mask in masks.items():
+            self.local_counts[name] = int(mask.sum())
+            if self.keep_masks:
+                self.masks[name] = mask
+
+    def counts(self, targets: list[Target]) -> dict[str, int]:
+        """Pruned elements of each full tensor, all ranks summed (one all-reduce)."""
+        counts = all_reduce_(torch.tensor([self.local_counts[t.name] for t in targets], dtype=torch.long))
+        return {t.name: int(c) for t, c in zip(targets, counts)}
+
+
+def by_layer(targets: list[Target], scope: str) -> list[list[Target]]:
+    """The targets in selection calls: all at once at global scope, where one group spans every
+    layer; otherwise decoder layer by decoder layer (then the head), which selects exactly the
+    same elements, since no group spans two tensors, while scores exist for one layer at a time."""
+    if scope == "global":
+        return [targets]
+    layers: dict[int | None, list[Target]] = {}
+    for t in targets:
+        layers.setdefault(t.layer, []).append(t)
+    return list(layers.values())
+
+
+def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: JobConfig,
+          calibration: torch.Tensor | None, timer: StageTimer, show: bool, keep_masks: bool = True) -> Pruned:
+    """Score, select and mask every target; returns the pruned counts, and the local masks
+    (True = pruned) with `keep_masks`.
+
+    Methods that need activations calibrate layer by layer. With `sequential`, each
+    layer is pruned before its outputs feed the next layer, so later layers see the
+    inputs they will see at inference (Wanda / SparseGPT reference behaviour).
+    """
+    scope = scope_of(cfg.prune)
+    structure = parse_structure(cfg.prune.structure)
+    geometry = Geometry.of(model.config) if isinstance(structure, Structural) else None
+    budgets = None  # OWL: weights to prune in each decoder layer, from a dense pass
+    if cfg.prune.layer_sparsity == "owl":
+        with timer("calibrate"):
+            budgets = owl_budgets(model, targets, calibration, cfg.prune.owl_threshold, cfg.prune.sparsity,
+                                  cfg.prune.owl_lambda)
+    select = partial(select_and_mask, scorer=scorer, prune_cfg=cfg.prune, scope=scope, geometry=geometry,
+                     budgets=budgets)
+    pruned = Pruned(keep_masks)
+    calls = [targets] if isinstance(structure, Structural) else by_layer(targets, scope)
+
+    def select_all(stats: dict) -> Pruned:
+        for part in calls:
+            pruned.add(select(part, stats))
+        return pruned
+
+    if cfg.prune.method == "threshold":  # an absolute cut-off: no selection, no agreement needed
+        with timer("score+select+mask"):
+            for t in targets:
+                mask = threshold_mask(LocalSlice(local_weight(t.param), local_start(t), t.shape), cfg.prune.epsilon)
+                apply_mask(t, mask)
+                pruned.add({t.name: mask})
+            return pruned
+    if scorer.needs == "weights":
+        with timer("score+select+mask"):
+            return select_all({})
+    if scorer.needs == "gradients":  # one backward over the whole model, not layer by layer
+        with timer("calibrate"):
+            # windows are dealt r::W, so micro-batches of G/W make step s = windows [sG, (s+1)G)
+            micro_batch = cfg.data.calibration.batch_size // rank_and_world()[1]
+            stats = accumulate_gradient_stats(model, calibration, targets, stats=scorer.stats,
+                                              micro_batch=micro_batch)
+        with timer("score+select+mask"):
+            return select_all(stats)
+
+    # SparseGPT keeps one Hessian per linear: only a layer's worth at a time.
+    sequential = scorer.needs == "hessian" or (cfg.data.calibration.sequential and scope != "global")
+    collector_of = {"activations": InputNormCollector, "hessian": HessianCollector,
+                    "ablation": partial(GroupLossCollector, structure=structure, geometry=geometry)}[scorer.needs]
+    runner = LayerRunner(model)
+    layers: dict[int | None, list[Target]] = {}
+    for t in targets:
+        layers.setdefault(t.layer, []).append(t)
+    head = model.get_output_embeddings()
+    head_targets = layers.pop(None, [])
+    if any(t.module is not head for t in head_targets):
+        other = next(t for t in head_targets if t.module is not head)
+        raise UserError(f"prune.method {cfg.prune.method} calibrates the decoder layers and the "
+                        f"output head only; add {other.name} to prune.exclude")
+
+    stats = {}
+    bar = progress(len(runner.layers), f"calibrate+prune ({cfg.prune.method})", enabled=show)
+    with timer("calibrate"):
+        batches = runner.start(calibration)
+    for index in range(len(runner.layers)):
+        layer_targets = layers.get(index, [])
+        with timer("calibrate"):
+            with collector_of({t.name: t.module for t in layer_targets}) as collector:
+                outputs = runner.run_layer(index, batches)
+            stats.update(collector.reduce())
+        if sequential and layer_targets:
+            with timer("score+select+mask"):
+                pruned.add(select(layer_targets, stats))
+            for t in layer_targets:
+                stats.pop(t.name, None)  # a 7B layer's Hessians are gigabytes
+            with timer("calibrate"):
+                outputs = runner.run_layer(index, batches)  # what the pruned layer passes on
+        batches = outputs
+        bar.update(1)
+    if head_targets:  # the output head sees the final norm of the last layer's outputs
+        with timer("calibrate"):
+            collector = collector_of({t.name: t.module for t in head_targets})
+            for x in runner.head_inputs(batches):
+                for t in head_targets:
+                    collector.add(t.name, x)
+            stats.update(collector.reduce())
+        if sequential:
+            with timer("score+select+mask"):
+                pruned.add(select(head_targets, stats))
+    bar.close()
+    if not sequential:
+        with timer("score+select+mask"):
+            select_all(stats)
+    return pruned
+
+
+def select_and_mask(targets: list[Target], stats: dict, scorer: Scorer, prune_cfg: PruneConfig,
+                    scope: str, *, pruned_before: dict[str, torch.Tensor] | None = None,
+                    weights: dict[str, torch.Tensor] | None = None,
+                    geometry: Geometry | None = None,
+                    budgets: dict[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Score each local slice, agree on the exact pruned set of each group, zero it.
+
+    Every call is collective, and the same targets come in the same order on all ranks.
+    Gradual pruning passes the masks so far (`pruned_before`: they score -inf, so they
+    stay pruned) and, when the weights being trained are not the partitions themselves
+    (ZeRO stage 2), this rank's slices of them (`weights`). Whole heads, channels or
+    layers need the model's `geometry` (dist_prune/structural.py); OWL gives each decoder
+    layer its own number of weights to prune (`budgets`, dist_prune/owl.py).
+    """
+    structure = parse_structure(prune_cfg.structure)
+    if isinstance(structure, Structural):
+        if geometry is None or pruned_before or weights:
+            raise UserError(f"prune.structure {structure} is pruned once, before any fine-tuning")
+        masks = select_groups(targets, stats, scorer, structure.kind, prune_cfg.sparsity, prune_cfg.norm,
+                              geometry)  # chosen on the CPU; kept where the partitions are
+        return {t.name: masks[t.name].to(local_weight(t.param).device) for t in targets}
+    if scorer.score is None:
+        return reconstruct(targets, stats, prune_cfg.sparsity, structure)
+    starts = [local_start(t) for t in targets]
+    weights = weights or {t.name: local_weight(t.param) for t in targets}
+    scores = [scorer.score(LocalSlice(weights[t.name], start, t.shape), stats.get(t.name, {}))
+              for t, start in zip(targets, starts)]
+    if pruned_before:
+        scores = [s.masked_fill(pruned_before[t.name], -math.inf) for s, t in zip(scores, targets)]
+    if isinstance(structure, NM):
+        pruned = [nm_mask(s, start, t.shape, structure) for s, start, t in zip(scores, starts, targets)]
+    elif isinstance(structure, Block):
+        pruned = select_blocks([(s, start, t.shape) for s, start, t in zip(scores, starts, targets)],
+                               structure, prune_cfg.sparsity, scope,
+                               pool="l2" if prune_cfg.norm == "l2" else "sum")
+    else:
+        numels = [t.numel for t in targets]
+        row_lengths = [t.shape[1] for t in targets]
+        counts = (prune_counts(prune_cfg.sparsity, group_sizes(numels, scope, row_lengths)) if budgets is None
+                  else group_counts(budgets, targets, scope))
+        segments = [Segment(s, i, start) for i, (s, start) in enumerate(zip(scores, starts))]
+        pruned = select_pruned(segments, numels, counts, scope=scope, row_lengths=row_lengths)
+    for t, mask in zip(targets, pruned):
+        apply_mask(t, mask)
+    return {t.name: mask for t, mask in zip(targets, pruned)}
+
+
+def reconstruct(targets: list[Target], stats: dict, sparsity: float, structure) -> dict[str, torch.Tensor]:
+    """SparseGPT on one layer's targets: rank r reconstructs every W-th tensor of the layer
+    (gathered read-only), then each result reaches every rank's partition."""
+    rank, world = rank_and_world()
+    n, m = (structure.n, structure.m) if isinstance(structure, NM) else (0, 0)
+    results = {}
+    with gathered(t.param for t in targets):
+        for index, t in enumerate(targets):
+            if index % world == rank:
+                results[t.name] = sparsegpt_prune(t.param.data, stats[t.name]["hessian"], sparsity,
+                                                  prune_n=n, prune_m=m)
+    masks = {}
+    for index, t in enumerate(targets):  # one tensor at a time: the owner's result, summed with zeros
+        device = local_weight(t.param).device  # nccl reduces there
+        weight = torch.zeros(t.numel, dtype=torch.float32, device=device)
+        mask = torch.zeros(t.numel, dtype=torch.uint8, device=device)
+        if t.name in results:
+            weight.copy_(results[t.name][0].reshape(-1))
+            mask.copy_(results.pop(t.name)[1].reshape(-1))
+        all_reduce_(weight)
+        all_reduce_(mask)
+        start, stop = local_range(t.param)
+        local_weight(t.param).copy_(weight[start:stop])
+        masks[t.name] = mask[start:stop].bool()
+    return masks
+
