@@ -6,7 +6,7 @@ into such a directory in the cache. Pickle checkpoints are refused unless the us
 opts in, because unpickling runs arbitrary code.
 
 Workers never load a whole tensor they do not need: `Checkpoint.read_flat` reads
-only the rows that cover a rank's ZeRO-3 slice.
+only the rows that cover a rank's ZeRO-3 slice, with positioned reads (no memory map).
 """
 
 from __future__ import annotations
@@ -131,55 +131,81 @@ def _convert_once(source: Path, kind: str, trust_remote_code: bool) -> Path:
     return target
 
 
+# safetensors dtype names -> torch dtypes (those a checkpoint's weights and buffers use)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+_FLOATS = ("F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3")
+
+
 @dataclass
 class Checkpoint:
-    """The safetensors weights of a Hugging Face directory, opened lazily."""
+    """The safetensors weights of a Hugging Face directory, read with positioned reads.
+
+    Only the bytes asked for enter the process. Reading through safetensors' memory map would
+    leave every page touched resident in the reader's RSS until the file is closed: a driver
+    scanning a 7B checkpoint, or a worker reading its slices, would show the whole file."""
 
     directory: Path
     weight_map: dict[str, str]  # tensor name -> shard file name
-    _handles: dict[str, object] = field(default_factory=dict, repr=False)
+    _headers: dict[str, tuple[int, dict]] = field(default_factory=dict, repr=False)  # shard -> (data start, header)
 
-    def _handle(self, name: str):
+    def _entry(self, name: str) -> tuple[str, int, dict]:
         shard = self.weight_map[name]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(self.directory / shard, framework="pt")
-        return self._handles[shard]
+        if shard not in self._headers:
+            with open(self.directory / shard, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                self._headers[shard] = (8 + size, json.loads(fh.read(size)))
+        start, header = self._headers[shard]
+        return shard, start, header[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return tuple(self._entry(name)[2]["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
-        raw = self._handle(name).get_slice(name).get_dtype()
         return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                "F64": torch.float64}.get(raw, torch.float32)
+                "F64": torch.float64}.get(self._entry(name)[2]["dtype"], torch.float32)
+
+    def _rows(self, name: str, first: int, last: int) -> torch.Tensor:
+        """Rows [first, last) of tensor `name`, flat (a 0-D or 1-D tensor's rows are its elements)."""
+        shard, data_start, entry = self._entry(name)
+        shape, dtype = entry["shape"], SAFETENSORS_DTYPES[entry["dtype"]]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        buffer = bytearray(max(last - first, 0) * row_bytes)
+        view, offset = memoryview(buffer), data_start + entry["data_offsets"][0] + first * row_bytes
+        with open(self.directory / shard, "rb") as fh:
+            while view:  # one read returns at most about 2 GiB
+                got = os.preadv(fh.fileno(), [view], offset)
+                if got <= 0:
+                    raise UserError(f"{self.directory / shard}: truncated while reading {name}")
+                view, offset = view[got:], offset + got
+        return torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
 
     def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor, reading only the rows that hold them."""
         if name not in self.weight_map:
             raise UserError(f"checkpoint {self.directory} has no tensor {name}")
-        sliced = self._handle(name).get_slice(name)
-        shape = sliced.get_shape()
+        shape = self.shape(name)
         if stop <= start:
             return torch.empty(0)
-        if len(shape) <= 1:
-            return sliced[start:stop].reshape(-1)
-        row = math.prod(shape[1:])
+        row = math.prod(shape[1:]) if len(shape) > 1 else 1
         first, last = start // row, -(-stop // row)
-        rows = sliced[first:last].reshape(-1)
+        rows = self._rows(name, first, last)
         return rows[start - first * row: stop - first * row]
 
     def check_finite(self, max_elements: int = 1 << 24) -> None:
         """Refuse NaN or Inf weights on the driver, before any worker starts. Streams one
         tensor at a time, and a large one in runs of rows of at most `max_elements`."""
         for name, shard in self.weight_map.items():
-            sliced = self._handle(name).get_slice(name)
-            shape = sliced.get_shape()
-            if sliced.get_dtype() not in ("F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3"):
+            shape = self.shape(name)
+            if self._entry(name)[2]["dtype"] not in _FLOATS:
                 continue  # integer buffers cannot hold NaN
-            row = math.prod(shape[1:]) if shape else 1
+            row = math.prod(shape[1:]) if len(shape) > 1 else 1
+            count = shape[0] if shape else 1
             step = max(1, max_elements // max(row, 1))
-            for first in range(0, shape[0] if shape else 1, step):
-                part = sliced[first:first + step] if shape else self._handle(name).get_tensor(name)
+            for first in range(0, count, step):
+                part = self._rows(name, first, min(first + step, count))
                 if not torch.isfinite(part.float() if part.element_size() == 1 else part).all():
                     raise UserError(f"model.path {self.directory}: tensor {name} in {shard} contains "
                                     "NaN or Inf values")

@@ -26,6 +26,27 @@ def test_read_flat_reads_exact_ranges(tmp_path):
     assert ckpt.shape("c") == (3, 2, 4) and ckpt.dtype("w") == torch.float32
 
 
+def test_read_flat_every_dtype_and_shard_position(tmp_path):
+    """Bytes at the right offsets of the right shard, whatever the dtype and the tensor's place."""
+    g = torch.Generator().manual_seed(0)
+    first = {"a.bf16": torch.randn(6, 10, generator=g).bfloat16(), "b.f16": torch.randn(9, generator=g).half(),
+             "c.scalar": torch.tensor(3.5)}
+    second = {"d.i64": torch.arange(24).reshape(4, 6), "e.bool": torch.rand(5, 3, generator=g) > 0.5,
+              "f.f32": torch.randn(2, 3, 4, generator=g)}
+    save_file(first, tmp_path / "model-00001-of-00002.safetensors")
+    save_file(second, tmp_path / "model-00002-of-00002.safetensors")
+    shards = {**{n: "model-00001-of-00002.safetensors" for n in first},
+              **{n: "model-00002-of-00002.safetensors" for n in second}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    ckpt = open_checkpoint(tmp_path)
+    for name, t in {**first, **second}.items():
+        flat = t.reshape(-1)
+        for start in range(flat.numel()):
+            got = ckpt.read_flat(name, start, flat.numel())
+            assert got.dtype == t.dtype and torch.equal(got, flat[start:]), (name, start)
+    assert ckpt.dtype("a.bf16") == torch.bfloat16 and ckpt.shape("c.scalar") == ()
+
+
 def test_hf_directory_is_used_as_is(tiny_llama):
     assert resolve_model(str(tiny_llama)) == tiny_llama
 
