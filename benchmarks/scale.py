@@ -12,8 +12,9 @@ also reports the bytes of model state every worker holds (`model bytes per worke
 ZeRO-3 partitions) and the seconds of each stage.
 
 The bound each worker is checked against: model/W + one decoder layer (gathered whole for a
-forward pass) + the runtime (Python, torch, DeepSpeed, Ray), the runtime being what a
-worker peaks at with a tiny model. Results: benchmarks/results/scale.{json,md}.
+forward pass) + the runtime (Python, torch, DeepSpeed, Ray, the communication buffers of W
+ranks), the runtime being what a worker of a job with the same W peaks at on a tiny model,
+less its share of it. Results: benchmarks/results/scale.{json,md}.
 """
 
 from __future__ import annotations
@@ -70,7 +71,10 @@ def run_job(model: Path, method: str, workers: int, scratch: Path) -> dict:
             f"cluster.storage_path={scratch / 'ray'}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = time.perf_counter()
-    proc = subprocess.Popen(args, cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Output goes to a file: a pipe read only at the end fills (64 KiB of progress bars) and the
+    # job then blocks writing to it, forever.
+    log = open(scratch / "job.log", "w+")
+    proc = subprocess.Popen(args, cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     peaks: dict[int, int] = {}
     driver_peak = 0
     while proc.poll() is None:
@@ -78,7 +82,9 @@ def run_job(model: Path, method: str, workers: int, scratch: Path) -> dict:
         for pid in _worker_pids():
             peaks[pid] = max(peaks.get(pid, 0), (_status_kib(pid, "VmHWM") or 0) * 1024)
         time.sleep(0.2)
-    output = proc.stdout.read()
+    log.seek(0)
+    output = log.read()
+    log.close()
     if proc.returncode != 0:
         raise RuntimeError(f"dist-prune run failed ({proc.returncode}):\n{output[-3000:]}")
     seconds = {m.group(1): float(m.group(2)) for m in re.finditer(r"^seconds: (\S+)\s+([\d.]+)$", output, re.M)}
@@ -116,12 +122,17 @@ def main() -> None:
     report = json.loads(out.read_text()) if args.append and out.exists() else {"runs": []}
     report["machine"] = machine(1).removesuffix(", 1 gloo ranks x 1 thread")
     with tempfile.TemporaryDirectory() as tmp:
-        if "runtime" not in report:  # what a worker peaks at with (almost) no model
+        runtimes = report.setdefault("runtimes", {})
+        if "runtime" in report:  # results of an earlier version: measured with one worker
+            runtimes.setdefault("1", report.pop("runtime"))
+        for workers in args.workers:  # what a worker peaks at with (almost) no model, per W: the
+            if str(workers) in runtimes:  # communication buffers of W ranks belong to the runtime
+                continue
             tiny, facts = checkpoint(args.cache, 2e7)
-            run = run_job(tiny, "magnitude", 1, Path(tmp))
-            overhead = run["worker_peak_rss"][0] - facts["model_bytes"] - facts["layer_bytes"]
-            report["runtime"] = {**facts, **run, "overhead": overhead}
-            print(f"runtime: worker peak {run['worker_peak_rss'][0] / MiB:.0f} MiB with a "
+            run = run_job(tiny, "magnitude", workers, Path(tmp))
+            overhead = max(run["worker_peak_rss"]) - facts["model_bytes"] / workers - facts["layer_bytes"]
+            runtimes[str(workers)] = {**facts, **run, "overhead": overhead}
+            print(f"runtime, {workers} worker(s): worker peak {max(run['worker_peak_rss']) / MiB:.0f} MiB with a "
                   f"{facts['model_bytes'] / MiB:.0f} MiB model", flush=True)
         for params in args.sizes:
             directory, facts = checkpoint(args.cache, params)
@@ -137,16 +148,18 @@ def main() -> None:
 
 
 def markdown(report: dict) -> str:
-    overhead = report["runtime"]["overhead"]
+    runtimes = report["runtimes"]
+    tiny = next(iter(runtimes.values()))["model_bytes"]
     lines = [f"Machine: {report['machine']}. bf16 synthetic Llama checkpoints, 50% unstructured, "
-             f"calibration 8 x 128 tokens, no evaluation. Runtime overhead of a worker (peak RSS with a "
-             f"{report['runtime']['model_bytes'] / MiB:.0f} MiB model, minus the model): {overhead / MiB:.0f} MiB.",
+             f"calibration 8 x 128 tokens, no evaluation. Runtime overhead of a worker (its peak RSS in the "
+             f"same job on a {tiny / MiB:.0f} MiB model, minus its share of that model and one layer): "
+             + ", ".join(f"{r['overhead'] / MiB:.0f} MiB with W = {w}" for w, r in sorted(runtimes.items())) + ".",
              "", "| model | method | W | model state / worker | ÷ (model/W) | worker peak RSS | bound: model/W + layer "
              "+ runtime | peak ÷ bound | driver peak RSS | load s | calibrate s | select+mask s | export s | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         share = r["model_bytes"] / r["workers"]
-        bound = share + r["layer_bytes"] + overhead
+        bound = share + r["layer_bytes"] + runtimes[str(r["workers"])]["overhead"]
         peak = max(r["worker_peak_rss"]) if r["worker_peak_rss"] else math.nan
         held = r["model_bytes_per_worker"] or math.nan
         s = r["seconds"]

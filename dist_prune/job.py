@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,7 +192,10 @@ def fit(job: WorkerJob, cfg: JobConfig) -> dict:
         train_loop_config=vars(job),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
-        run_config=RunConfig(name=f"dist-prune-{Path(job.export_dir).name}", storage_path=str(storage),
+        # A name of its own: Ray Train loads the run snapshot it finds under a reused name and
+        # hands the last job's checkpoints to this one (same export name, same storage path).
+        run_config=RunConfig(name=f"dist-prune-{Path(job.export_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                                  f"-{uuid.uuid4().hex[:6]}", storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.finetune.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
