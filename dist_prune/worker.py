@@ -8,6 +8,7 @@ its own slice of every weight and its own share of the data.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import tempfile
@@ -54,6 +55,7 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
     """Prune, fine-tune, evaluate and export; returns the job's metrics (identical on every
     rank). `hooks.resume`: a fine-tuning checkpoint to continue from (pruning is skipped:
     the masks and weights come from the checkpoint)."""
+    return_large_frees_to_the_os()
     cfg = config_from_dict(job.config)
     rank, world = rank_and_world()
     timer, metrics = StageTimer(), {}
@@ -243,6 +245,19 @@ def ray_train_loop(payload: dict) -> None:
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(_scalars(metrics), checkpoint=checkpoint)
+
+
+def return_large_frees_to_the_os(threshold: int = 1 << 20) -> None:
+    """Have glibc serve every block of `threshold` bytes or more with its own mapping, returned
+    to the OS when freed (mallopt M_MMAP_THRESHOLD). By default the threshold rises to the largest
+    block freed so far (up to 32 MiB); then the per-layer temporaries of a job (gathered layers,
+    scores, read buffers) come from the heap, which keeps what they freed: a 0.5B bf16 model on
+    2 workers peaked at 1,866 MiB per worker, and at 1,203 MiB with this (benchmarks/scale.py)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
 
 
 def use_assigned_gpu() -> torch.device:
