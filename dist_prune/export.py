@@ -44,6 +44,7 @@ _DTYPES = {
     torch.uint8: "U8", torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32",
     torch.uint64: "U64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
+SAFETENSORS_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}  # "BF16" -> torch.bfloat16
 
 
 @dataclass(frozen=True)
