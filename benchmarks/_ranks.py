@@ -22,9 +22,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 def run_ranks(fn, *args, world: int = 2):
     """fn(rank, *args) on `world` spawned gloo ranks; returns what rank 0's fn returned (as JSON).
     `fn` must be a module-level function (spawn pickles it by name)."""
-    from dist_prune.checkpoint import extensions_dir
+    from dist_prune.checkpoint import configure_jit_builds
 
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))  # DeepSpeed compiles once
+    configure_jit_builds()  # DeepSpeed compiles once, with one ninja
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/results.json"
         mp.start_processes(_rank_entry, args=(world, _free_port(), out, fn, args),

