@@ -58,11 +58,19 @@ class InputNormCollector(InputCollector):
         super().__init__(linears)
         self.sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=model_device(m))
                      for name, m in linears.items()}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (inputs, their column sums)
 
     def add(self, name: str, inputs: torch.Tensor) -> None:
         """Account for a batch of inputs [..., in_features] of weight `name`."""
-        x = inputs.detach().reshape(-1, inputs.shape[-1]).double()
-        self.sums[name] += (x * x).sum(0).to(self.sums[name].device)
+        # q/k/v (and gate/up) receive the very same tensor one after another: sum it once
+        if self._last is None or self._last[0] is not inputs:
+            x = inputs.detach().reshape(-1, inputs.shape[-1]).double()
+            self._last = (inputs, (x * x).sum(0))
+        self.sums[name] += self._last[1].to(self.sums[name].device)
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        self._last = None
 
     def reduce(self) -> dict[str, dict[str, torch.Tensor]]:
         """All-reduce the sums across ranks (one collective) and return the stats."""

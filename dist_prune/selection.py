@@ -11,22 +11,26 @@ negative: flip all bits; -0.0 is a different key just below +0.0): 4 rounds of 8
 all_reduce of a [groups, 256] histogram. Then, if only some of the elements equal to the threshold
 key T are to go, a radix select over their order indices finds the last one pruned.
 
-Passes over the scores decide the speed. Where each segment lies in one group (global, layer) there
-are three: a sum (NaN check), a histogram of the top 16 key bits (feeding rounds 1 and 2), and one
-pass that writes "below the 16-bit bracket" into the masks while it collects the few candidates
-inside it. Rounds 3-4, the tie-break and the final fix-up touch only those (re-scanned when too many
-to keep). Row scope needs per-element group ids and costs two 8-bit histogram passes instead.
+Passes over the scores decide the speed. There are three: a sum (NaN check), a histogram of the
+top 16 key bits (feeding rounds 1 and 2), and one pass that writes "below the 16-bit bracket" into
+the masks while it collects the few candidates inside it. Rounds 3-4, the tie-break and the final
+fix-up touch only those (re-scanned when too many to keep). Row scope selects the rows a rank holds
+whole on that rank alone (dist_prune/selection_rows.py); only rows cut between ranks come here, as
+one group each.
 """
 
 from __future__ import annotations
 
 import sys
+from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate, groupby
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+
+from dist_prune.selection_rows import select_rows, split_rows, whole_row_flags
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -100,9 +104,39 @@ def select_pruned(segments: Sequence[Segment], numels: Sequence[int], counts: to
     counts = _checked_counts(counts, group_sizes(numels, scope, row_lengths)).to(device)
     _reject_nan(segments, device, group)
     masks = [torch.empty(len(s.scores), dtype=torch.bool, device=device) for s in segments]  # scans fill them
-    for batch, parts in _plan(segments, numels, scope, row_lengths):
-        _select_batch(parts, counts[batch.g0 : batch.g0 + batch.n_groups], batch, masks, group)
+    radix_masks = masks
+    if scope == "row":  # whole rows locally; only the rows cut between ranks below, one group each
+        segments, numels, counts, radix_masks = _select_whole_rows(segments, numels, counts, row_lengths,
+                                                                   masks, group)
+        scope = "layer"
+    for batch, parts in _plan(segments, numels, scope):
+        _select_batch(parts, counts[batch.g0 : batch.g0 + batch.n_groups], batch, radix_masks, group)
     return masks
+
+
+def _select_whole_rows(segments: Sequence[Segment], numels: Sequence[int], counts: torch.Tensor,
+                       row_lengths: Sequence[int], masks: list[torch.Tensor], group: ProcessGroup | None,
+                       ) -> tuple[list[Segment], list[int], torch.Tensor, list[torch.Tensor]]:
+    """Mark the rows each rank holds whole (dist_prune/selection_rows.py); return the rest as a
+    layer-scope problem: one tensor per cut row, its pieces as segments, views of their masks."""
+    whole, pieces = split_rows([s.start for s in segments], [len(s.scores) for s in segments],
+                               [s.tensor_index for s in segments], numels, row_lengths)
+    cut = (~whole_row_flags(whole, len(counts), counts.device, group)).nonzero().squeeze(1).tolist()
+    for i, lo, g0, rows in whole:
+        s, length = segments[i], row_lengths[segments[i].tensor_index]
+        step = max(1, _chunk(s.scores.device) // length)
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            span = slice(lo + a * length, lo + b * length)
+            select_rows(s.scores[span].view(b - a, length), counts[g0 + a : g0 + b],
+                        masks[i][span].view(b - a, length))
+    first = [0, *accumulate(n // r for n, r in zip(numels, row_lengths))]
+    position = {g: j for j, g in enumerate(cut)}
+    rest = [Segment(segments[p.segment].scores[p.lo : p.lo + p.length], position[p.group], p.column)
+            for p in pieces]
+    rest_masks = [masks[p.segment][p.lo : p.lo + p.length] for p in pieces]
+    cut_numels = [row_lengths[bisect_right(first, g) - 1] for g in cut]
+    return rest, cut_numels, counts[cut], rest_masks
 
 
 # --- plan ----------------------------------------------------------------------------------------
@@ -114,7 +148,6 @@ class _Batch:
 
     g0: int  # global id of the first group
     n_groups: int
-    width: int  # key bits per pass over the scores: 16 where a segment lies in one group, else 8
     order_bits: int  # width of the order indices, in whole 8-bit digits
 
 
@@ -124,20 +157,8 @@ class _Part:
 
     index: int  # position in the caller's segment list and in the masks
     scores: torch.Tensor
-    group: int  # batch-local group of the tensor's first element
-    row_length: int  # 0: all elements are in `group`
-    start: int
+    group: int  # batch-local group of all its elements
     order0: int  # order index of scores[0]
-
-    def gids(self, lo: int, n: int) -> torch.Tensor:
-        """Batch-local groups of the local elements lo .. lo+n-1 (a copy, no per-element division)."""
-        if not self.row_length:
-            return torch.full((n,), self.group, device=self.scores.device)
-        begin, length = self.start + lo, self.row_length  # rows count from the tensor's first element
-        first = begin // length  # a row may have begun on the previous rank
-        rows = -(-(begin + n) // length) - first
-        ids = torch.arange(self.group + first, self.group + first + rows, device=self.scores.device)
-        return ids.view(-1, 1).expand(rows, length).reshape(-1)[begin - first * length :][:n]
 
 
 @dataclass(frozen=True)
@@ -150,27 +171,22 @@ class _Block:
     gid: torch.Tensor  # int64 batch-local groups
 
 
-def _plan(segments: Sequence[Segment], numels: Sequence[int], scope: str,
-          row_lengths: Sequence[int] | None) -> Iterator[tuple[_Batch, list[_Part]]]:
-    """Batches of consecutive tensors whose local histograms fit in HIST_BINS, with their parts."""
+def _plan(segments: Sequence[Segment], numels: Sequence[int],
+          scope: str) -> Iterator[tuple[_Batch, list[_Part]]]:
+    """Batches of consecutive tensors whose local histograms fit in HIST_BINS, with their parts:
+    one group at global scope, one per tensor at layer scope."""
     n_tensors = len(numels)
-    rows = list(row_lengths) if scope == "row" and row_lengths else [0] * n_tensors
-    width = 8 if scope == "row" else 16
     if scope == "global":  # one group; order index = offset of the tensor + flat index
         first, offsets, bounds = [0] * (n_tensors + 1), [0, *accumulate(numels)], [(0, n_tensors)]
     else:
-        first = [0, *accumulate(n // r if r else 1 for n, r in zip(numels, rows))]  # tensors' first groups
-        offsets, bounds, lo = [0] * n_tensors, [], 0
-        for t in range(1, n_tensors + 1):  # close a batch before tensor t overflows it, and at the end
-            if t == n_tensors or first[t + 1] - first[lo] > HIST_BINS >> width:
-                bounds.append((lo, t))
-                lo = t
+        first, offsets = list(range(n_tensors + 1)), [0] * n_tensors
+        step = max(1, HIST_BINS >> 16)
+        bounds = [(lo, min(lo + step, n_tensors)) for lo in range(0, n_tensors, step)]
     for a, b in bounds:
         largest = sum(numels) if scope == "global" else max(numels[a:b], default=0)  # order indices < this
-        n_groups = 1 if scope == "global" else first[b] - first[a]
-        batch = _Batch(first[a], n_groups, width, max(8, -(-max(largest - 1, 0).bit_length() // 8) * 8))
-        yield batch, [_Part(i, s.scores, first[s.tensor_index] - first[a], rows[s.tensor_index], s.start,
-                            offsets[s.tensor_index] + s.start)
+        n_groups = 1 if scope == "global" else b - a
+        batch = _Batch(first[a], n_groups, max(8, -(-max(largest - 1, 0).bit_length() // 8) * 8))
+        yield batch, [_Part(i, s.scores, first[s.tensor_index] - first[a], offsets[s.tensor_index] + s.start)
                       for i, s in enumerate(segments) if a <= s.tensor_index < b and s.scores.numel()]
 
 
@@ -180,13 +196,10 @@ def _plan(segments: Sequence[Segment], numels: Sequence[int], scope: str,
 def _select_batch(parts: list[_Part], counts: torch.Tensor, batch: _Batch, masks: list[torch.Tensor],
                   group: ProcessGroup | None) -> None:
     """Mark exactly counts[g] elements of every group of the batch in `masks`."""
-    n_groups, width, active = batch.n_groups, batch.width, counts > 0
+    n_groups, width, active = batch.n_groups, 16, counts > 0
     zero = torch.zeros(n_groups, dtype=torch.int64, device=counts.device)
     # Rounds 1-2: the top 16 key bits.
-    if width == 16:
-        prefix, k, _, local = _resolve(_top16_hist(parts, n_groups, counts.device), counts, group)
-    else:
-        prefix, k, _, local = _select_bits(lambda: _all_pairs(parts), counts, zero, 0, 16, 32, width, group)
+    prefix, k, _, local = _resolve(_top16_hist(parts, n_groups, counts.device), counts, group)
     prefix[~active] = -1  # matches no key: these groups prune nothing
 
     # One pass marks everything below the bracket and finds the candidates inside it.
@@ -320,7 +333,7 @@ def _below(x: torch.Tensor, key: int, out: torch.Tensor) -> torch.Tensor:
 
 
 def _top16_hist(parts: Sequence[_Part], n_groups: int, device: torch.device) -> torch.Tensor:
-    """[groups, 65536] counts of the top 16 key bits, for parts that each lie in one group."""
+    """[groups, 65536] counts of the top 16 key bits."""
     lanes = HIST_LANES.get(device.type, 1)
     hist = torch.zeros(n_groups, lanes << 16, dtype=torch.int64, device=device)
     size = min(_chunk(device), max((p.scores.numel() for p in parts), default=0))
@@ -348,23 +361,15 @@ def _sparse_nonzero(hit: torch.Tensor) -> torch.Tensor:
     return words[inner[:, 0]] * 8 + inner[:, 1]
 
 
-def _all_pairs(parts: Sequence[_Part]) -> _Pairs:
-    """(keys, groups) of every element, chunk by chunk."""
-    for p in parts:
-        for lo, x in _chunks(p.scores):
-            yield _keys32(x), p.gids(lo, x.numel())
-
-
 def _scan(parts: Sequence[_Part], prefix: torch.Tensor, masks: list[torch.Tensor] | None) -> Iterator[_Block]:
     """Yield the elements whose top 16 key bits equal their group's prefix; with `masks`, also mark
     every element below its group's bracket as pruned and every other as kept."""
     for p in parts:
-        mask = None if masks is None else masks[p.index]
-        yield from (_scan_rows if p.row_length else _scan_one_group)(p, prefix, mask)
+        yield from _scan_part(p, prefix, None if masks is None else masks[p.index])
 
 
-def _scan_one_group(p: _Part, prefix: torch.Tensor, mask: torch.Tensor | None) -> Iterator[_Block]:
-    """`_scan` for a part inside one group: float compares on the raw bits, keys for hits only."""
+def _scan_part(p: _Part, prefix: torch.Tensor, mask: torch.Tensor | None) -> Iterator[_Block]:
+    """`_scan` for one part: float compares on the raw bits, keys for hits only."""
     top = int(prefix[p.group])
     if top < 0:
         if mask is not None:
@@ -377,19 +382,6 @@ def _scan_one_group(p: _Part, prefix: torch.Tensor, mask: torch.Tensor | None) -
         pos = _sparse_nonzero(x.view(torch.uint16)[_HIGH_HALF::2] == high)
         if pos.numel():
             yield _Block(p, pos + lo, _keys(x[pos]), torch.full_like(pos, p.group))
-
-
-def _scan_rows(p: _Part, prefix: torch.Tensor, mask: torch.Tensor | None) -> Iterator[_Block]:
-    """`_scan` for a part spanning many groups: int32 keys and groups for every element."""
-    prefix = prefix.to(torch.int32)
-    for lo, x in _chunks(p.scores):
-        key, gid = _keys32(x), p.gids(lo, x.numel())
-        top, want = (key >> 16) & 0xFFFF, prefix[gid]
-        if mask is not None:
-            torch.lt(top, want, out=mask[lo : lo + x.numel()])
-        hit = _sparse_nonzero(top == want)
-        if hit.numel():
-            yield _Block(p, hit + lo, key[hit].to(torch.int64) & 0xFFFFFFFF, gid[hit])
 
 
 def _merged(blocks: Iterable[_Block]) -> list[_Block]:
