@@ -10,6 +10,10 @@ no dense perplexity in the results.
     python benchmarks/quality.py --methods wanda,magnitude --structures unstructured
     python benchmarks/quality.py --methods wanda --structures unstructured --sparsities 0.3,0.4
 
+Methods are the scorers plus `wanda-1pass`: Wanda with data.calibration.sequential=false, which
+measures every layer's inputs in one pass over the dense model (two passes per layer otherwise:
+one to measure, one to feed the pruned layer's outputs on).
+
 The plan: --methods x (unstructured at each of --sparsities, 2:4), heads and channels ranked by
 --group-method, and, with no --methods given, the plot's sweep (30-70%) of the three best methods
 at 50% once all have their 50% run (or of --plot-methods). Each finished run is merged at once
@@ -30,7 +34,10 @@ from pathlib import Path
 
 from _ranks import DATA, RESULTS, machine, run_job, run_ranks, tokens
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "taylor", "obd", "seven")
+METHODS = ("magnitude", "wanda", "wanda-1pass", "sparsegpt", "taylor", "obd", "seven")
+# Rows that run a method with other settings: Wanda calibrated in one pass over the dense model
+# (every layer's statistics before any pruning) instead of two per layer on the pruned outputs.
+VARIANTS = {"wanda-1pass": ("wanda", ["data.calibration.sequential=false"])}
 STRUCTURES = ("unstructured", "2:4", "heads", "channels")
 GROUP_METHODS = ("magnitude", "wanda", "taylor", "obd", "seven", "infogain")  # scorers that rank groups
 # Whole groups are removed in every layer. SmolLM2-135M has 3 KV groups per layer: removing 2
@@ -42,6 +49,7 @@ TARGETS = {"llm-compressor": ["prune.exclude=['*norm*','*.bias']"],  # every Lin
 # llm-compressor 0.14 on this protocol with its own targets: (perplexity, seconds).
 REFERENCE = {"dense": (29.60, None), "wanda/unstructured/0.5": (72.21, 58),
              "sparsegpt/unstructured/0.5": (63.00, 100), "wanda/2:4/0.5": (518.0, 56)}
+REFERENCE.update({k.replace("wanda/", "wanda-1pass/"): v for k, v in REFERENCE.items() if k.startswith("wanda/")})
 SMOLLM2 = "SmolLM2-135M-Instruct (fp32)"
 CALIBRATION = "{} x {} tokens of WikiText-2 valid (seed 0)"
 EVALUATION = "the first {} x {} tokens of WikiText-2 test"
@@ -70,9 +78,14 @@ def plan(args, results: dict) -> list[dict]:
         key = f"{args.targets}/{method}/{structure}/{sparsity:g}"
         runs.setdefault(key, {"key": key, "targets": args.targets, "method": method, "structure": structure,
                               "sparsity": sparsity, "overrides": [
-                                  *base, f"prune.method={method}", f"prune.structure={structure}",
+                                  *base, *_method_overrides(method), f"prune.structure={structure}",
                                   f"prune.sparsity={sparsity}"]})
     return list(runs.values())
+
+
+def _method_overrides(method: str) -> list[str]:
+    scorer, extra = VARIANTS.get(method, (method, []))
+    return [f"prune.method={scorer}", *extra]
 
 
 def plot_methods(args, results: dict) -> list[str]:

@@ -1,0 +1,75 @@
+"""benchmarks/quality.py: which runs a call plans, with which overrides, and how the table reads.
+The runs themselves take hours on SmolLM2-135M; they are made by hand (README "Pruning quality")."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality(monkeypatch_module, tmp_path_factory):
+    monkeypatch_module.syspath_prepend(str(ROOT / "benchmarks"))  # its `from _ranks import ...`
+    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = tmp_path_factory.mktemp("wikitext-2")  # parse_args checks that the data set is there
+    for name in ("valid.txt", "test.txt"):
+        (data / name).write_text("text")
+    monkeypatch_module.setattr(module, "DATA", data)
+    return module
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _run(method: str, structure: str, sparsity: float, ppl: float, seconds: float) -> dict:
+    key = f"llm-compressor/{method}/{structure}/{sparsity:g}"
+    return {"key": key, "targets": "llm-compressor", "method": method, "structure": structure,
+            "sparsity": sparsity, "dense_evaluated": False, "first_in_call": False, "machine": "m",
+            "command": "c", "metrics": {"perplexity_sparse": ppl, "sparsity": sparsity, "seconds_total": 1.0,
+                                        "seconds_calibrate": seconds, "seconds_score+select+mask": 0.0}}
+
+
+def test_plan_has_every_method_and_structure_once(quality):
+    runs = quality.plan(quality.parse_args([]), {"runs": {}})
+    keys = [r["key"] for r in runs]
+    assert len(keys) == len(set(keys)) == 2 * len(quality.METHODS) + 2  # 50% and 2:4 each; heads, channels
+    onepass = next(r for r in runs if r["key"] == "llm-compressor/wanda-1pass/unstructured/0.5")
+    assert "prune.method=wanda" in onepass["overrides"]
+    assert "data.calibration.sequential=false" in onepass["overrides"]
+    wanda = next(r for r in runs if r["key"] == "llm-compressor/wanda/unstructured/0.5")
+    assert not any("sequential" in o for o in wanda["overrides"])
+    heads = next(r for r in runs if r["structure"] == "heads")
+    assert "prune.method=wanda" in heads["overrides"] and "prune.sparsity=0.67" in heads["overrides"]
+
+
+def test_plot_sweep_follows_the_three_best_at_half(quality):
+    results = {"runs": {}}
+    for i, method in enumerate(quality.METHODS):
+        run = _run(method, "unstructured", 0.5, 50.0 + i, 10.0)
+        results["runs"][run["key"]] = run
+    runs = quality.plan(quality.parse_args(["--structures", "unstructured"]), results)
+    swept = {(r["method"], r["sparsity"]) for r in runs if r["sparsity"] != 0.5}
+    best = quality.METHODS[:3]
+    assert swept == {(m, s) for m in best for s in quality.PLOT_SPARSITIES if s != 0.5}
+
+
+def test_table_compares_like_for_like_with_llm_compressor(quality):
+    results = {"protocol": {"model": quality.SMOLLM2, "calibration": quality.CALIBRATION.format(32, 512),
+                            "evaluation": quality.EVALUATION.format(16, 512), "world": 2},
+               "dense": {"perplexity": 29.6, "run": "x"}, "runs": {}}
+    for method, ppl, seconds in (("wanda", 70.1, 116.0), ("wanda-1pass", 72.2, 58.0)):
+        run = _run(method, "unstructured", 0.5, ppl, seconds)
+        results["runs"][run["key"]] = run
+    table = "\n".join(quality.markdown(results))
+    assert "| wanda | unstructured | 0.5 | 0.5000 of targets | 70.10 | 72.21 | 0.971 | 116.0 | 58 | 2.000 |" in table
+    assert "| wanda-1pass | unstructured | 0.5 | 0.5000 of targets | 72.20 | 72.21 | 1.000 | 58.0 | 58 | 1.000 |" in table
