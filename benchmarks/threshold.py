@@ -14,8 +14,11 @@ N = 1e9 needs 2 x 2 GB, not a whole 4 GB copy per process. GB/s is 4N bytes over
 "÷ bandwidth" divides it by the single-pass bandwidth of the same row kind (1 or 2 processes).
 
     .venv/bin/python benchmarks/threshold.py [--sizes 1e7 1e8 1e9] [--repeats 5]
+    .venv/bin/python benchmarks/threshold.py --scope row --sizes 1e7 1e8   # Wanda's per-row groups
 
-Writes benchmarks/results/threshold.json and threshold.md.
+Writes benchmarks/results/threshold.json and threshold.md (threshold_row.* with --scope row). With
+--scope row, N is rounded down to whole rows of 4096 elements, each row prunes its
+own half, the 2-process slices cut a row as ZeRO-3 does, and torch.kthvalue runs along the rows.
 """
 
 from __future__ import annotations
@@ -35,10 +38,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_prune.selection import Segment, prune_counts, select_pruned
+from dist_prune.selection import Segment, group_sizes, prune_counts, select_pruned
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPARSITY = 0.5
+ROW_LENGTH = 4096  # elements per row with --scope row: a 7B model's attention rows
+
+
+def problem(n: int, scope: str) -> dict:
+    """select_pruned's arguments besides the segments, for N scores in one group or in rows."""
+    rows = [ROW_LENGTH] if scope == "row" else None
+    return {"counts": prune_counts(SPARSITY, group_sizes([n], scope, rows)), "scope": scope, "row_lengths": rows}
 
 
 CHUNK = 1 << 24  # scores are generated chunk by chunk, so any slice can be made on its own
@@ -66,19 +76,19 @@ def timed(fn, repeats: int) -> list[float]:
     return times
 
 
-def rank_worker(rank: int, world: int, n: int, repeats: int, init_file: str, out: str) -> None:
+def rank_worker(rank: int, world: int, n: int, repeats: int, scope: str, init_file: str, out: str) -> None:
     """One of `world` gloo ranks: select on this rank's slice, time each repeat between barriers."""
     torch.set_num_threads(1)  # one core per rank, as Ray sets OMP_NUM_THREADS=1 per worker
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     ps = -(-n // world)
     segment = Segment(scores(n, rank * ps, (rank + 1) * ps), 0, rank * ps)
-    counts = prune_counts(SPARSITY, [n])
-    pruned = torch.tensor([int(select_pruned([segment], [n], counts)[0].sum())])  # also the warm-up
+    args = problem(n, scope)
+    pruned = torch.tensor([int(select_pruned([segment], [n], **args)[0].sum())])  # also the warm-up
     dist.all_reduce(pruned)
-    assert int(pruned) == int(counts), "ranks together must prune exactly k"
+    assert int(pruned) == int(args["counts"].sum()), "ranks together must prune exactly k"
     times = {"sum": [], "select": []}
     for _ in range(repeats):
-        for op, fn in (("sum", segment.scores.sum), ("select", lambda: select_pruned([segment], [n], counts))):
+        for op, fn in (("sum", segment.scores.sum), ("select", lambda: select_pruned([segment], [n], **args))):
             dist.barrier()  # start together; the clock runs on each rank from here
             start = time.perf_counter()
             fn()
@@ -87,31 +97,35 @@ def rank_worker(rank: int, world: int, n: int, repeats: int, init_file: str, out
     dist.destroy_process_group()
 
 
-def distributed_times(n: int, repeats: int, world: int = 2) -> dict[str, list[float]]:
+def distributed_times(n: int, repeats: int, scope: str, world: int = 2) -> dict[str, list[float]]:
     """Per repeat, the slowest rank's time of its x.sum() and of select_pruned."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(rank_worker, args=(world, n, repeats, str(Path(tmp) / "init"), tmp),
+        mp.start_processes(rank_worker, args=(world, n, repeats, scope, str(Path(tmp) / "init"), tmp),
                            nprocs=world, join=True, start_method="spawn")
         per_rank = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
     return {f"{'x.sum()' if op == 'sum' else 'select_pruned'}, {world} processes":
             [max(ts) for ts in zip(*(r[op] for r in per_rank))] for op in ("sum", "select")}
 
 
-def measure(n: int, repeats: int, single: bool) -> dict[str, list[float]]:
+def measure(n: int, repeats: int, single: bool, scope: str) -> dict[str, list[float]]:
     if not single:
-        return distributed_times(n, repeats)
+        return distributed_times(n, repeats, scope)
     x = scores(n)
-    counts = prune_counts(SPARSITY, [n])
-    k = int(counts)
-    [mask] = select_pruned([Segment(x, 0, 0)], [n], counts)
-    kth = torch.kthvalue(x, k).values
-    assert int(mask.sum()) == k and x[mask].max() == kth, "select_pruned disagrees with kthvalue"
+    args = problem(n, scope)
+    k = int(args["counts"][0])  # the same in every group
+    groups = x.view(-1, ROW_LENGTH) if scope == "row" else x.view(1, -1)
+    [mask] = select_pruned([Segment(x, 0, 0)], [n], **args)
+    kth = torch.kthvalue(groups, k, dim=1, keepdim=True).values
+    assert torch.equal(mask.view_as(groups).sum(1), args["counts"]), "select_pruned must prune k per group"
+    assert torch.equal(groups.where(mask.view_as(groups), -math.inf).amax(1, keepdim=True), kth), \
+        "select_pruned disagrees with kthvalue"
     return {
         "x.sum()": timed(lambda: x.sum(), repeats),
-        "select_pruned, 1 process": timed(lambda: select_pruned([Segment(x, 0, 0)], [n], counts), repeats),
-        **distributed_times(n, repeats),
-        "torch.kthvalue": timed(lambda: torch.kthvalue(x, k), repeats),
-        "torch.kthvalue + mask": timed(lambda: x <= torch.kthvalue(x, k).values, repeats),
+        "select_pruned, 1 process": timed(lambda: select_pruned([Segment(x, 0, 0)], [n], **args), repeats),
+        **distributed_times(n, repeats, scope),
+        "torch.kthvalue": timed(lambda: torch.kthvalue(groups, k, dim=1), repeats),
+        "torch.kthvalue + mask": timed(lambda: groups <= torch.kthvalue(groups, k, dim=1, keepdim=True).values,
+                                       repeats),
     }
 
 
@@ -171,12 +185,16 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e7, 1e8, 1e9])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--single-max", type=float, default=3e8, help="largest N also run in 1 process")
+    parser.add_argument("--scope", choices=("global", "row"), default="global")
     args = parser.parse_args()
+    sizes = [int(n) - int(n) % ROW_LENGTH if args.scope == "row" else int(n) for n in args.sizes]
+    scope_text = f"scope row ({ROW_LENGTH} per row)" if args.scope == "row" else "scope global"
+    name = "threshold_row" if args.scope == "row" else "threshold"
 
     info, rows, others = machine(), [], {}
-    for n in map(int, args.sizes):
+    for n in sizes:
         (busy0, own0), start = cpu_seconds(), time.perf_counter()
-        times = measure(n, args.repeats, single=n <= args.single_max)
+        times = measure(n, args.repeats, n <= args.single_max, args.scope)
         (busy1, own1), wall = cpu_seconds(), time.perf_counter() - start
         others[n] = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
         rows += rows_of(n, times)
@@ -187,12 +205,13 @@ def main() -> None:
 
     text = table(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "threshold.json").write_text(json.dumps(
-        {"machine": info, "sparsity": SPARSITY, "scope": "global", "repeats": args.repeats, "rows": rows},
+    (RESULTS / f"{name}.json").write_text(json.dumps(
+        {"machine": info, "sparsity": SPARSITY, "scope": args.scope,
+         "row_length": ROW_LENGTH if args.scope == "row" else None, "repeats": args.repeats, "rows": rows},
         indent=2) + "\n")
-    (RESULTS / "threshold.md").write_text(
+    (RESULTS / f"{name}.md").write_text(
         "# Exact threshold: `select_pruned` vs `torch.kthvalue`\n\n"
-        f"float32 scores |normal|, sparsity {SPARSITY}, scope global, median of {args.repeats} repeats "
+        f"float32 scores |normal|, sparsity {SPARSITY}, {scope_text}, median of {args.repeats} repeats "
         "after one warm-up. 2-process times: the slower rank per repeat; each rank holds half the "
         "scores and runs 1 torch thread. Masks are included in `select_pruned`. GB/s is 4N bytes over "
         "the median; ÷ bandwidth divides it by the single-pass (`x.sum()`) bandwidth with as many "

@@ -219,7 +219,7 @@ class Checkpoint:
 
     def shard_sha256(self) -> dict[str, str]:
         """sha256 of every weight file: the source's identity in an export's lineage."""
-        from dist_prune.export import sha256_file
+        from dist_prune.verify import sha256_file
 
         return {shard: sha256_file(self.directory / shard) for shard in sorted(set(self.weight_map.values()))}
 

@@ -32,9 +32,9 @@ import torch
 
 from dist_prune.errors import UserError
 from dist_prune.export import (
-    INDEX_FILE, SAFETENSORS_DTYPES, SPARSITY_FILE, TensorSpec, _fsync_dir, _header, _read_header, _write_json,
-    verify_export,
+    INDEX_FILE, SAFETENSORS_DTYPES, SPARSITY_FILE, TensorSpec, _fsync_dir, _header, _write_json,
 )
+from dist_prune.verify import read_shard_header, verify_export
 
 PARAMS = {"sparse-bitmask": ("shape", "compressed", "bitmask", "row_offsets"),
           "sparse-24-bitmask": ("shape", "compressed", "bitmask")}
@@ -132,7 +132,7 @@ def _part_specs(name: str, w: torch.Tensor, fmt: str) -> list[TensorSpec]:
 
 def _tensor_order(path: Path) -> list[tuple[str, dict]]:
     """(name, header entry) of a safetensors file, in the order of the data."""
-    header = _read_header(path)
+    header = read_shard_header(path)
     header.pop("__metadata__", None)
     return sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
 

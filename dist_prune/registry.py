@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dist_prune import __version__
 from dist_prune.errors import UserError
-from dist_prune.export import verify_export
+from dist_prune.verify import verify_export
 
 MAX_PARAM_VALUE = 6000      # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_KEY = 250               # MAX_ENTITY_KEY_LENGTH

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from dist_prune.cli import main
 from dist_prune.errors import UserError
-from dist_prune.export import StreamingExport, TensorSpec, verify_export
+from dist_prune.export import StreamingExport, TensorSpec
+from dist_prune.verify import verify_export
 from dist_prune.job import placeable_workers
 
 BAD_TENSOR = "model.layers.1.mlp.down_proj.weight"  # given a NaN, and an Inf, in copies of the model

@@ -20,8 +20,8 @@ from dist_prune.export import (
     TensorSpec,
     parse_size,
     plan_shards,
-    verify_export,
 )
+from dist_prune.verify import verify_export
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
