@@ -57,6 +57,37 @@ class Pruned:
         return {t.name: int(c) for t, c in zip(targets, counts)}
 
 
+class LazyScores:
+    """A target's local scores, computed piece by piece when selection reads them: at global scope
+    one group spans every layer, so all scores take part in one selection, and holding them at once
+    (float32) would be twice a bf16 model. Each pass of the selection recomputes the piece it reads."""
+
+    dtype = torch.float32
+
+    def __init__(self, weight: torch.Tensor, start: int, shape: tuple[int, int], scorer: Scorer, stats: dict,
+                 pruned_before: torch.Tensor | None = None):
+        self.weight, self.start, self.shape = weight, start, shape
+        self.scorer, self.stats, self.pruned_before = scorer, stats, pruned_before
+        self.device = weight.device
+
+    def dim(self) -> int:
+        return 1
+
+    def numel(self) -> int:
+        return self.weight.numel()
+
+    __len__ = numel
+
+    def __getitem__(self, piece: slice) -> torch.Tensor:
+        lo, hi, step = piece.indices(self.numel())
+        if step != 1:
+            raise IndexError("scores are read in contiguous pieces")
+        scores = self.scorer.score(LocalSlice(self.weight[lo:hi], self.start + lo, self.shape), self.stats)
+        if self.pruned_before is not None:  # gradual pruning: what went stays pruned
+            scores = scores.masked_fill(self.pruned_before[lo:hi], -math.inf)
+        return scores
+
+
 def by_layer(targets: list[Target], scope: str) -> list[list[Target]]:
     """The targets in selection calls: all at once at global scope, where one group spans every
     layer; otherwise decoder layer by decoder layer (then the head), which selects exactly the
@@ -191,10 +222,15 @@ def select_and_mask(targets: list[Target], stats: dict, scorer: Scorer, prune_cf
         return reconstruct(targets, stats, prune_cfg.sparsity, structure)
     starts = [local_start(t) for t in targets]
     weights = weights or {t.name: local_weight(t.param) for t in targets}
-    scores = [scorer.score(LocalSlice(weights[t.name], start, t.shape), stats.get(t.name, {}))
-              for t, start in zip(targets, starts)]
-    if pruned_before:
-        scores = [s.masked_fill(pruned_before[t.name], -math.inf) for s, t in zip(scores, targets)]
+    if scope == "global" and not isinstance(structure, (NM, Block)):  # every layer at once: never all held
+        scores = [LazyScores(weights[t.name], start, t.shape, scorer, stats.get(t.name, {}),
+                             pruned_before[t.name] if pruned_before else None)
+                  for t, start in zip(targets, starts)]
+    else:
+        scores = [scorer.score(LocalSlice(weights[t.name], start, t.shape), stats.get(t.name, {}))
+                  for t, start in zip(targets, starts)]
+        if pruned_before:
+            scores = [s.masked_fill(pruned_before[t.name], -math.inf) for s, t in zip(scores, targets)]
     if isinstance(structure, NM):
         pruned = [nm_mask(s, start, t.shape, structure) for s, start, t in zip(scores, starts, targets)]
     elif isinstance(structure, Block):

@@ -61,7 +61,9 @@ _Pairs = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (values, batch-local gro
 class Segment:
     """One rank's contiguous piece of one tensor's scores."""
 
-    scores: torch.Tensor  # 1-D, float32 / bfloat16 / float16; local elements only (no padding)
+    # 1-D, float32 / bfloat16 / float16; local elements only (no padding). Anything with dim(), dtype,
+    # device, numel() and contiguous slices [lo:hi] giving tensors does: selection reads chunk by chunk.
+    scores: torch.Tensor
     tensor_index: int  # index into `numels` (the same tensor order on every rank)
     start: int  # flat index of scores[0] within the full tensor
 
@@ -427,7 +429,7 @@ def _check_segments(segments: Sequence[Segment], numels: Sequence[int]) -> None:
 def _reject_nan(segments: Sequence[Segment], device: torch.device, group: ProcessGroup | None) -> None:
     """Raise on every rank if any rank has a NaN (a sum is NaN only if an input is NaN or
     infinities cancel, so the exact check rarely runs); no rank is left waiting in a collective."""
-    bad = sum(bool(s.scores.sum().isnan() and s.scores.isnan().any()) for s in segments)
+    bad = sum(bool(x.sum().isnan() and x.isnan().any()) for s in segments for _, x in _chunks(s.scores))
     flag = torch.tensor([bad], device=device)
     _all_reduce(flag, group)
     if flag.item():

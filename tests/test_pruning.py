@@ -3,6 +3,7 @@ one selection over all targets, with one layer's scores at a time), and masks ke
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from dist_prune.masking import find_targets
 from dist_prune.partition import build_partitioned_model
 from dist_prune.pruning import Pruned, by_layer, prune
 from dist_prune.report import StageTimer
-from dist_prune.scoring import SCORERS
+from dist_prune.scoring import SCORERS, LocalSlice
 from multirank import run_on_ranks
 
 CASES = {  # name -> overrides; every one splits into per-layer selections except global
@@ -89,3 +90,37 @@ def test_per_layer_selection_prunes_the_same_elements(tiny_llama, world):
                 assert layered["largest_call"] == whole["largest_call"] == whole["local"]
             else:  # one layer's scores at a time: a 2-layer model's largest layer, not the whole
                 assert layered["largest_call"] < whole["largest_call"] == whole["local"], name
+
+
+def test_global_scope_scores_are_computed_piece_by_piece(monkeypatch):
+    """At global scope every target takes part in one selection: its scores are read in chunks
+    (recomputed per pass), never held whole, and select exactly what held scores select."""
+    from dist_prune import selection
+    from dist_prune.pruning import LazyScores
+    from dist_prune.selection import Segment, prune_counts, select_pruned
+
+    g = torch.Generator().manual_seed(3)
+    shapes = [(8, 12), (5, 12), (12, 7)]
+    weights = [torch.randn(o * i, generator=g) for o, i in shapes]
+    weights[1][::3] = weights[1][1]  # ties across chunks
+    stats = [{"input_sq_sum": torch.rand(i, generator=g, dtype=torch.float64)} for _, i in shapes]
+    before = [torch.rand(w.numel(), generator=g) < 0.2 for w in weights]
+    wanda, pieces = SCORERS["wanda"], []
+
+    class Recorded:
+        def score(self, local, st):
+            pieces.append(local.weight.numel())
+            return wanda.score(local, st)
+
+    numels = [w.numel() for w in weights]
+    monkeypatch.setattr(selection, "CHUNK", 16)
+    for start in (0, 5):  # a slice that starts mid-row, as on a later rank
+        lazy = [Segment(LazyScores(w[start:], start, shape, Recorded(), st, b[start:]), i, start)
+                for i, (w, shape, st, b) in enumerate(zip(weights, shapes, stats, before))]
+        held = [Segment(wanda.score(LocalSlice(w[start:], start, shape), st).masked_fill(b[start:], -math.inf), i, start)
+                for i, (w, shape, st, b) in enumerate(zip(weights, shapes, stats, before))]
+        k = prune_counts(0.5, [sum(numels) - len(weights) * start])  # of the elements these slices hold
+        got, want = select_pruned(lazy, numels, k), select_pruned(held, numels, k)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert all(bool(m[b[start:]].all()) for m, b in zip(got, before))  # pruned before: still pruned
+        assert pieces and max(pieces) <= 16
