@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/scale.py                      # 0.5B and 1B, magnitude and Wanda, W = 1, 2
     .venv/bin/python benchmarks/scale.py --sizes 3e9 --methods magnitude --append
+    .venv/bin/python benchmarks/scale.py --sizes 5e8 --methods magnitude@global --append  # one selection, all layers
 
 For each synthetic bf16 Llama checkpoint (benchmarks/make_checkpoint.py, written once into
 --cache) and each method and worker count, the real CLI runs as a user runs it (local Ray,
@@ -64,8 +65,9 @@ def _worker_pids() -> list[int]:
 def run_job(model: Path, method: str, workers: int, scratch: Path) -> dict:
     """One `dist-prune run`, sampled every 0.2 s; peak RSS per process in bytes."""
     export = scratch / "export"
-    args = [sys.executable, "-m", "dist_prune.cli", "run", f"model.path={model}", f"prune.method={method}",
-            "prune.sparsity=0.5", f"cluster.num_workers={workers}", "model.dtype=bfloat16",
+    scorer, _, scope = method.partition("@")  # magnitude@global: one selection over every layer
+    args = [sys.executable, "-m", "dist_prune.cli", "run", f"model.path={model}", f"prune.method={scorer}",
+            *([f"prune.scope={scope}"] if scope else []), "prune.sparsity=0.5", f"cluster.num_workers={workers}", "model.dtype=bfloat16",
             "data.calibration.num_samples=8", "data.calibration.seq_len=128", "eval.num_windows=0",
             "eval.dense=false", "registry.enabled=false", f"export.dir={export}",
             f"cluster.storage_path={scratch / 'ray'}"]
@@ -112,7 +114,8 @@ def checkpoint(cache: Path, params: float) -> tuple[Path, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[5e8, 1e9])
-    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda"])
+    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda"],
+                        help="scorers, each with its default scope, or scorer@scope (magnitude@global)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dist-prune" / "bench")
     parser.add_argument("--append", action="store_true", help="add to the existing results")
