@@ -130,6 +130,23 @@ def test_hessian_collector_hooks_and_add():
     assert stats["a"]["hessian"].dtype == torch.float32
 
 
+def test_linears_that_share_an_input_share_one_hessian():
+    """q/k/v (and gate/up) get the same tensor: x^T x is summed once and all three see it."""
+    torch.manual_seed(1)
+    q, k, v, o = (torch.nn.Linear(16, 16) for _ in range(4))
+    xs = [torch.randn(2, 3, 16) for _ in range(3)]
+    with torch.no_grad(), HessianCollector({"q": q, "k": k, "v": v, "o": o}) as col:
+        for x in xs:  # o sees what q produced: its own input
+            o(q(x) + k(x) + v(x))
+    stats = col.reduce()
+    assert col.owner == {"k": "q", "v": "q"}
+    assert stats["q"]["hessian"] is stats["k"]["hessian"] is stats["v"]["hessian"]
+    x = torch.cat([x.reshape(-1, 16) for x in xs]).double()
+    torch.testing.assert_close(stats["v"]["hessian"].double(), 2 * x.T @ x / 18, rtol=1e-5, atol=1e-5)
+    assert stats["k"]["tokens"] == stats["o"]["tokens"] == 18
+    assert stats["o"]["hessian"] is not stats["q"]["hessian"]
+
+
 def test_hessian_collector_all_reduces_sums_and_counts(monkeypatch):
     # two ranks that saw the same tokens (spawning real gloo ranks costs ~20 s on a loaded host):
     # sums and counts both double, so the Hessian must come out unchanged
