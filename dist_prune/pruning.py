@@ -82,7 +82,9 @@ class LazyScores:
         lo, hi, step = piece.indices(self.numel())
         if step != 1:
             raise IndexError("scores are read in contiguous pieces")
-        scores = self.scorer.score(LocalSlice(self.weight[lo:hi], self.start + lo, self.shape), self.stats)
+        # gradient statistics are per element, in the slice's layout (Scorer.stats): sliced alike
+        stats = {k: v[lo:hi] if k in self.scorer.stats else v for k, v in self.stats.items()}
+        scores = self.scorer.score(LocalSlice(self.weight[lo:hi], self.start + lo, self.shape), stats)
         if self.pruned_before is not None:  # gradual pruning: what went stays pruned
             scores = scores.masked_fill(self.pruned_before[lo:hi], -math.inf)
         return scores
