@@ -121,9 +121,12 @@ def _select_whole_rows(segments: Sequence[Segment], numels: Sequence[int], count
                        ) -> tuple[list[Segment], list[int], torch.Tensor, list[torch.Tensor]]:
     """Mark the rows each rank holds whole (dist_prune/selection_rows.py); return the rest as a
     layer-scope problem: one tensor per cut row, its pieces as segments, views of their masks."""
+    first = [0, *accumulate(n // r for n, r in zip(numels, row_lengths))]  # each tensor's first row group
     whole, pieces = split_rows([s.start for s in segments], [len(s.scores) for s in segments],
-                               [s.tensor_index for s in segments], numels, row_lengths)
-    cut = (~whole_row_flags(whole, len(counts), counts.device, group)).nonzero().squeeze(1).tolist()
+                               [s.tensor_index for s in segments], first, row_lengths)
+    flags = whole_row_flags(whole, len(counts), counts.device)
+    _all_reduce(flags, group)
+    cut = (flags == 0).nonzero().squeeze(1).tolist()
     for i, lo, g0, rows in whole:
         s, length = segments[i], row_lengths[segments[i].tensor_index]
         step = max(1, _chunk(s.scores.device) // length)
@@ -132,7 +135,6 @@ def _select_whole_rows(segments: Sequence[Segment], numels: Sequence[int], count
             span = slice(lo + a * length, lo + b * length)
             select_rows(s.scores[span].view(b - a, length), counts[g0 + a : g0 + b],
                         masks[i][span].view(b - a, length))
-    first = [0, *accumulate(n // r for n, r in zip(numels, row_lengths))]
     position = {g: j for j, g in enumerate(cut)}
     rest = [Segment(segments[p.segment].scores[p.lo : p.lo + p.length], position[p.group], p.column)
             for p in pieces]

@@ -12,14 +12,9 @@ then costs a few passes over the local scores instead of four [rows, 256] histog
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import accumulate
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
-import torch.distributed as dist
-
-if TYPE_CHECKING:
-    from torch.distributed import ProcessGroup
 
 
 @dataclass(frozen=True)
@@ -34,10 +29,10 @@ class Piece:
 
 
 def split_rows(starts: Sequence[int], lengths: Sequence[int], tensor_indices: Sequence[int],
-               numels: Sequence[int], row_lengths: Sequence[int]) -> tuple[list[tuple[int, int, int, int]], list[Piece]]:
+               first: Sequence[int], row_lengths: Sequence[int]) -> tuple[list[tuple[int, int, int, int]], list[Piece]]:
     """Each segment's whole rows, as (segment, local offset, first global row group, rows), and the
-    pieces of rows it holds only part of. Row groups are numbered tensor by tensor, row by row."""
-    first = [0, *accumulate(n // r for n, r in zip(numels, row_lengths))]
+    pieces of rows it holds only part of. Row groups are numbered tensor by tensor, row by row:
+    tensor t's first is first[t]."""
     whole, pieces = [], []
     for i, (start, length, t) in enumerate(zip(starts, lengths, tensor_indices)):
         r = row_lengths[t]
@@ -53,15 +48,12 @@ def split_rows(starts: Sequence[int], lengths: Sequence[int], tensor_indices: Se
     return whole, pieces
 
 
-def whole_row_flags(whole: Sequence[tuple[int, int, int, int]], n_groups: int, device: torch.device,
-                    group: ProcessGroup | None) -> torch.Tensor:
-    """[groups] bool, the same on every rank: True where one rank holds the whole row."""
+def whole_row_flags(whole: Sequence[tuple[int, int, int, int]], n_groups: int, device: torch.device) -> torch.Tensor:
+    """[groups] int64, 1 where this rank holds the whole row; summed over ranks, the rows held whole."""
     flags = torch.zeros(n_groups, dtype=torch.int64, device=device)
     for _, _, g0, rows in whole:
         flags[g0 : g0 + rows] = 1
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flags, group=group)
-    return flags.bool()
+    return flags
 
 
 def order_keys(x: torch.Tensor) -> torch.Tensor:
@@ -80,14 +72,13 @@ def select_rows(scores: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> Non
             pruned = torch.full_like(sub, kv != 0, dtype=torch.bool)
         else:
             threshold = sub.kthvalue(kv, dim=1, keepdim=True).values
-            pruned = sub < threshold
-            equal = sub == threshold
-            need = kv - pruned.sum(1, keepdim=True)  # how many of the equal ones go
+            below, equal = sub < threshold, sub == threshold
+            need = kv - below.sum(1, keepdim=True)  # how many of the equal ones go
             split = (equal.sum(1, keepdim=True) > need).squeeze(1)
-            pruned |= equal
+            pruned = below | equal
             if bool(split.any()):  # more equal to the threshold than go: the lowest columns
                 e = equal[split]
-                pruned[split] = (sub[split] < threshold[split]) | (e & (e.cumsum(1) <= need[split]))
+                pruned[split] = below[split] | (e & (e.cumsum(1) <= need[split]))
         if rows is None:
             out.copy_(pruned)
         else:
