@@ -39,51 +39,32 @@ class HessianCollector(InputCollector):
 
     def __init__(self, linears: dict[str, torch.nn.Module], device: torch.device | str | None = None):
         super().__init__(linears)
-        self.sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32,
-                                       device=device if device is not None else _home(m))
-                     for name, m in linears.items()}
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}  # allocated on first input: shared ones never are
         self.tokens = dict.fromkeys(linears, 0)
-        # q/k/v (and gate/up) receive the very same input tensor one after another: they share
-        # one accumulator (name -> the linear that owns it), so x^T x is computed and kept once.
-        self.owner: dict[str, str] = {}
-        self._last: tuple[torch.Tensor, str] | None = None
-        self._reduced = False
 
-    def add(self, name: str, inputs: torch.Tensor) -> None:
-        """Account for a batch of inputs [..., in_features] of weight `name`."""
-        if self._reduced:  # a second reduce would not all-reduce the late additions
-            raise RuntimeError("HessianCollector.add after reduce()")
-        last = self._last
-        if last is not None and last[0] is inputs and last[1] != name:  # the previous linear's input
-            owner = self.owner.setdefault(name, last[1])
-            if owner != last[1] or (self.tokens[name] and self.sums[name] is not self.sums[owner]):
-                raise RuntimeError(f"HessianCollector: {name} shares its input with {last[1]} only sometimes")
-            self.sums[name] = self.sums[owner]
-            return
-        if name in self.owner:
-            raise RuntimeError(f"HessianCollector: {name} no longer receives the input of {self.owner[name]}")
+    def _zeros(self, name: str) -> torch.Tensor:
+        m = self.linears[name]
+        return torch.zeros(m.in_features, m.in_features, dtype=torch.float32,
+                           device=self.device if self.device is not None else _home(m))
+
+    def _accumulate(self, name: str, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-        acc = self.sums[name]
+        acc = self.sums.get(name)
+        if acc is None:
+            acc = self.sums[name] = self._zeros(name)
         acc += (x.T @ x).to(acc.device)
         self.tokens[name] += x.shape[0]
-        self._last = (inputs, name)
 
-    def reduce(self) -> dict[str, dict]:
-        """All-reduce the sums and counts over ranks (once); {name: {"hessian", "tokens"}}.
-
-        hessian = 2 * H_sum / tokens (zeros when no token was seen: every column is then dead).
-        Every rank must call it with the same linears, in the same order.
-        """
-        owners = [name for name in self.sums if name not in self.owner]  # each shared sum once
-        if not self._reduced and self.sums:
-            for name in owners:
-                all_reduce_(self.sums[name])
-            counts = all_reduce_(torch.tensor(list(self.tokens.values()), dtype=torch.long))
-            self.tokens = dict(zip(self.tokens, counts.tolist()))
-        self._reduced = True
-        stats = {name: {"hessian": self.sums[name] * (2.0 / max(self.tokens[name], 1)), "tokens": self.tokens[name]}
-                 for name in owners}
-        return {name: stats[self.owner.get(name, name)] for name in self.sums}
+    def _reduce_owned(self, names: list[str]) -> dict[str, dict]:
+        """{name: {"hessian", "tokens"}}: hessian = 2 * H_sum / tokens (zeros when no token was
+        seen: every column is then dead)."""
+        for name in names:
+            all_reduce_(self.sums.setdefault(name, self._zeros(name)))
+        counts = all_reduce_(torch.tensor([self.tokens[n] for n in names], dtype=torch.long))
+        self.tokens.update(zip(names, counts.tolist()))
+        return {name: {"hessian": self.sums[name] * (2.0 / max(self.tokens[name], 1)), "tokens": self.tokens[name]}
+                for name in names}
 
 
 def _home(module: torch.nn.Module) -> torch.device:

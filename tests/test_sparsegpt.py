@@ -7,7 +7,9 @@ import logging
 import pytest
 import torch
 
+from dist_prune.calibrate import InputNormCollector
 from dist_prune.sparsegpt import HessianCollector, sparsegpt_prune
+from multirank import run_on_ranks
 
 
 def correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:
@@ -156,7 +158,8 @@ def test_hessian_collector_all_reduces_sums_and_counts(monkeypatch):
 
     def all_reduce(t, op=None, group=None):
         calls.append(t.dtype)
-        t += t.clone()
+        if op != collectives.dist.ReduceOp.MAX:  # MAX of two equal ranks leaves t as it is
+            t += t.clone()
 
     monkeypatch.setattr(collectives, "rank_and_world", lambda group=None: (0, 2))
     monkeypatch.setattr(collectives.dist, "get_backend", lambda group=None: "gloo")
@@ -166,11 +169,12 @@ def test_hessian_collector_all_reduces_sums_and_counts(monkeypatch):
     col.add("l", x)
     col.add("k", x[:4])
     stats = col.reduce()
-    assert calls == [torch.float32, torch.float32, torch.long]  # one per Hessian, one for counts
+    # who shares an input, then one per Hessian, one for the counts
+    assert calls == [torch.long, torch.float32, torch.float32, torch.long]
     assert stats["l"]["tokens"] == 20 and stats["k"]["tokens"] == 8
     torch.testing.assert_close(stats["l"]["hessian"], 2 * x.T @ x / 10)
     torch.testing.assert_close(stats["k"]["hessian"], 2 * x[:4].T @ x[:4] / 4)
-    assert col.reduce()["l"]["tokens"] == 20 and len(calls) == 3  # reduced once only
+    assert col.reduce()["l"]["tokens"] == 20 and len(calls) == 4  # reduced once only
     with pytest.raises(RuntimeError):
         col.add("l", x)
 
@@ -211,3 +215,44 @@ def test_bad_arguments(problem):
         sparsegpt_prune(w, h[:10, :10], 0.5)
     with pytest.raises(ValueError):
         sparsegpt_prune(w, h, 1.5)
+
+
+def _collect_on_rank(inputs: list[torch.Tensor]) -> dict:
+    """q/k/v share their input, o has its own; only the ranks given windows run any."""
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(0)  # the same linears on every rank
+    q, k, v, o = (torch.nn.Linear(8, 8) for _ in range(4))
+    linears = {"q": q, "k": k, "v": v, "o": o}
+    result = {}
+    for name, collector in (("hessian", HessianCollector), ("norms", InputNormCollector)):
+        with torch.no_grad(), collector(linears) as col:
+            for x in inputs[rank::2]:
+                o(q(x) + k(x) + v(x))
+        result[name] = (col.reduce(), dict(col.owner))
+    return result
+
+
+def test_a_rank_without_windows_agrees_on_shared_inputs():
+    """With one calibration window on 2 ranks, rank 1 sees no input, so cannot know that k and v
+    share q's: it must still all-reduce the same tensors as rank 0, and end with the same stats."""
+    inputs = [torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(2))]
+    alone = _collect_alone(inputs)
+    for got in run_on_ranks(_collect_on_rank, 2, inputs, deepspeed_comm=False):
+        for kind in ("hessian", "norms"):
+            stats, owner = got[kind]
+            assert owner == {"k": "q", "v": "q"}
+            for name, want in alone[kind].items():
+                for key, value in want.items():
+                    torch.testing.assert_close(stats[name][key], value)
+
+
+def _collect_alone(inputs: list[torch.Tensor]) -> dict:
+    torch.manual_seed(0)
+    q, k, v, o = (torch.nn.Linear(8, 8) for _ in range(4))
+    out = {}
+    for name, collector in (("hessian", HessianCollector), ("norms", InputNormCollector)):
+        with torch.no_grad(), collector({"q": q, "k": k, "v": v, "o": o}) as col:
+            for x in inputs:
+                o(q(x) + k(x) + v(x))
+        out[name] = col.reduce()
+    return out
