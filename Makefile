@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup bench-threshold clean
+.PHONY: run test setup bench-threshold bench-vs-llmcompressor clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,5 +26,15 @@ test: $(STAMP)
 bench-threshold: $(STAMP)
 	$(PY) benchmarks/threshold.py
 
+# llm-compressor pins its own transformers: it gets a virtualenv of its own.
+LLMC := .venv-llmc
+$(LLMC)/.installed:
+	test -x $(LLMC)/bin/python || $(PYTHON) -m venv $(LLMC)
+	$(LLMC)/bin/pip install -q "torch==2.13.0" "llmcompressor==0.14.*"
+	touch $@
+
+bench-vs-llmcompressor: $(STAMP) $(LLMC)/.installed
+	$(PY) benchmarks/vs_llmcompressor.py --llmc-python $(LLMC)/bin/python
+
 clean:
-	rm -rf $(VENV) exports pulled ray_results mlruns mlflow.db
+	rm -rf $(VENV) $(LLMC) exports pulled ray_results mlruns mlflow.db
