@@ -118,7 +118,8 @@ def main() -> None:
                         help="scorers, each with its default scope, or scorer@scope (magnitude@global)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dist-prune" / "bench")
-    parser.add_argument("--append", action="store_true", help="add to the existing results")
+    parser.add_argument("--append", action="store_true",
+                        help="add to the existing results (replacing runs of the same model, method and W)")
     args = parser.parse_args()
 
     out = RESULTS / "scale.json"
@@ -141,13 +142,28 @@ def main() -> None:
             directory, facts = checkpoint(args.cache, params)
             for method in args.methods:
                 for workers in args.workers:
-                    run = run_job(directory, method, workers, Path(tmp))
-                    report["runs"].append({**facts, **run})
-                    print(json.dumps(report["runs"][-1]), flush=True)
+                    run = {**facts, **run_job(directory, method, workers, Path(tmp)), "commit": _commit()}
+                    _replace_or_add(report["runs"], run)
+                    print(json.dumps(run), flush=True)
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps(report, indent=2))  # after every run: a long benchmark
     (RESULTS / "scale.md").write_text(markdown(report))
     print(markdown(report))
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return done.stdout.strip() or "unknown"
+
+
+def _replace_or_add(runs: list[dict], run: dict) -> None:
+    """A new measurement of the same model, method and W supersedes the old one, in its place."""
+    same = [i for i, r in enumerate(runs) if (r["parameters"], r["method"], r["workers"]) ==
+            (run["parameters"], run["method"], run["workers"])]
+    if same:
+        runs[same[0]] = run
+    else:
+        runs.append(run)
 
 
 def markdown(report: dict) -> str:

@@ -60,7 +60,8 @@ class Pruned:
 class LazyScores:
     """A target's local scores, computed piece by piece when selection reads them: at global scope
     one group spans every layer, so all scores take part in one selection, and holding them at once
-    (float32) would be twice a bf16 model. Each pass of the selection recomputes the piece it reads."""
+    (float32) would be twice a bf16 model; at row scope each row is selected on its own, so a chunk
+    of rows at a time is all there need be. Each pass of the selection recomputes the piece it reads."""
 
     dtype = torch.float32
 
@@ -224,7 +225,9 @@ def select_and_mask(targets: list[Target], stats: dict, scorer: Scorer, prune_cf
         return reconstruct(targets, stats, prune_cfg.sparsity, structure)
     starts = [local_start(t) for t in targets]
     weights = weights or {t.name: local_weight(t.param) for t in targets}
-    if scope == "global" and not isinstance(structure, (NM, Block)):  # every layer at once: never all held
+    # Global scope selects over every layer at once; row scope reads each score once, a chunk of rows
+    # at a time. Neither needs the scores held: a layer's float32 scores are twice its bf16 weights.
+    if scope in ("global", "row") and not isinstance(structure, (NM, Block)):
         scores = [LazyScores(weights[t.name], start, t.shape, scorer, stats.get(t.name, {}),
                              pruned_before[t.name] if pruned_before else None)
                   for t, start in zip(targets, starts)]

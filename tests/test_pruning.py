@@ -93,8 +93,9 @@ def test_per_layer_selection_prunes_the_same_elements(tiny_llama, world):
 
 
 def test_global_scope_scores_are_computed_piece_by_piece(monkeypatch):
-    """At global scope every target takes part in one selection: its scores are read in chunks
-    (recomputed per pass), never held whole, and select exactly what held scores select."""
+    """At global scope every target takes part in one selection, at row scope each row on its own:
+    scores are read in chunks (recomputed per pass), never held whole, and select exactly what held
+    scores select."""
     from dist_prune import selection
     from dist_prune.pruning import LazyScores
     from dist_prune.selection import Segment, prune_counts, select_pruned
@@ -131,3 +132,11 @@ def test_global_scope_scores_are_computed_piece_by_piece(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(got, want))
         assert all(bool(m[b[start:]].all()) for m, b in zip(got, before))  # pruned before: still pruned
         assert pieces and max(pieces) <= 16
+        if start == 0:  # row scope: rows selected on their own, a chunk of rows at a time
+            rows = [i for _, i in shapes]
+            k = prune_counts(0.5, [i for o, i in shapes for _ in range(o)])
+            pieces.clear()
+            got = select_pruned(lazy, numels, k, scope="row", row_lengths=rows)
+            want = select_pruned(held, numels, k, scope="row", row_lengths=rows)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+            assert pieces and max(pieces) <= 16
