@@ -53,7 +53,8 @@ def run_ours(method: str, structure: str, data: dict, world: int) -> dict:
                  f"data.calibration.seq_len={calibration.shape[1]}", f"eval.num_windows={len(evaluation)}",
                  f"eval.seq_len={evaluation.shape[1]}", f"cluster.num_workers={world}", "eval.dense=false"]
     metrics = run_ranks(ours, overrides, data, world=world)
-    return {"seconds": sum(metrics[k] for k in PRUNE_STAGES), "perplexity": metrics["perplexity_sparse"]}
+    return {"seconds": sum(metrics[k] for k in PRUNE_STAGES), "perplexity": metrics["perplexity_sparse"],
+            "stages": {k.removeprefix("seconds_"): metrics[k] for k in PRUNE_STAGES}}
 
 
 def run_llmcompressor(python: str, model: str, windows: Path, modifier: str, structure: str, threads: int) -> dict:
@@ -99,6 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.llmc_python).is_file():
         sys.exit(f"--llmc-python {args.llmc_python}: no such file (see the module docstring for the venv)")
+    python = str(Path(args.llmc_python).absolute())  # it runs in benchmarks/; not resolve(): the venv's link
 
     from dist_prune.checkpoint import resolve_model
 
@@ -115,7 +117,7 @@ def main() -> None:
             theirs: list[dict] = []
             mine: dict[str, list[dict]] = {method: [] for method in methods}
             for repeat in range(args.repeats):
-                theirs.append(run_llmcompressor(args.llmc_python, str(model), windows, modifier, structure,
+                theirs.append(run_llmcompressor(python, str(model), windows, modifier, structure,
                                                 args.threads))
                 for method in methods:
                     mine[method].append(run_ours(method, structure, data, args.world))

@@ -46,7 +46,8 @@ def test_our_side_runs_the_quality_tables_job(bench, monkeypatch, tmp_path, case
 
     monkeypatch.setattr(bench, "run_ranks", run_ranks)
     data = {"calibration": torch.zeros(32, 512, dtype=torch.long), "evaluation": torch.zeros(16, 512, dtype=torch.long)}
-    assert bench.run_ours(method, structure, data, world=2) == {"seconds": 42.5, "perplexity": 70.0}
+    assert bench.run_ours(method, structure, data, world=2) == {
+        "seconds": 42.5, "perplexity": 70.0, "stages": {"calibrate": 40.0, "score+select+mask": 2.5}}
     key = f"llm-compressor/{method}/{structure}/0.5"
     planned = next(r for r in quality.plan(quality.parse_args(["--skip-plot"]), {"runs": {}}) if r["key"] == key)
     overrides, world = calls[0]
