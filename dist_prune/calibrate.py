@@ -14,7 +14,7 @@ from dist_prune.partition import model_device
 
 
 class InputCollector:
-    """Forward hooks on linears that hand each one's input to `add(name, inputs)`.
+    """Forward pre-hooks on linears that hand each one's input to `add(name, inputs)`.
 
     Use as a context manager around the forward passes. Linears that receive the very same input
     tensor one after another (q/k/v, gate/up) share what is collected: only the first of them, the
@@ -22,6 +22,10 @@ class InputCollector:
     statistics to the others. Which linears share is agreed across ranks in `reduce()`, since a rank
     without calibration windows sees no input at all.
     """
+
+    # Only inputs are collected, so a pass that measures them may stop once every linear has had its
+    # input (LayerRunner.feed_inputs). A subclass that needs outputs hooks after the forward instead.
+    inputs_only = True
 
     def __init__(self, linears: dict[str, torch.nn.Module]):
         self.linears = linears  # weight name -> module whose input is the weight's input
@@ -81,13 +85,13 @@ class InputCollector:
             if highest >= 0 and highest != i:
                 self.owner[name] = names[highest]
 
-    def _hook(self, name: str):
-        def accumulate(module, inputs, output):
+    def _register(self, name: str, module: torch.nn.Module):
+        def accumulate(module, inputs):
             self.add(name, inputs[0])
-        return accumulate
+        return module.register_forward_pre_hook(accumulate)
 
     def __enter__(self):
-        self._hooks = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
+        self._hooks = [self._register(n, m) for n, m in self.linears.items()]
         return self
 
     def __exit__(self, *exc) -> None:

@@ -50,10 +50,12 @@ class GroupLossCollector(InputCollector):
                      if projection(n)[1] == _HOOKED[self.kind][-1]}
         self._attention: dict[int, torch.Tensor] = {}  # layers: o_proj output until down_proj runs
 
-    def _hook(self, name: str):
+    inputs_only = False  # the loss needs each projection's output
+
+    def _register(self, name: str, module: torch.nn.Module):
         def measure(module, inputs, output):
             self.measure(name, module.weight, inputs[0], output)
-        return measure
+        return module.register_forward_hook(measure)
 
     def measure(self, name: str, weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
         """Account for one batch: `x` and `y` are the input and output of the hooked projection."""

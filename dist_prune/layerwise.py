@@ -34,6 +34,10 @@ class _Captured(Exception):
         self.args_, self.kwargs = args, kwargs
 
 
+class _InputsSeen(Exception):
+    pass
+
+
 @dataclass
 class Batch:
     """Hidden states entering the next layer, plus the arguments every layer receives."""
@@ -82,6 +86,32 @@ class LayerRunner:
                 out = layer(b.hidden, **b.layer_kwargs)
                 outputs.append(Batch(out[0] if isinstance(out, tuple) else out, b.layer_kwargs))
         return outputs
+
+    def feed_inputs(self, index: int, batches: list[Batch], linears: list[torch.nn.Module]) -> None:
+        """Run layer `index` on every batch only until each of `linears` has received its input:
+        the pass that measures a layer's inputs in sequential calibration, whose outputs are computed
+        again once the layer is pruned. What comes after the last of them (down_proj's matmul in a
+        Llama layer, a quarter of the layer's linear FLOPs) is skipped. Hooks registered before
+        this call see the inputs first. Collective (gathers the layer)."""
+        pending: set[int] = set()
+
+        def seen(module, inputs):
+            pending.discard(id(module))
+            if not pending:
+                raise _InputsSeen
+
+        hooks = [m.register_forward_pre_hook(seen) for m in linears]
+        try:
+            with gathered(self.layers[index].parameters()), torch.no_grad():
+                for b in batches:
+                    pending.update(id(m) for m in linears)
+                    try:
+                        self.layers[index](b.hidden, **b.layer_kwargs)
+                    except _InputsSeen:
+                        pass
+        finally:
+            for h in hooks:
+                h.remove()
 
     def head_inputs(self, batches: list[Batch]) -> list[torch.Tensor]:
         """What the output head sees: the final norm of the last layer's outputs."""

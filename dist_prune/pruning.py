@@ -170,11 +170,15 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
         batches = runner.start(calibration)
     for index in range(len(runner.layers)):
         layer_targets = layers.get(index, [])
+        prune_now = sequential and bool(layer_targets)
         with timer("calibrate"):
             with collector_of({t.name: t.module for t in layer_targets}) as collector:
-                outputs = runner.run_layer(index, batches)
+                if prune_now and collector.inputs_only:  # its outputs are computed once it is pruned
+                    runner.feed_inputs(index, batches, [t.module for t in layer_targets])
+                else:
+                    outputs = runner.run_layer(index, batches)
             stats.update(collector.reduce())
-        if sequential and layer_targets:
+        if prune_now:
             with timer("score+select+mask"):
                 pruned.add(select(layer_targets, stats))
             for t in layer_targets:
