@@ -25,6 +25,8 @@ from dist_prune import __version__
 from dist_prune.errors import UserError
 from dist_prune.verify import verify_export
 
+log = logging.getLogger(__name__)
+
 MAX_PARAM_VALUE = 6000      # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_KEY = 250               # MAX_ENTITY_KEY_LENGTH
 MAX_TAG_VALUE = 5000        # model-registry tag value limit (run tags allow more)
@@ -270,6 +272,22 @@ def _is_code(e: Exception, *codes: str) -> bool:
 
 # -- register ------------------------------------------------------------------------------------
 
+# What a SQL store says when two inserts of the same key race (sqlite, PostgreSQL, MySQL)
+_UNIQUE_RACE = re.compile(r"IntegrityError|UniqueViolation|UNIQUE constraint|Duplicate entry", re.I)
+
+
+def set_alias(client, model_name: str, alias: str, version: str, attempts: int = 3) -> None:
+    """Point `alias` at `version`. MLflow's SQL store sets an alias by a select-then-insert merge, so
+    two jobs that set a new alias at the same moment both insert it and the later one fails with a
+    unique-key error; trying again updates the row the other inserted (the last job to set it wins)."""
+    for attempt in range(attempts):
+        try:
+            return client.set_registered_model_alias(model_name, alias, version)
+        except Exception as e:  # MlflowException(BAD_REQUEST) wrapping the store's IntegrityError
+            if attempt + 1 == attempts or not _UNIQUE_RACE.search(str(e)):
+                raise
+            log.info("alias %s of %s was created concurrently; setting it again", alias, model_name)
+
 def register_export(export_dir: Path, *, tracking_uri: str | None, experiment: str, model_name: str,
                     alias: str, params: dict, metrics: dict, artifacts: Sequence[Path] = (),
                     tags: dict | None = None, artifact_location: str | None = None,
@@ -335,7 +353,7 @@ def register_export(export_dir: Path, *, tracking_uri: str | None, experiment: s
             if mv.status != "READY":
                 raise UserError(f"MLflow at {_redact_uri(uri)}: model {model_name!r} version {mv.version} "
                                 f"is {mv.status}: {mv.status_message or 'no message'}")
-            client.set_registered_model_alias(model_name, alias, str(mv.version))
+            set_alias(client, model_name, alias, str(mv.version))
         status = "FINISHED"
     finally:
         with contextlib.suppress(Exception):

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from dist_prune.errors import UserError
 from dist_prune.export import SPARSITY_FILE, StreamingExport, TensorSpec
-from dist_prune.registry import flatten_params, parse_model_uri, pull, register_export
+from dist_prune.registry import flatten_params, parse_model_uri, pull, register_export, set_alias
 
 SECRET = "hunter2-very-secret"
 NAME = "tiny-llama-sparse"
@@ -201,3 +201,42 @@ def test_register_cli_registers_an_existing_export_with_lineage(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(client.search_model_versions("name='later'")) == 1
+
+
+class _RacedClient:
+    """Fails its first `failures` alias settings with `error`, as MLflow's SQL store does when
+    another job inserted the same new alias a moment earlier; then records the setting."""
+
+    def __init__(self, failures: int, error: str):
+        self.failures, self.error, self.aliases, self.calls = failures, error, {}, 0
+
+    def set_registered_model_alias(self, name, alias, version):
+        from mlflow.exceptions import MlflowException
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise MlflowException(self.error, error_code="BAD_REQUEST")
+        self.aliases[(name, alias)] = version
+
+
+SQLITE_RACE = ("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.workspace, "
+               "registered_model_aliases.name, registered_model_aliases.alias")
+
+
+def test_alias_set_concurrently_is_set_again():
+    client = _RacedClient(1, SQLITE_RACE)
+    set_alias(client, "m", "candidate", "2")
+    assert client.calls == 2 and client.aliases == {("m", "candidate"): "2"}
+
+
+def test_alias_errors_other_than_the_race_are_not_retried():
+    from mlflow.exceptions import MlflowException
+
+    client = _RacedClient(1, "Registered Model with name=m not found")
+    with pytest.raises(MlflowException, match="not found"):
+        set_alias(client, "m", "candidate", "2")
+    assert client.calls == 1
+    client = _RacedClient(5, SQLITE_RACE)  # a race that never ends is reported, not retried forever
+    with pytest.raises(MlflowException, match="UNIQUE constraint"):
+        set_alias(client, "m", "candidate", "2")
+    assert client.calls == 3
