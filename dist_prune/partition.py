@@ -84,6 +84,32 @@ def gathered(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
         yield
 
 
+def import_model_code(config, *, trust_remote_code: bool = False) -> type | None:
+    """Import, outside `deepspeed.zero.Init`, every module that building `config`'s model imports.
+
+    zero.Init replaces `torch.Tensor.__new__` while it is open. A module that imports
+    `torch._dynamo` for the first time in that window fails: dynamo's polyfill loader checks
+    `Tensor.__new__`'s signature against its own and raises `TypeError: Signature mismatch`.
+    transformers 5.24 imports `modeling_utils` (-> fp8 / deepgemm integration -> torch._dynamo)
+    from inside `no_init_weights`, and any architecture whose modeling file was not imported
+    yet (gpt2 on 5.23) does the same from `from_config`. So import them all here, before
+    zero.Init, whatever the transformers version. Returns the model class (None for a class
+    that `trust_remote_code` brings: from_config imports it, after dynamo is loaded here).
+    """
+    import torch._dynamo  # noqa: F401  (the import that must not run under zero.Init)
+    import transformers.modeling_utils  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    try:
+        # the lazy auto mapping imports the architecture's modeling module on look-up
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        if trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+            return None
+        raise UserError(f"config.json model_type {config.model_type!r} is not a causal LM that "
+                        "transformers knows") from None
+
+
 def build_partitioned_model(model_dir: Path, checkpoint: Checkpoint, dtype: torch.dtype,
                             *, trust_remote_code: bool = False, progress=None) -> torch.nn.Module:
     """The model of `model_dir`, each rank holding only its ZeRO-3 slice of every parameter."""
@@ -93,6 +119,7 @@ def build_partitioned_model(model_dir: Path, checkpoint: Checkpoint, dtype: torc
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    import_model_code(config, trust_remote_code=trust_remote_code)
     # The dtype comes from the config's bf16/fp16 flags. Passing `dtype=` is broken in
     # DeepSpeed 0.19 (operator precedence in Init._set_dtype): on CPU, float32 became bf16.
     # No random init: every weight is overwritten from the checkpoint, and some inits

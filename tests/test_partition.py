@@ -58,3 +58,56 @@ def test_bfloat16_partitions(tiny_llama):
     for name, tensor in res["full"].items():
         assert tensor.dtype == torch.bfloat16
         assert torch.equal(tensor, raw[name].to(torch.bfloat16)), name
+
+
+# A fresh interpreter: the failure needs torch._dynamo to be imported for the first time while
+# deepspeed.zero.Init has replaced Tensor.__new__. Inside a long pytest process dynamo is often
+# imported already, and the build would pass by accident.
+FRESH_BUILD = """
+import os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", LOCAL_RANK="0",
+                  WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+from pathlib import Path
+import torch, deepspeed
+from safetensors.torch import load_file
+from dist_prune.checkpoint import open_checkpoint
+from dist_prune.partition import build_partitioned_model, gathered
+
+deepspeed.init_distributed(dist_backend="gloo")
+assert "torch._dynamo" not in sys.modules, "dynamo already imported: this test would prove nothing"
+model_dir = Path(sys.argv[1])
+model = build_partitioned_model(model_dir, open_checkpoint(model_dir), torch.float32)
+raw = load_file(model_dir / "model.safetensors")
+for name, p in model.named_parameters():
+    with gathered([p]):
+        assert torch.equal(p.data, raw[name]), name
+print("built", type(model).__name__, len(raw))
+torch.distributed.destroy_process_group()
+"""
+
+
+def _tiny_gpt2(directory: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64,
+                               vocab_size=128)).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_partitioned_build_in_a_fresh_process(arch, tiny_llama, tmp_path):
+    """transformers 5.24+ imports modeling_utils (and with it torch._dynamo) inside zero.Init;
+    so does from_config for an architecture not imported yet (gpt2 on 5.23). Both raised
+    `TypeError: Signature mismatch ... tensor_pynew` until the build imported them first."""
+    import subprocess
+    import sys
+
+    from multirank import free_port
+
+    model_dir = tiny_llama if arch == "llama" else _tiny_gpt2(tmp_path / "gpt2")
+    proc = subprocess.run([sys.executable, "-c", FRESH_BUILD, str(model_dir), str(free_port())],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "built" in proc.stdout
