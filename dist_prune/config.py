@@ -43,7 +43,11 @@ class ModelConfig:
 @dataclass
 class PruneConfig:
     method: str = doc("wanda", "scorer: magnitude | wanda | sparsegpt | taylor | obd | seven | "
-                               "threshold | infogain (whole heads, channels or layers only)")
+                               "threshold | infogain (whole heads, channels or layers only) | "
+                               "movement (during fine-tuning); keys the config leaves unset take "
+                               "the method's defaults: infogain structure channels, threshold "
+                               "epsilon 0.01, movement schedule cubic with finetune.steps 100 and "
+                               "prune.interval 10")
     sparsity: float = doc(0.5, "fraction of the weights in each selection scope to prune, in [0, 1); "
                                "heads/channels: of the KV head groups / MLP channels of every layer; "
                                "layers: of the decoder layers")
@@ -330,12 +334,33 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
             raise UserError(f"config file {path}{where}: not valid YAML") from None
         if not isinstance(raw, dict):
             raise UserError(f"config file {path}: the top level must be a mapping of sections")
-    raw = _merge(raw, parse_overrides(overrides or []))
+    raw = _with_method_defaults(_merge(raw, parse_overrides(overrides or [])))
     cfg = _build(JobConfig, _expand_env(raw), "")
     from dist_prune.validation import validate
 
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+def _with_method_defaults(raw: dict) -> dict:
+    """`raw` with the chosen method's own defaults (`Scorer.defaults`) for the keys it leaves
+    unset: `prune.method=movement` on any config means gradual pruning during fine-tuning."""
+    from dist_prune.scoring import SCORERS
+
+    prune = raw.get("prune") if isinstance(raw.get("prune"), dict) else {}
+    scorer = SCORERS.get(prune.get("method", PruneConfig.method))
+    if scorer is None:  # an unknown method: validation names the allowed ones
+        return raw
+    for dotted, value in scorer.defaults.items():
+        *sections, leaf = dotted.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):  # a malformed section: _build reports it
+                break
+        else:
+            node.setdefault(leaf, value)
+    return raw
 
 
 def config_from_dict(raw: dict) -> JobConfig:

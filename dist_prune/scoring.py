@@ -7,8 +7,8 @@ so selection never needs to know how the weight was partitioned.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -106,6 +106,10 @@ class Scorer:
     needs: str
     default_scope: str
     stats: tuple[str, ...] = ()  # gradient statistics to accumulate (calibration or training)
+    # config keys ("section.key") this method needs set otherwise than the job defaults; each
+    # applies when neither the YAML file nor an override names the key, so switching
+    # `prune.method` on any config gives the method's own defaults (dist_prune.config.load_config)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 # SparseGPT is not a score-then-select method: it chooses each mask while updating the
@@ -128,9 +132,16 @@ SCORERS: dict[str, Scorer] = {
     "taylor": Scorer(taylor, needs="gradients", default_scope="global", stats=("grad_sum",)),
     "obd": Scorer(obd, needs="gradients", default_scope="global", stats=("grad_sq_sum",)),
     "seven": Scorer(seven, needs="gradients", default_scope="global", stats=("seven",)),
-    "threshold": Scorer(threshold, needs="weights", default_scope="layer"),
+    # |w| < 0.01: a cut-off in the units of the weights, about their typical size in a trained
+    # LLM's linears (N(0, 0.02) initialisation); set prune.epsilon for your model
+    "threshold": Scorer(threshold, needs="weights", default_scope="layer",
+                        defaults={"prune.epsilon": 0.01}),
     # whole heads / channels / layers only: the loss increase when a group is ablated, per unit
     # of its weights' L2 norm (dist_prune/infogain.py, dist_prune/structural.select_groups)
-    "infogain": Scorer(None, needs="ablation", default_scope="layer"),
-    "movement": Scorer(movement, needs="training", default_scope="global", stats=("movement",)),
+    "infogain": Scorer(None, needs="ablation", default_scope="layer",
+                       defaults={"prune.structure": "channels"}),
+    # movement scores are the weights' movement while they train: pruned gradually during
+    # fine-tuning, re-selected every 10 of 100 steps unless the config says otherwise
+    "movement": Scorer(movement, needs="training", default_scope="global", stats=("movement",),
+                       defaults={"prune.schedule": "cubic", "finetune.steps": 100, "prune.interval": 10}),
 }

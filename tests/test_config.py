@@ -35,6 +35,36 @@ def test_every_config_loads(path, data_root):
     assert isinstance(cfg, JobConfig)
 
 
+def _methods() -> list[str]:
+    from dist_prune.scoring import SCORERS
+
+    return sorted(SCORERS)
+
+
+@pytest.mark.parametrize("method", _methods())
+def test_quickstart_accepts_every_method(method, data_root):
+    """`dist-prune run configs/quickstart.yaml prune.method=X` validates for every method: the
+    file pins no method-specific key, and a method's own defaults fill what it leaves unset
+    (sparsegpt was refused when the file pinned prune.scope row)."""
+    from dist_prune.config import scope_of
+    from dist_prune.scoring import SCORERS
+
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", [f"prune.method={method}"])
+    assert cfg.prune.method == method
+    for dotted, value in SCORERS[method].defaults.items():
+        section, *rest = dotted.split(".")
+        assert getattr(getattr(cfg, section), rest[0]) == value, dotted
+    assert scope_of(cfg.prune) in ("global", "layer", "row")
+
+
+def test_what_the_user_sets_beats_a_method_default(data_root):
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", ["prune.method=movement", "finetune.steps=7",
+                                                       "prune.interval=3"])
+    assert (cfg.finetune.steps, cfg.prune.interval, cfg.prune.schedule) == (7, 3, "cubic")
+    with pytest.raises(UserError, match="prune.schedule cubic"):
+        load_config(CONFIG_DIR / "quickstart.yaml", ["prune.method=movement", "prune.schedule=oneshot"])
+
+
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
 def test_every_sweep_file_expands_to_valid_configs(path, data_root, monkeypatch):
     from dist_prune.sweep import configure, read_sweep_file, trials_of
@@ -164,7 +194,7 @@ def test_learning_rates_in_exponent_notation_are_floats():
 
 @pytest.mark.parametrize("overrides, message", [
     (["prune.schedule=cubic"], "finetune.steps > 0"),
-    (["prune.method=movement", "finetune.steps=10"], "prune.schedule cubic"),
+    (["prune.method=movement", "finetune.steps=10", "prune.schedule=oneshot"], "prune.schedule cubic"),
     (["prune.schedule=cubic", "finetune.steps=10", "prune.method=wanda"], "re-scores during training"),
     (["prune.schedule=cubic", "finetune.steps=10", "prune.method=magnitude", "prune.end_step=20"],
      "prune.end_step=20"),
