@@ -160,8 +160,9 @@ class ClusterConfig:
     num_workers: int = doc(2, "Ray Train workers, each holding 1/num_workers of every weight (ZeRO-3)")
     use_gpu: bool = doc(False, "one GPU per worker and the nccl backend; otherwise CPU and gloo")
     cpus_per_worker: int = doc(1, "CPUs Ray reserves for each worker")
-    storage_path: str | None = doc(None, "Ray Train storage (shared by all nodes on a cluster); "
-                                         "empty = ./ray_results")
+    storage_path: str | None = doc(None, "Ray Train storage: run state and fine-tuning checkpoints "
+                                         "(shared by all nodes on a cluster); empty = Ray's "
+                                         "default, ~/ray_results")
 
 
 @dataclass
@@ -172,6 +173,9 @@ class RegistryConfig:
     experiment: str = doc("dist-prune", "MLflow experiment name")
     model_name: str = doc("dist-prune-model", "registered model name")
     alias: str = doc("candidate", "alias set on the new model version")
+    artifact_location: str | None = doc(None, "artifact root of the experiment when this job creates "
+                                              "it; empty = mlruns/ beside a sqlite database, the "
+                                              "server's own default for an http tracking URI")
 
 
 @dataclass

@@ -187,7 +187,8 @@ def fit(job: WorkerJob, cfg: JobConfig) -> dict:
 
     from dist_prune.worker import ray_train_loop
 
-    storage = Path(cfg.cluster.storage_path or "ray_results").resolve()
+    # Ray's own default (~/ray_results) unless the config names one: not the working directory
+    storage = None if cfg.cluster.storage_path is None else str(Path(cfg.cluster.storage_path).resolve())
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config=vars(job),
@@ -196,7 +197,7 @@ def fit(job: WorkerJob, cfg: JobConfig) -> dict:
         # A name of its own: Ray Train loads the run snapshot it finds under a reused name and
         # hands the last job's checkpoints to this one (same export name, same storage path).
         run_config=RunConfig(name=f"dist-prune-{Path(job.export_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-                                  f"-{uuid.uuid4().hex[:6]}", storage_path=str(storage),
+                                  f"-{uuid.uuid4().hex[:6]}", storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.finetune.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
@@ -267,7 +268,7 @@ def run(cfg: JobConfig, *, parent_run_id: str | None = None) -> JobResult:
 
         tracking_uri = resolved_tracking_uri(cfg.registry.tracking_uri)
         run_id = start_run(tracking_uri, cfg.registry.experiment, run_name=Path(job.export_dir).name,
-                           parent_run_id=parent_run_id)
+                           parent_run_id=parent_run_id, artifact_location=cfg.registry.artifact_location)
         job.mlflow = {"tracking_uri": tracking_uri, "run_id": run_id}
     try:
         metrics = fit(job, cfg)

@@ -207,6 +207,7 @@ def start_run(tracking_uri: str | None, experiment: str, *, artifact_location: s
     """Open a run in `experiment` (created if missing) and return its id; the job's workers log
     step metrics into it while they train, and `register_export` finishes it."""
     client, uri, _ = _client(tracking_uri)
+    artifact_location = artifact_location or artifacts_next_to(uri)
     with _mlflow_errors(uri, f"experiment {experiment!r}"):
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
@@ -220,6 +221,20 @@ def start_run(tracking_uri: str | None, experiment: str, *, artifact_location: s
             raise UserError(f"MLflow experiment {experiment!r} at {_redact_uri(uri)} is deleted; restore it or pick another name")
         tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
         return client.create_run(exp.experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+def artifacts_next_to(tracking_uri: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: `mlruns/` beside the
+    database file. MLflow's own default is `./mlruns` of the working directory at the time,
+    wherever the database is: a job run from a repository left its artifacts there. A file
+    store keeps artifacts inside itself and a server decides for itself: None."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    database = Path(tracking_uri[len(prefix):].split("?", 1)[0])
+    if str(database) in ("", ":memory:"):
+        return None
+    return (database.resolve().parent / "mlruns").as_uri()
 
 
 def end_run(tracking_uri: str | None, run_id: str, status: str = "FAILED") -> None:

@@ -122,7 +122,8 @@ def run_sweep(config: str | None, items: list[str]) -> list[dict]:
         from dist_prune.registry import start_run
 
         tracking_uri = first.registry.tracking_uri
-        parent = start_run(tracking_uri, first.registry.experiment, run_name=f"sweep-{stamp}")
+        parent = start_run(tracking_uri, first.registry.experiment, run_name=f"sweep-{stamp}",
+                           artifact_location=first.registry.artifact_location)
     from dist_prune.job import init_ray
 
     init_ray(first, extra_cpus=1)

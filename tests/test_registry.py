@@ -240,3 +240,17 @@ def test_alias_errors_other_than_the_race_are_not_retried():
     with pytest.raises(MlflowException, match="UNIQUE constraint"):
         set_alias(client, "m", "candidate", "2")
     assert client.calls == 3
+
+
+def test_artifacts_go_beside_the_sqlite_store_not_the_working_directory(tmp_path, monkeypatch):
+    """MLflow puts a new experiment's artifacts in ./mlruns of whatever directory the job ran
+    from, even when the database lies elsewhere: a run from a repository left mlruns/ there."""
+    cwd, elsewhere = tmp_path / "cwd", tmp_path / "state"
+    cwd.mkdir(), elsewhere.mkdir()
+    export_dir, _ = make_export(tmp_path, 3)
+    monkeypatch.chdir(cwd)
+    reg = register_export(export_dir, tracking_uri=f"sqlite:///{elsewhere}/mlflow.db", experiment="beside",
+                          model_name="beside", alias="candidate", params={}, metrics={})
+    assert list(cwd.iterdir()) == []
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["mlflow.db", "mlruns"]
+    assert any((elsewhere / "mlruns").rglob("sparsity.json")), reg
