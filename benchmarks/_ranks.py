@@ -22,7 +22,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 def run_ranks(fn, *args, world: int = 2):
     """fn(rank, *args) on `world` spawned gloo ranks; returns what rank 0's fn returned (as JSON).
     `fn` must be a module-level function (spawn pickles it by name)."""
-    from dist_prune.checkpoint import configure_jit_builds
+    from dist_prune.io.checkpoint import configure_jit_builds
 
     configure_jit_builds()  # DeepSpeed compiles once, with one ninja
     with tempfile.TemporaryDirectory() as tmp:

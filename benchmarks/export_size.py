@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dist_prune.compressed import decompress_export
-from dist_prune.export import StreamingExport, TensorSpec
+from dist_prune.io.decompress import decompress_export
+from dist_prune.io.export import StreamingExport
+from dist_prune.io.shards import TensorSpec
 from threshold import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"

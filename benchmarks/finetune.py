@@ -46,7 +46,7 @@ QUALITY_ARMS = {
 
 
 def _rank_main(rank: int, arms: dict, base: list[str], rounds: int, data: dict) -> dict:
-    from dist_prune.finetune import Hooks
+    from dist_prune.train.state import Hooks
 
     results = {name: [] for name in arms}
     for round_index in range(rounds):
@@ -66,7 +66,7 @@ def _run(arms: dict, base: list[str], rounds: int, data: dict) -> dict:
 
 
 def speed(args) -> None:
-    from dist_prune.checkpoint import resolve_model
+    from dist_prune.io.checkpoint import resolve_model
 
     data = tokens(resolve_model(None), training_seq_len=args.seq_len)
     data["calibration"] = data["evaluation"] = None  # magnitude, no evaluation: only the training is timed
@@ -100,7 +100,7 @@ def quality(args) -> None:
     """One arm per call of the recipe, each saved as soon as it ends (a long run can be
     continued: arms already measured with the same settings are skipped), then the table
     of every arm measured with these settings."""
-    from dist_prune.checkpoint import resolve_model
+    from dist_prune.io.checkpoint import resolve_model
 
     settings = {"steps": args.steps, "seq_len": args.seq_len, "lr": args.lr, "accumulation": args.accumulation}
     tag = "_".join(f"{k}{v}" for k, v in settings.items())

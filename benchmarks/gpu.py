@@ -233,7 +233,7 @@ def wanda_data(model_dir: Path) -> dict:
 def measure_wanda(model_dir: Path) -> dict:
     """The worker recipe (load, calibrate, score+select+mask, evaluate, export) on a single-rank
     nccl process group on GPU 0."""
-    from dist_prune.checkpoint import configure_jit_builds
+    from dist_prune.io.checkpoint import configure_jit_builds
 
     configure_jit_builds()
     os.environ.setdefault("DS_ACCELERATOR", "cuda")

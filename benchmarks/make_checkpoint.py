@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from dist_prune.data import builtin_corpus
-from dist_prune.export import StreamingExport, TensorSpec, parse_size
+from dist_prune.io.export import StreamingExport
+from dist_prune.io.shards import TensorSpec, parse_size
 
 # (up to this many parameters: hidden, intermediate, heads, kv_heads), near Llama-family shapes
 SHAPES = [(8e8, (1024, 2816, 16, 8)), (2e9, (2048, 5632, 16, 8)), (5e9, (3072, 8192, 24, 8)),

@@ -310,7 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    from dist_prune.checkpoint import open_checkpoint, resolve_model
+    from dist_prune.io.checkpoint import open_checkpoint, resolve_model
     from dist_prune.config import load_config
     from dist_prune.errors import UserError
     from dist_prune.job import check_target_shapes

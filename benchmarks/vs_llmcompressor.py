@@ -102,7 +102,7 @@ def main() -> None:
         sys.exit(f"--llmc-python {args.llmc_python}: no such file (see the module docstring for the venv)")
     python = str(Path(args.llmc_python).absolute())  # it runs in benchmarks/; not resolve(): the venv's link
 
-    from dist_prune.checkpoint import resolve_model
+    from dist_prune.io.checkpoint import resolve_model
 
     model = resolve_model(None)
     data = tokens(model)

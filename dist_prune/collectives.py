@@ -29,3 +29,9 @@ def all_reduce_(tensor: torch.Tensor, group=None, op=None) -> torch.Tensor:
     else:
         dist.all_reduce(tensor, op=op, group=group)
     return tensor
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank if `flag` is true on any: how ranks agree that one of them failed, so
+    that all raise together and none is left waiting in the next collective."""
+    return bool(all_reduce_(torch.tensor([int(bool(flag))]), group).item())

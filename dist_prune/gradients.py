@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Collection
 import torch
 import torch.nn.functional as F
 
-from dist_prune.collectives import all_reduce_, rank_and_world
+from dist_prune.collectives import all_reduce_, any_rank, rank_and_world
 from dist_prune.errors import UserError
 from dist_prune.engine import temporary_engine
 from dist_prune.partition import local_range, local_weight, zero3_config
@@ -186,7 +186,7 @@ def _run(engine, windows, targets, tokens, world, micro_batch, dummy_len, betas,
         engine.optimizer.zero_grad()
     steps = torch.tensor(len(tokens), dtype=torch.long)
     finite = all(bool(torch.isfinite(v).all()) for a in acc.values() for v in a.values())
-    if all_reduce_(torch.tensor([0 if finite else 1])).item():  # every rank raises, or none
+    if any_rank(not finite):  # every rank raises, or none
         raise RuntimeError("gradient calibration produced NaN or Inf gradients (with float16 "
                            "weights, try model.dtype bfloat16 or float32)")
     return {name: {**{k: v for k, v in a.items() if not k.startswith("_")}, "steps": steps}

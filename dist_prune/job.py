@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_prune import __version__, git_commit
-from dist_prune.checkpoint import configure_jit_builds, open_checkpoint, resolve_model
+from dist_prune.io.checkpoint import configure_jit_builds, open_checkpoint, resolve_model
 from dist_prune.config import JobConfig, config_sha256, scope_of, to_dict
 from dist_prune.data import (calibration_windows, eval_windows, read_text, read_training_text,
                              tokenize, training_windows)
 from dist_prune.errors import UserError
-from dist_prune.export import check_destination
-from dist_prune.verify import verify_export
+from dist_prune.io.export import check_destination
+from dist_prune.io.verify import verify_export
 from dist_prune.report import StageTimer, layer_sparsity_plot, summary_table
 from dist_prune.scoring import SCORERS
 from dist_prune.structural import Structural, check_model

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from dist_prune.checkpoint import Checkpoint
+from dist_prune.io.checkpoint import Checkpoint
 from dist_prune.collectives import rank_and_world
 from dist_prune.errors import UserError
 

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dist_prune import __version__
 from dist_prune.errors import UserError
-from dist_prune.verify import verify_export
+from dist_prune.io.verify import verify_export
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +433,7 @@ def pull(model_uri: str, dst: Path, *, tracking_uri: str | None = None, decompre
         except UserError as e:
             raise UserError(f"{model_uri} failed verification after download: {e}") from None
         if decompress and meta.get("format", "dense") != "dense":
-            from dist_prune.compressed import decompress_export
+            from dist_prune.io.decompress import decompress_export
 
             local = decompress_export(local, tmp / "dense", meta)
         if dst.exists():

@@ -102,7 +102,7 @@ class Scorer:
     # statistics calibration collects: "weights" (none), "activations", "hessian", "ablation"
     # (loss increase per structural group, dist_prune/infogain.py),
     # "gradients" (dist_prune.gradients.accumulate_gradient_stats), "training" (only during
-    # fine-tuning, with prune.schedule cubic: dist_prune/finetune.py)
+    # fine-tuning, with prune.schedule cubic: dist_prune/train/loop.py)
     needs: str
     default_scope: str
     stats: tuple[str, ...] = ()  # gradient statistics to accumulate (calibration or training)

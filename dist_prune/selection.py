@@ -28,8 +28,8 @@ from itertools import accumulate, groupby
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 
+from dist_prune.collectives import all_reduce_, any_rank
 from dist_prune.selection_rows import select_rows, split_rows, whole_row_flags
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def _select_whole_rows(segments: Sequence[Segment], numels: Sequence[int], count
     whole, pieces = split_rows([s.start for s in segments], [len(s.scores) for s in segments],
                                [s.tensor_index for s in segments], first, row_lengths)
     flags = whole_row_flags(whole, len(counts), counts.device)
-    _all_reduce(flags, group)
+    all_reduce_(flags, group)
     cut = (flags == 0).nonzero().squeeze(1).tolist()
     for i, lo, g0, rows in whole:
         s, length = segments[i], row_lengths[segments[i].tensor_index]
@@ -260,7 +260,7 @@ def _resolve(hist: torch.Tensor, k: torch.Tensor, group: ProcessGroup | None) ->
     for _ in range((hist.shape[1] - 1).bit_length() // 8):
         sub = hist.view(n_groups, 256, -1)
         coarse = sub.sum(2)
-        _all_reduce(coarse, group)
+        all_reduce_(coarse, group)
         upto = coarse.cumsum(1)
         d = (upto < k[:, None]).sum(1)  # the first bin whose running count reaches k
         size = coarse[rows, d]
@@ -431,14 +431,6 @@ def _check_segments(segments: Sequence[Segment], numels: Sequence[int]) -> None:
 def _reject_nan(segments: Sequence[Segment], device: torch.device, group: ProcessGroup | None) -> None:
     """Raise on every rank if any rank has a NaN (a sum is NaN only if an input is NaN or
     infinities cancel, so the exact check rarely runs); no rank is left waiting in a collective."""
-    bad = sum(bool(x.sum().isnan() and x.isnan().any()) for s in segments for _, x in _chunks(s.scores))
-    flag = torch.tensor([bad], device=device)
-    _all_reduce(flag, group)
-    if flag.item():
+    bad = any(bool(x.sum().isnan() and x.isnan().any()) for s in segments for _, x in _chunks(s.scores))
+    if any_rank(bad, group):
         raise ValueError("scores contain NaN; cannot select which elements to prune")
-
-
-def _all_reduce(t: torch.Tensor, group: ProcessGroup | None) -> None:
-    """Sum over ranks in place; a no-op without an initialized process group."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, group=group)

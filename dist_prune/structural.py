@@ -41,8 +41,8 @@ from dist_prune.errors import UserError
 from dist_prune.masking import Target, apply_mask, local_start
 from dist_prune.partition import local_weight
 from dist_prune.scoring import LocalSlice, magnitude
+from dist_prune.selection import CHUNK
 
-CHUNK = 1 << 22  # elements per step of a pooling pass: bounds the temporaries
 _PROJECTION = re.compile(r"^(.*\.layers\.)(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
                          r"\.(weight|bias)$")
 _LAYER = re.compile(r"^(.*\.layers\.)(\d+)\.(.+)$")

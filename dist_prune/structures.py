@@ -20,16 +20,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
-import torch.distributed as dist
 
-from dist_prune.collectives import all_reduce_
-from dist_prune.selection import Segment, group_sizes, prune_counts, select_pruned
+from dist_prune.collectives import all_reduce_, rank_and_world
+from dist_prune.selection import CHUNK, Segment, group_sizes, prune_counts, select_pruned
 from dist_prune.structural import UNITS, Structural
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-CHUNK = 1 << 22  # elements per step of a local pass: bounds the temporaries
 POOLS = ("sum", "l2")
 BLOCK_SCOPES = ("global", "layer")
 
@@ -136,7 +134,7 @@ def nm_mask(scores: torch.Tensor, start: int, shape: tuple[int, int], nm: NM,
     s, size = int(start), scores.numel()
     e = s + size
     _check_slice(scores, s, shape)
-    rank, world = _rank_world(group)
+    rank, world = rank_and_world(group)
     mask = torch.zeros(size, dtype=torch.bool, device=scores.device)
 
     # Local structure: whole groups [fs, fe), and up to two partial fragments (global ranges).
@@ -155,7 +153,7 @@ def nm_mask(scores: torch.Tensor, start: int, shape: tuple[int, int], nm: NM,
         buf[rank, slot, 1 + m + off : 1 + m + off + b - a] = scores[a - s : b - s].double().view(torch.int64)
     nan = torch.tensor([int(bool(scores.sum().isnan()) and bool(scores.isnan().any()))])
     flat = torch.cat([buf.view(-1), nan])
-    _all_reduce(flat, group)
+    all_reduce_(flat, group)
     if flat[-1].item():
         raise ValueError("scores contain NaN; cannot choose the N:M pruned elements")
     frags = flat[:-1].view(world * 2, 1 + 2 * m)
@@ -207,7 +205,7 @@ def block_scores(scores: torch.Tensor, start: int, shape: tuple[int, int], block
         x = scores[lo : lo + CHUNK].double()
         pos = torch.arange(int(start) + lo, int(start) + lo + x.numel(), device=scores.device)
         total.index_add_(0, _block_ids(pos, shape, block), x * x if pool == "l2" else x)
-    _all_reduce(total, group)
+    all_reduce_(total, group)
     return (total.sqrt() if pool == "l2" else total).float()
 
 
@@ -245,7 +243,7 @@ def select_blocks(tensors: Sequence[tuple[torch.Tensor, int, tuple[int, int]]], 
     all_reduce of every block's decision."""
     if scope not in BLOCK_SCOPES:
         raise ValueError(f"block selection scope must be one of {BLOCK_SCOPES}, got {scope!r}")
-    rank, world = _rank_world(group)
+    rank, world = rank_and_world(group)
     segments, numels = [], []
     for t, (scores, start, shape) in enumerate(tensors):
         pooled = block_scores(scores, start, shape, block, pool=pool, group=group)
@@ -261,7 +259,7 @@ def select_blocks(tensors: Sequence[tuple[torch.Tensor, int, tuple[int, int]]], 
     for seg, picked in zip(segments, chosen):
         o = offsets[seg.tensor_index] + seg.start
         decisions[o : o + picked.numel()] = picked.to(torch.uint8)
-    _all_reduce(decisions, group)
+    all_reduce_(decisions, group)
     return [block_mask(scores, start, shape, block, decisions[offsets[t] : offsets[t + 1]].bool())
             for t, (scores, start, shape) in enumerate(tensors)]
 
@@ -276,15 +274,3 @@ def _check_slice(scores: torch.Tensor, start: int, shape: tuple[int, int]) -> No
     if start < 0 or start + scores.numel() > numel:
         raise ValueError(f"slice [{start}, {start + scores.numel()}) exceeds the {numel} elements of "
                          f"shape {list(shape)}")
-
-
-def _rank_world(group: ProcessGroup | None) -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
-
-
-def _all_reduce(t: torch.Tensor, group: ProcessGroup | None) -> None:
-    """Sum over ranks in place; a no-op without an initialized process group. Under nccl the
-    buffers kept on the CPU (N:M fragments, block decisions) go through the GPU (collectives.py)."""
-    all_reduce_(t, group)

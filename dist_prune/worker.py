@@ -18,20 +18,22 @@ from pathlib import Path
 
 import torch
 
-from dist_prune.checkpoint import configure_jit_builds, open_checkpoint
-from dist_prune.collectives import all_reduce_, rank_and_world
+from dist_prune.io.checkpoint import configure_jit_builds, open_checkpoint
+from dist_prune.collectives import all_reduce_, any_rank, rank_and_world
 from dist_prune.config import JobConfig, config_from_dict
 from dist_prune.data import shard
 from dist_prune.errors import UserError
 from dist_prune.evaluate import perplexity
-from dist_prune.export import StreamingExport, TensorSpec
-from dist_prune.finetune import Hooks, finetune
+from dist_prune.io.export import StreamingExport
+from dist_prune.io.shards import TensorSpec
+from dist_prune.train.loop import finetune
+from dist_prune.train.state import Hooks
 from dist_prune.masking import find_targets, pruned_counts
 from dist_prune.partition import (DTYPES, build_partitioned_model, compute_dtype, gathered, held_bytes,
                                   local_weight, model_device)
 from dist_prune.pruning import Pruned, prune
 from dist_prune.report import StageTimer, progress
-from dist_prune.resume import read_meta, save_train_state
+from dist_prune.train.resume import read_meta, save_train_state
 from dist_prune.scoring import SCORERS
 from dist_prune.structural import Geometry, ShrinkPlan, Structural, member_targets, shrink_plan
 from dist_prune.structures import parse_structure
@@ -151,7 +153,7 @@ def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir:
     by one all-reduce at the end. A structural `plan` renames, shrinks or drops tensors and
     rewrites config.json (dist_prune/structural.py).
     """
-    from dist_prune.export import parse_size
+    from dist_prune.io.shards import parse_size
 
     rank, _ = rank_and_world()
     exported = [(name, p, plan.exported(name, tuple(p.ds_shape)) if plan else (name, tuple(p.ds_shape)))
@@ -201,11 +203,11 @@ def _json(path: Path) -> dict:
 
 
 def _raise_if_any_failed(failure: Exception | None, rank: int) -> None:
-    flag = all_reduce_(torch.tensor([0 if failure is None else 1]))
+    if not any_rank(failure is not None):
+        return
     if failure is not None:
         raise failure
-    if flag.item():
-        raise RuntimeError(f"rank {rank}: another rank failed (see its error)")
+    raise RuntimeError(f"rank {rank}: another rank failed (see its error)")
 
 
 def ray_train_loop(payload: dict) -> None:

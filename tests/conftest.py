@@ -10,7 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DIST_PRUNE_DATA", ROOT.parent / "shared" / "data"))
-from dist_prune.checkpoint import configure_jit_builds  # noqa: E402
+from dist_prune.io.checkpoint import configure_jit_builds# noqa: E402
 
 configure_jit_builds()
 

@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from dist_prune.cli import main
 from dist_prune.errors import UserError
-from dist_prune.export import StreamingExport, TensorSpec
-from dist_prune.verify import verify_export
+from dist_prune.io.export import StreamingExport
+from dist_prune.io.shards import TensorSpec
+from dist_prune.io.verify import verify_export
 from dist_prune.job import placeable_workers
 
 BAD_TENSOR = "model.layers.1.mlp.down_proj.weight"  # given a NaN, and an Inf, in copies of the model
@@ -127,7 +128,7 @@ def test_bad_input(case, inputs, tmp_path, monkeypatch, capsys):
 
 def test_nan_scan_reads_large_tensors_in_runs_of_rows(inputs):
     """The NaN sits in the last element: found in the last run of rows, whatever the run length."""
-    from dist_prune.checkpoint import open_checkpoint
+    from dist_prune.io.checkpoint import open_checkpoint
 
     open_checkpoint(inputs["model"]).check_finite(max_elements=100)
     for max_elements in (1, 100, 1 << 24):

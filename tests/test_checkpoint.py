@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dist_prune.checkpoint import open_checkpoint, resolve_model
+from dist_prune.io.checkpoint import open_checkpoint, resolve_model
 from dist_prune.errors import UserError
 
 
@@ -97,7 +97,7 @@ def test_jit_builds_use_this_environments_ninja(tmp_path, monkeypatch):
     import os
     import sys
 
-    from dist_prune.checkpoint import configure_jit_builds
+    from dist_prune.io.checkpoint import configure_jit_builds
 
     env_bin = os.path.dirname(sys.executable)
     if not os.path.exists(os.path.join(env_bin, "ninja")):

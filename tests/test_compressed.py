@@ -17,11 +17,13 @@ from compressed_tensors.compressors.sparse_compressors.sparse_bitmask import Bit
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from dist_prune.cli import main
-from dist_prune.compressed import compress_tensor, decompress_export, decompress_tensor
+from dist_prune.io.compressed import compress_tensor, decompress_tensor
+from dist_prune.io.decompress import decompress_export
 from dist_prune.config import load_config
 from dist_prune.errors import UserError
-from dist_prune.export import INDEX_FILE, SPARSITY_FILE, StreamingExport, TensorSpec
-from dist_prune.verify import verify_export
+from dist_prune.io.export import StreamingExport
+from dist_prune.io.shards import INDEX_FILE, SPARSITY_FILE, TensorSpec
+from dist_prune.io.verify import verify_export
 from dist_prune.registry import pull, register_export
 from test_registry import tiny_model
 
@@ -213,7 +215,7 @@ def test_decompress_checks_the_dense_sha256(exports, tmp_path):
     raw[8 + n + begin] ^= 0x01  # one stored value changes, the bitmask stays consistent
     shard.write_bytes(raw)
     meta = json.loads((src / SPARSITY_FILE).read_text())
-    from dist_prune.verify import sha256_file
+    from dist_prune.io.shards import sha256_file
 
     meta["shards"]["model.safetensors"] = sha256_file(shard)  # passes verify_export ...
     (src / SPARSITY_FILE).write_text(json.dumps(meta))

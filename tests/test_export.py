@@ -12,16 +12,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from dist_prune.errors import UserError
-from dist_prune.export import (
-    INDEX_FILE,
-    SINGLE_FILE,
-    SPARSITY_FILE,
-    StreamingExport,
-    TensorSpec,
-    parse_size,
-    plan_shards,
-)
-from dist_prune.verify import verify_export
+from dist_prune.io.export import StreamingExport
+from dist_prune.io.shards import INDEX_FILE, SINGLE_FILE, SPARSITY_FILE, TensorSpec, parse_size, plan_shards
+from dist_prune.io.verify import verify_export
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

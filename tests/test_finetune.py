@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from dist_prune.config import load_config, to_dict
 from dist_prune.data import eval_windows, tokenize, training_windows
-from dist_prune.finetune import Hooks
+from dist_prune.train.state import Hooks
 from dist_prune.worker import WorkerJob, run_worker
 from multirank import run_on_ranks
 
@@ -143,7 +143,7 @@ RESUMABLE = ["finetune.steps=12", "prune.schedule=cubic", "prune.method=seven", 
 
 def _interrupted_and_resumed(model_dir: str, out_dir: str, train, evalw, stage: int) -> None:
     """Run once with checkpoints (kept on disk), then again from the step-5 checkpoint."""
-    from dist_prune.resume import save_train_state
+    from dist_prune.train.resume import save_train_state
 
     overrides = [f"model.path={model_dir}", *BASE, *RESUMABLE, f"finetune.zero_stage={stage}"]
     if stage == 2:
@@ -185,7 +185,7 @@ def test_distillation_trains_with_the_mask_kept(tuned):
 
 
 def test_distill_loss_known_answers():
-    from dist_prune.finetune import distill_loss
+    from dist_prune.train.loop import distill_loss
 
     torch.manual_seed(0)
     student, targets = torch.randn(5, 7), torch.randint(0, 7, (5,))
@@ -200,7 +200,7 @@ def test_distill_loss_known_answers():
 
 
 def _teacher_logits(model_dir: str, ids):
-    from dist_prune.checkpoint import open_checkpoint
+    from dist_prune.io.checkpoint import open_checkpoint
     from dist_prune.layerwise import LayerRunner
     from dist_prune.partition import build_partitioned_model
 

@@ -41,7 +41,7 @@ def _layer0_outputs(model, windows):
 
 
 def _gradient_stats(model_dir: str, windows: torch.Tensor, micro_batch: int, calls: int) -> dict:
-    from dist_prune.checkpoint import open_checkpoint
+    from dist_prune.io.checkpoint import open_checkpoint
     from dist_prune.collectives import rank_and_world
     from dist_prune.data import shard
     from dist_prune.gradients import accumulate_gradient_stats

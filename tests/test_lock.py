@@ -3,6 +3,7 @@ pyproject.toml names, within its range, and the environment the tests run in mus
 
 from __future__ import annotations
 
+import sysconfig
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -50,7 +51,11 @@ def test_lock_pins_every_declared_dependency_within_its_range():
 def test_the_test_environment_is_the_lock():
     """A venv kept from an older resolution hides what a fresh machine gets (transformers 5.24
     broke every job while a kept 5.23 venv passed): `make test` rebuilds it when the lock changes."""
-    installed = {canonicalize_name(d.metadata["Name"]): Version(d.version) for d in metadata.distributions()}
+    # the venv's own site-packages only: Ray puts its vendored ray/thirdparty_files (colorama,
+    # setproctitle) on sys.path once it is imported, and those are not installed packages
+    site = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
+    installed = {canonicalize_name(d.metadata["Name"]): Version(d.version)
+                 for d in metadata.distributions(path=sorted(site))}
     installed.pop("dist-prune", None)
     pins = _lock()
     differ = {n: (str(pins.get(n)), str(installed.get(n))) for n in pins.keys() | installed.keys()

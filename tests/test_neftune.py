@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from dist_prune.neftune import NEFTune, DynamicAlpha, neftune_noise, neftune_scale
+from dist_prune.train.neftune import NEFTune, DynamicAlpha, neftune_noise, neftune_scale
 
 
 def _embedding(seed: int = 0) -> torch.nn.Embedding:

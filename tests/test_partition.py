@@ -14,7 +14,7 @@ from multirank import run_on_ranks
 
 
 def _load_and_gather(model_dir: str, dtype_name: str) -> dict:
-    from dist_prune.checkpoint import open_checkpoint
+    from dist_prune.io.checkpoint import open_checkpoint
     from dist_prune.partition import DTYPES, build_partitioned_model, gathered, local_range
 
     model = build_partitioned_model(Path(model_dir), open_checkpoint(Path(model_dir)), DTYPES[dtype_name])
@@ -70,7 +70,7 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", LO
 from pathlib import Path
 import torch, deepspeed
 from safetensors.torch import load_file
-from dist_prune.checkpoint import open_checkpoint
+from dist_prune.io.checkpoint import open_checkpoint
 from dist_prune.partition import build_partitioned_model, gathered
 
 deepspeed.init_distributed(dist_backend="gloo")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dist_prune import pruning
-from dist_prune.checkpoint import open_checkpoint
+from dist_prune.io.checkpoint import open_checkpoint
 from dist_prune.config import load_config
 from dist_prune.masking import find_targets
 from dist_prune.partition import build_partitioned_model

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from dist_prune.errors import UserError
-from dist_prune.export import SPARSITY_FILE, StreamingExport, TensorSpec
+from dist_prune.io.export import StreamingExport
+from dist_prune.io.shards import SPARSITY_FILE, TensorSpec
 from dist_prune.registry import flatten_params, parse_model_uri, pull, register_export, set_alias
 
 SECRET = "hunter2-very-secret"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_prune.schedule import (cubic_sparsity, is_pruning_step, lr_factor, rank_share,
+from dist_prune.train.schedule import (cubic_sparsity, is_pruning_step, lr_factor, rank_share,
                                  step_windows)
 
 

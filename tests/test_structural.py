@@ -274,7 +274,7 @@ def test_model_level_mistakes_are_one_line(tiny_llama, tmp_path, overrides, expe
 @pytest.mark.parametrize("overrides, expected", [
     (["prune.structure=heads", "prune.scope=row"], "prune.scope row does not apply to prune.structure heads"),
     (["prune.structure=layers", "prune.scope=layer"], "(allowed: global, or leave it empty)"),
-    (["prune.method=infogain"], "prune.method infogain scores whole groups"),
+    (["prune.method=infogain", "prune.structure=unstructured"], "prune.method infogain scores whole groups"),
     (["prune.structure=channels", "prune.method=sparsegpt"], "cannot rank whole channels"),
 ])
 def test_config_mistakes_exit_2(overrides, expected, capsys):

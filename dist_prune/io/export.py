@@ -16,13 +16,10 @@ import errno
 import functools
 import hashlib
 import json
-import math
 import os
-import re
 import shutil
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -30,94 +27,14 @@ import torch
 
 from dist_prune import __version__
 from dist_prune.errors import UserError
+from dist_prune.io.shards import (
+    INDEX_FILE, SPARSITY_FILE, TensorSpec, fsync_dir, plan_shards, safetensors_header, shard_names,
+    write_json,
+)
 
 PRODUCER = f"dist-prune {__version__}"
-SPARSITY_FILE = "sparsity.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _RESERVED = {"producer", "format_version", "format", "tensors", "overall_sparsity", "shards", "total_size",
              "dense_shards"}
-
-_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32",
-    torch.uint64: "U64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-SAFETENSORS_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}  # "BF16" -> torch.bfloat16
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return math.prod(int(d) for d in self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
-
-
-def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
-    """Greedy in order; a shard never exceeds max_shard_size bytes of tensor data unless a single
-    tensor is larger (then it is alone). Shards are contiguous runs of `specs`, so writing the
-    tensors in `specs` order fills one shard file after the other."""
-    if max_shard_size <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
-    shards: list[list[TensorSpec]] = []
-    current: list[TensorSpec] = []
-    size = 0
-    for spec in specs:
-        n = spec.nbytes
-        if current and size + n > max_shard_size:
-            shards.append(current)
-            current, size = [], 0
-        current.append(spec)
-        size += n
-        if size > max_shard_size:  # a single oversize tensor: alone in its shard
-            shards.append(current)
-            current, size = [], 0
-    if current:
-        shards.append(current)
-    return shards
-
-
-def _shard_names(n: int) -> list[str]:
-    return [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-
-def _header(shard: Sequence[TensorSpec]) -> bytes:
-    """The complete safetensors prefix: 8-byte LE length + space-padded JSON header."""
-    meta: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for spec in shard:
-        if spec.dtype not in _DTYPES:
-            raise ValueError(f"{spec.name}: dtype {spec.dtype} cannot be stored in safetensors")
-        meta[spec.name] = {"dtype": _DTYPES[spec.dtype], "shape": list(spec.shape),
-                           "data_offsets": [offset, offset + spec.nbytes]}
-        offset += spec.nbytes
-    body = json.dumps(meta, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)
-    return len(body).to_bytes(8, "little") + body
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj, **kw) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, **kw) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _is_dist_prune_export(path: Path) -> bool:
@@ -180,7 +97,7 @@ class StreamingExport:
             raise ValueError("duplicate tensor names in specs")
         check_destination(self.final_dir)
         self.shards = plan_shards(self.specs, max_shard_size)
-        self.files = _shard_names(len(self.shards))
+        self.files = shard_names(len(self.shards))
         self._order = [(fi, spec) for fi, shard in enumerate(self.shards) for spec in shard]
         self._next = 0
         self._fh = None
@@ -216,7 +133,7 @@ class StreamingExport:
         if self._fh is None:  # first tensor of this shard: open the file, write the header
             self._fh = open(self.tmp_dir / self.files[fi], "wb")
             self._hash = hashlib.sha256()
-            head = _header(self.shards[fi])
+            head = safetensors_header(self.shards[fi])
             self._fh.write(head)
             self._hash.update(head)
         t = tensor.detach()
@@ -290,14 +207,14 @@ class StreamingExport:
                                   "sparsity_structure": report.get("structure", "unstructured"),
                                   "targets": targets, "ignore": ignore,
                                   "registry_requires_subclass": False}
-        # fmt sparse-bitmask / sparse-24-bitmask (dist_prune/compressed.py): the dense shards just
+        # fmt sparse-bitmask / sparse-24-bitmask (dist_prune/io/compressed.py): the dense shards just
         # written are replaced by compressed ones; config.json also gets the "quantization_config"
         # compressed-tensors reads, sparsity.json keeps the dense shards' sha256 for decompression.
         total_size = sum(s.nbytes for s in self.specs)
         shards, stored_size = dict(self.sha256), total_size
         weight_map = {s.name: self.files[fi] for fi, s in self._order}
         if fmt != "dense":
-            from dist_prune.compressed import FORMATS, compress_shards, compressible, compression_config
+            from dist_prune.io.compressed import FORMATS, compress_shards, compressible, compression_config
 
             if fmt not in FORMATS:
                 raise ValueError(f"unknown export format {fmt!r} (allowed: {', '.join(FORMATS)})")
@@ -307,7 +224,7 @@ class StreamingExport:
             cfg["quantization_config"] = compression_config(cfg["sparsity_config"])
             names = {n for n, entry in tensors.items() if compressible(n, entry)}
             shards, weight_map, stored_size = compress_shards(self.tmp_dir, self.files, fmt, names)
-        _write_json(self.tmp_dir / "config.json", cfg, indent=2, sort_keys=True)
+        write_json(self.tmp_dir / "config.json", cfg, indent=2, sort_keys=True)
 
         for src in extra_files:
             src = Path(src)
@@ -324,14 +241,14 @@ class StreamingExport:
             index = {"metadata": {"total_parameters": sum(s.numel for s in self.specs),
                                   "total_size": stored_size},
                      "weight_map": weight_map}
-            _write_json(self.tmp_dir / INDEX_FILE, index, indent=2, sort_keys=True)
+            write_json(self.tmp_dir / INDEX_FILE, index, indent=2, sort_keys=True)
 
         record = {"producer": PRODUCER, "format_version": 1, "format": fmt,
                   **{k: v for k, v in report.items() if k != "pruned_tensors"},
                   "tensors": tensors, "overall_sparsity": overall, "total_size": total_size,
                   "shards": shards, **({"dense_shards": dict(self.sha256)} if fmt != "dense" else {})}
-        _write_json(self.tmp_dir / SPARSITY_FILE, record, indent=2, default=str)
-        _fsync_dir(self.tmp_dir)
+        write_json(self.tmp_dir / SPARSITY_FILE, record, indent=2, default=str)
+        fsync_dir(self.tmp_dir)
         self._publish()
         self._done = True
         return self.final_dir
@@ -348,7 +265,7 @@ class StreamingExport:
             if old is not None:
                 os.rename(old, self.final_dir)
             raise
-        _fsync_dir(self.final_dir.parent)
+        fsync_dir(self.final_dir.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -365,22 +282,3 @@ class StreamingExport:
         self._done = True
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """"2GB", "500MB", "1.5GiB", "100 kb", 1000 -> bytes (decimal KB/MB/GB, binary KiB/MiB/GiB,
-    as transformers does). UserError on anything else or a non-positive size."""
-    if isinstance(text, bool):
-        raise UserError(f"invalid size {text!r}: expected e.g. 2GB, 500MB, 1.5GiB or a byte count")
-    if isinstance(text, int):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise UserError(f"invalid size {text!r}: expected e.g. 2GB, 500MB, 1.5GiB or a byte count")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value <= 0:
-        raise UserError(f"invalid size {text!r}: must be positive")
-    return value

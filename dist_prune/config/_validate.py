@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dist_prune.config import JobConfig, scope_of
+from dist_prune.config._schema import JobConfig, scope_of
 from dist_prune.errors import UserError
 
 # Allowed values of enumerated keys. The scorer names come from the scorer registry,
 # imported lazily so this module stays importable without torch.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SCOPES = ("global", "layer", "row")
 NORMS = ("l1", "l2")
 
 
@@ -34,10 +33,11 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
     _require(p.method in _scorer_names(), f"prune.method '{p.method}' is unknown (allowed: "
              f"{', '.join(_scorer_names())})")
     _require(0.0 <= p.sparsity < 1.0, f"prune.sparsity must be in [0, 1), got {p.sparsity}")
-    _require(p.scope is None or p.scope in SCOPES,
-             f"prune.scope '{p.scope}' is unknown (allowed: {', '.join(SCOPES)})")
+    from dist_prune.selection import SCOPES
     from dist_prune.structures import NM, Block, Unstructured, parse_structure
 
+    _require(p.scope is None or p.scope in SCOPES,
+             f"prune.scope '{p.scope}' is unknown (allowed: {', '.join(SCOPES)})")
     try:
         structure = parse_structure(p.structure)
     except ValueError as e:
@@ -73,8 +73,8 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
              f"cluster.cpus_per_worker must be >= 1, got {cfg.cluster.cpus_per_worker}")
     for key, value in (("model.dtype", cfg.model.dtype), ("export.dtype", cfg.export.dtype)):
         _require(value in DTYPES, f"{key} '{value}' is unknown (allowed: {', '.join(DTYPES)})")
-    from dist_prune.compressed import FORMATS
-    from dist_prune.export import parse_size
+    from dist_prune.io.compressed import FORMATS
+    from dist_prune.io.shards import parse_size
 
     parse_size(cfg.export.max_shard_size)
     _require(cfg.export.format in FORMATS, f"export.format '{cfg.export.format}' is unknown (allowed: "

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,34 +24,15 @@ from dist_prune.config import JobConfig, scope_of
 from dist_prune.engine import temporary_engine
 from dist_prune.gradients import new_stats, update_stats
 from dist_prune.layerwise import LayerRunner
-from dist_prune.mask_keeping import NoMasks, Zero2Masks, Zero3Masks, local_slices_of
 from dist_prune.masking import Target
-from dist_prune.neftune import NEFTune, DynamicAlpha
 from dist_prune.partition import gathered, local_range, local_weight, zero3_config
 from dist_prune.report import progress
-from dist_prune.schedule import cubic_sparsity, is_pruning_step, lr_factor, rank_share, step_windows
 from dist_prune.scoring import SCORERS
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint holds besides the optimizer's tensors (resume.py)."""
-
-    step: int = 0  # optimizer steps done
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    alpha: dict = field(default_factory=dict)  # DynamicAlpha state
-    history: list[dict] = field(default_factory=list)  # logged metrics, step by step
-
-
-@dataclass
-class Hooks:
-    """What the loop reports to the outside world (rank-0 MLflow logging, Ray checkpoints)."""
-
-    log: Callable[[int, dict], None] = lambda step, metrics: None
-    checkpoint: Callable[[TrainState, object, dict], None] | None = None  # (state, engine, metrics)
-    resume: Path | None = None  # a checkpoint directory to restore from (resume.py)
-    metrics: dict = field(default_factory=dict)  # the job's metrics so far, saved with checkpoints
+from dist_prune.train.masks import NoMasks, Zero2Masks, Zero3Masks, local_slices_of
+from dist_prune.train.neftune import NEFTune, DynamicAlpha
+from dist_prune.train.resume import load_train_state
+from dist_prune.train.schedule import cubic_sparsity, is_pruning_step, lr_factor, rank_share, step_windows
+from dist_prune.train.state import Hooks, TrainState
 
 
 def finetune(model: torch.nn.Module, targets: list[Target], masks: dict[str, torch.Tensor],
@@ -87,8 +65,6 @@ def finetune(model: torch.nn.Module, targets: list[Target], masks: dict[str, tor
         else:
             keeper = Zero2Masks(engine, trained, targets, state.masks)
         if hooks.resume is not None:
-            from dist_prune.resume import load_train_state
-
             state = load_train_state(hooks.resume, engine, trained, targets, ft.zero_stage)
             keeper.update(state.masks)
         noise = NEFTune(trained.get_input_embeddings(), ft.neftune.alpha, cfg.seed, rank)

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from dist_prune.collectives import rank_and_world
 from dist_prune.errors import UserError
-from dist_prune.finetune import TrainState
-from dist_prune.mask_keeping import MOMENTS
+from dist_prune.train.state import TrainState
+from dist_prune.train.masks import MOMENTS
 from dist_prune.masking import Target
 from dist_prune.partition import model_device
 

@@ -1,49 +1,18 @@
 """Stage 7a, verify: an export is checked whole before it is registered, pulled or decompressed.
 
-sparsity.json (written by dist_prune/export.py) names every shard with its sha256; a directory is
+sparsity.json (written by dist_prune/io/export.py) names every shard with its sha256; a directory is
 a verified export when every shard is there, complete (its safetensors header accounts for every
 byte), unchanged, and agrees with the index and with the tensors sparsity.json lists.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from dist_prune.errors import UserError
-from dist_prune.export import INDEX_FILE, SINGLE_FILE, SPARSITY_FILE
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_shard_header(path: Path) -> dict:
-    """The JSON header of a safetensors shard whose size matches what the header describes."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise UserError(f"shard {path} is truncated (no header)")
-        n = int.from_bytes(raw, "little")
-        if n > size - 8:
-            raise UserError(f"shard {path} is truncated (header runs past end of file)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise UserError(f"shard {path} has a corrupt safetensors header") from None
-    try:
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (KeyError, TypeError, IndexError, AttributeError):
-        raise UserError(f"shard {path} has a corrupt safetensors header") from None
-    if 8 + n + end != size:
-        raise UserError(f"shard {path} is truncated or padded: {size} bytes, header says {8 + n + end}")
-    return header
+from dist_prune.io.compressed import expected_tensors
+from dist_prune.io.shards import INDEX_FILE, SINGLE_FILE, SPARSITY_FILE, read_shard_header, sha256_file
 
 
 def verify_export(directory: Path) -> dict:
@@ -84,7 +53,6 @@ def verify_export(directory: Path) -> dict:
             raise UserError(f"{index_path} weight_map disagrees with the shards' tensors")
     elif set(shards) != {SINGLE_FILE}:
         raise UserError(f"{index_path} is missing but {SPARSITY_FILE} lists {len(shards)} shards")
-    from dist_prune.compressed import expected_tensors  # compressed weights are stored as parts
 
     if isinstance(meta.get("tensors"), dict) and expected_tensors(meta) != stored:
         raise UserError(f"{meta_path} lists tensors that disagree with the shards' contents")

