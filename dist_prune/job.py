@@ -26,7 +26,7 @@ from dist_prune.errors import UserError
 from dist_prune.io.export import check_destination
 from dist_prune.io.verify import verify_export
 from dist_prune.report import StageTimer, layer_sparsity_plot, summary_table
-from dist_prune.scoring import SCORERS
+from dist_prune.methods import METHODS
 from dist_prune.structural import Structural, check_model
 from dist_prune.structures import check_shape, parse_structure
 from dist_prune.worker import WorkerJob
@@ -63,7 +63,7 @@ def prepare(cfg: JobConfig) -> WorkerJob:
         raise
     calibration = evaluation = None
     check_target_shapes(cfg, checkpoint)
-    if SCORERS[cfg.prune.method].needs not in ("weights", "training") and cfg.prune.schedule == "oneshot":
+    if METHODS[cfg.prune.method].needs_calibration_data and cfg.prune.schedule == "oneshot":
         cal = cfg.data.calibration
         ids = tokenize(read_text(cal.path, role="calibration"), tokenizer)
         calibration = calibration_windows(ids, cal.num_samples, cal.seq_len, cal.seed,

@@ -32,7 +32,8 @@ from dist_prune.errors import UserError
 from dist_prune.layerwise import LayerRunner
 from dist_prune.masking import Target, local_start
 from dist_prune.partition import local_weight
-from dist_prune.scoring import LocalSlice, wanda
+from dist_prune.local import LocalSlice
+from dist_prune.methods.wanda import wanda
 from dist_prune.selection import group_sizes
 
 

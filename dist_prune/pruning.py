@@ -18,20 +18,17 @@ from functools import partial
 
 import torch
 
-from dist_prune.calibrate import InputNormCollector
 from dist_prune.collectives import all_reduce_, rank_and_world
 from dist_prune.config import JobConfig, PruneConfig, scope_of
 from dist_prune.errors import UserError
 from dist_prune.gradients import accumulate_gradient_stats
-from dist_prune.infogain import GroupLossCollector
 from dist_prune.layerwise import LayerRunner
 from dist_prune.masking import Target, apply_mask, local_start
+from dist_prune.methods import LocalSlice, Method
 from dist_prune.owl import group_counts, owl_budgets
-from dist_prune.partition import gathered, local_range, local_weight
+from dist_prune.partition import local_weight
 from dist_prune.report import StageTimer, progress
-from dist_prune.scoring import LocalSlice, Scorer, threshold_mask
 from dist_prune.selection import Segment, group_sizes, prune_counts, select_pruned
-from dist_prune.sparsegpt import HessianCollector, sparsegpt_prune
 from dist_prune.structural import Geometry, Structural, select_groups
 from dist_prune.structures import NM, Block, nm_mask, parse_structure, select_blocks
 
@@ -65,10 +62,10 @@ class LazyScores:
 
     dtype = torch.float32
 
-    def __init__(self, weight: torch.Tensor, start: int, shape: tuple[int, int], scorer: Scorer, stats: dict,
+    def __init__(self, weight: torch.Tensor, start: int, shape: tuple[int, int], method: Method, stats: dict,
                  pruned_before: torch.Tensor | None = None):
         self.weight, self.start, self.shape = weight, start, shape
-        self.scorer, self.stats, self.pruned_before = scorer, stats, pruned_before
+        self.method, self.stats, self.pruned_before = method, stats, pruned_before
         self.device = weight.device
 
     def dim(self) -> int:
@@ -83,9 +80,9 @@ class LazyScores:
         lo, hi, step = piece.indices(self.numel())
         if step != 1:
             raise IndexError("scores are read in contiguous pieces")
-        # gradient statistics are per element, in the slice's layout (Scorer.stats): sliced alike
-        stats = {k: v[lo:hi] if k in self.scorer.stats else v for k, v in self.stats.items()}
-        scores = self.scorer.score(LocalSlice(self.weight[lo:hi], self.start + lo, self.shape), stats)
+        # gradient statistics are per element, in the slice's layout (Method.stats): sliced alike
+        stats = {k: v[lo:hi] if k in self.method.stats else v for k, v in self.stats.items()}
+        scores = self.method.score(LocalSlice(self.weight[lo:hi], self.start + lo, self.shape), stats)
         if self.pruned_before is not None:  # gradual pruning: what went stays pruned
             scores = scores.masked_fill(self.pruned_before[lo:hi], -math.inf)
         return scores
@@ -103,7 +100,7 @@ def by_layer(targets: list[Target], scope: str) -> list[list[Target]]:
     return list(layers.values())
 
 
-def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: JobConfig,
+def prune(model: torch.nn.Module, targets: list[Target], method: Method, cfg: JobConfig,
           calibration: torch.Tensor | None, timer: StageTimer, show: bool, keep_masks: bool = True) -> Pruned:
     """Score, select and mask every target; returns the pruned counts, and the local masks
     (True = pruned) with `keep_masks`.
@@ -120,7 +117,7 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
         with timer("calibrate"):
             budgets = owl_budgets(model, targets, calibration, cfg.prune.owl_threshold, cfg.prune.sparsity,
                                   cfg.prune.owl_lambda)
-    select = partial(select_and_mask, scorer=scorer, prune_cfg=cfg.prune, scope=scope, geometry=geometry,
+    select = partial(select_and_mask, method=method, prune_cfg=cfg.prune, scope=scope, geometry=geometry,
                      budgets=budgets)
     pruned = Pruned(keep_masks)
     calls = [targets] if isinstance(structure, Structural) else by_layer(targets, scope)
@@ -130,29 +127,28 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
             pruned.add(select(part, stats))
         return pruned
 
-    if cfg.prune.method == "threshold":  # an absolute cut-off: no selection, no agreement needed
+    if method.mask_rule is not None:  # an absolute rule per element: no selection, no agreement needed
         with timer("score+select+mask"):
             for t in targets:
-                mask = threshold_mask(LocalSlice(local_weight(t.param), local_start(t), t.shape), cfg.prune.epsilon)
+                mask = method.mask_rule(LocalSlice(local_weight(t.param), local_start(t), t.shape), cfg.prune)
                 apply_mask(t, mask)
                 pruned.add({t.name: mask})
             return pruned
-    if scorer.needs == "weights":
+    if method.calibration == "none":
         with timer("score+select+mask"):
             return select_all({})
-    if scorer.needs == "gradients":  # one backward over the whole model, not layer by layer
+    if method.calibration == "gradients":  # one backward over the whole model, not layer by layer
         with timer("calibrate"):
             # windows are dealt r::W, so micro-batches of G/W make step s = windows [sG, (s+1)G)
             micro_batch = cfg.data.calibration.batch_size // rank_and_world()[1]
-            stats = accumulate_gradient_stats(model, calibration, targets, stats=scorer.stats,
+            stats = accumulate_gradient_stats(model, calibration, targets, stats=method.stats,
                                               micro_batch=micro_batch)
         with timer("score+select+mask"):
             return select_all(stats)
 
-    # SparseGPT keeps one Hessian per linear: only a layer's worth at a time.
-    sequential = scorer.needs == "hessian" or (cfg.data.calibration.sequential and scope != "global")
-    collector_of = {"activations": InputNormCollector, "hessian": HessianCollector,
-                    "ablation": partial(GroupLossCollector, structure=structure, geometry=geometry)}[scorer.needs]
+    # e.g. SparseGPT keeps one Hessian per linear: only a layer's worth at a time
+    sequential = method.always_sequential or (cfg.data.calibration.sequential and scope != "global")
+    collector_of = partial(method.collector, structure=structure, geometry=geometry)
     runner = LayerRunner(model)
     layers: dict[int | None, list[Target]] = {}
     for t in targets:
@@ -204,7 +200,7 @@ def prune(model: torch.nn.Module, targets: list[Target], scorer: Scorer, cfg: Jo
     return pruned
 
 
-def select_and_mask(targets: list[Target], stats: dict, scorer: Scorer, prune_cfg: PruneConfig,
+def select_and_mask(targets: list[Target], stats: dict, method: Method, prune_cfg: PruneConfig,
                     scope: str, *, pruned_before: dict[str, torch.Tensor] | None = None,
                     weights: dict[str, torch.Tensor] | None = None,
                     geometry: Geometry | None = None,
@@ -222,21 +218,24 @@ def select_and_mask(targets: list[Target], stats: dict, scorer: Scorer, prune_cf
     if isinstance(structure, Structural):
         if geometry is None or pruned_before or weights:
             raise UserError(f"prune.structure {structure} is pruned once, before any fine-tuning")
-        masks = select_groups(targets, stats, scorer, structure.kind, prune_cfg.sparsity, prune_cfg.norm,
+        masks = select_groups(targets, stats, method, structure.kind, prune_cfg.sparsity, prune_cfg.norm,
                               geometry)  # chosen on the CPU; kept where the partitions are
         return {t.name: masks[t.name].to(local_weight(t.param).device) for t in targets}
-    if scorer.score is None:
-        return reconstruct(targets, stats, prune_cfg.sparsity, structure)
+    if method.reconstruct is not None:
+        return method.reconstruct(targets, stats, prune_cfg.sparsity, structure)
     starts = [local_start(t) for t in targets]
     weights = weights or {t.name: local_weight(t.param) for t in targets}
+    if method.weight_stats is not None:  # collective: statistics of the full tensors, all-reduced
+        derived = method.weight_stats(targets, weights)
+        stats = {**stats, **{name: {**stats.get(name, {}), **more} for name, more in derived.items()}}
     # Global scope selects over every layer at once; row scope reads each score once, a chunk of rows
     # at a time. Neither needs the scores held: a layer's float32 scores are twice its bf16 weights.
     if scope in ("global", "row") and not isinstance(structure, (NM, Block)):
-        scores = [LazyScores(weights[t.name], start, t.shape, scorer, stats.get(t.name, {}),
+        scores = [LazyScores(weights[t.name], start, t.shape, method, stats.get(t.name, {}),
                              pruned_before[t.name] if pruned_before else None)
                   for t, start in zip(targets, starts)]
     else:
-        scores = [scorer.score(LocalSlice(weights[t.name], start, t.shape), stats.get(t.name, {}))
+        scores = [method.score(LocalSlice(weights[t.name], start, t.shape), stats.get(t.name, {}))
                   for t, start in zip(targets, starts)]
         if pruned_before:
             scores = [s.masked_fill(pruned_before[t.name], -math.inf) for s, t in zip(scores, targets)]
@@ -256,31 +255,4 @@ def select_and_mask(targets: list[Target], stats: dict, scorer: Scorer, prune_cf
     for t, mask in zip(targets, pruned):
         apply_mask(t, mask)
     return {t.name: mask for t, mask in zip(targets, pruned)}
-
-
-def reconstruct(targets: list[Target], stats: dict, sparsity: float, structure) -> dict[str, torch.Tensor]:
-    """SparseGPT on one layer's targets: rank r reconstructs every W-th tensor of the layer
-    (gathered read-only), then each result reaches every rank's partition."""
-    rank, world = rank_and_world()
-    n, m = (structure.n, structure.m) if isinstance(structure, NM) else (0, 0)
-    results = {}
-    with gathered(t.param for t in targets):
-        for index, t in enumerate(targets):
-            if index % world == rank:
-                results[t.name] = sparsegpt_prune(t.param.data, stats[t.name]["hessian"], sparsity,
-                                                  prune_n=n, prune_m=m)
-    masks = {}
-    for index, t in enumerate(targets):  # one tensor at a time: the owner's result, summed with zeros
-        device = local_weight(t.param).device  # nccl reduces there
-        weight = torch.zeros(t.numel, dtype=torch.float32, device=device)
-        mask = torch.zeros(t.numel, dtype=torch.uint8, device=device)
-        if t.name in results:
-            weight.copy_(results[t.name][0].reshape(-1))
-            mask.copy_(results.pop(t.name)[1].reshape(-1))
-        all_reduce_(weight)
-        all_reduce_(mask)
-        start, stop = local_range(t.param)
-        local_weight(t.param).copy_(weight[start:stop])
-        masks[t.name] = mask[start:stop].bool()
-    return masks
 

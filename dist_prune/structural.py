@@ -40,7 +40,7 @@ from dist_prune.collectives import all_reduce_
 from dist_prune.errors import UserError
 from dist_prune.masking import Target, apply_mask, local_start
 from dist_prune.partition import local_weight
-from dist_prune.scoring import LocalSlice, magnitude
+from dist_prune.local import LocalSlice
 from dist_prune.selection import CHUNK
 
 _PROJECTION = re.compile(r"^(.*\.layers\.)(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
@@ -233,22 +233,23 @@ def choose(scores: torch.Tensor, k: int, scope: str) -> torch.Tensor:
 # --- the collective step: score, choose, mask ----------------------------------------------------
 
 
-def select_groups(targets: Sequence[Target], stats: Mapping, scorer, kind: str, sparsity: float, norm: str,
+def select_groups(targets: Sequence[Target], stats: Mapping, method, kind: str, sparsity: float, norm: str,
                   geometry: Geometry) -> dict[str, torch.Tensor]:
     """Choose and mask the removed groups of the layers of `targets` (all members of each layer);
     returns the local masks. Collective: same targets, same order on every rank.
 
-    Element scores come from `scorer`; `infogain` (needs "ablation") instead divides each group's
-    measured loss increase (`stats[...]["group_loss"]`, dist_prune/infogain.py) by the L2 norm of
+    Element scores come from `method.score`; a `method.group_loss` method (infogain) instead divides
+    each group's measured loss increase (`stats[...]["group_loss"]`, dist_prune/infogain.py) by the L2 norm of
     the group's weights."""
-    unit, infogain = UNITS[kind], scorer.needs == "ablation"
+    unit, infogain = UNITS[kind], method.group_loss
     layers = sorted({t.layer for t in targets})
     row, n_groups = {layer: i for i, layer in enumerate(layers)}, unit.groups(geometry)
     square = infogain or norm == "l2"
     partial = torch.zeros(len(layers), n_groups, dtype=torch.float64)
     for t in targets:
         local = LocalSlice(local_weight(t.param), local_start(t), t.shape)
-        scores = magnitude(local, {}) if infogain else scorer.score(local, stats.get(t.name, {}))
+        # infogain: the group's weight norm (|w| squared and summed, then the root)
+        scores = local.weight.float().abs() if infogain else method.score(local, stats.get(t.name, {}))
         partial[row[t.layer]] += pool_partial(scores, local.start, t.shape, unit.members[projection(t.name)[1]],
                                               geometry, n_groups, square)
     pooled = all_reduce_(partial).sqrt() if square else all_reduce_(partial)

@@ -36,6 +36,8 @@ BLOCK_SCOPES = ("global", "layer")
 class Unstructured:
     """Any weight may be pruned."""
 
+    kind = "unstructured"
+
     def __str__(self) -> str:
         return "unstructured"
 
@@ -46,6 +48,7 @@ class NM:
 
     n: int
     m: int
+    kind = "n:m"
 
     def __post_init__(self) -> None:
         if not 0 < self.n < self.m:
@@ -61,6 +64,7 @@ class Block:
 
     rows: int
     cols: int
+    kind = "block"
 
     def __post_init__(self) -> None:
         if self.rows < 1 or self.cols < 1:

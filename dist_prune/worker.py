@@ -22,6 +22,7 @@ from dist_prune.io.checkpoint import configure_jit_builds, open_checkpoint
 from dist_prune.collectives import all_reduce_, any_rank, rank_and_world
 from dist_prune.config import JobConfig, config_from_dict
 from dist_prune.data import shard
+from dist_prune.engine import release_process_groups
 from dist_prune.errors import UserError
 from dist_prune.evaluate import perplexity
 from dist_prune.io.export import StreamingExport
@@ -29,12 +30,12 @@ from dist_prune.io.shards import TensorSpec
 from dist_prune.train.loop import finetune
 from dist_prune.train.state import Hooks
 from dist_prune.masking import find_targets, pruned_counts
+from dist_prune.methods import METHODS
 from dist_prune.partition import (DTYPES, build_partitioned_model, compute_dtype, gathered, held_bytes,
                                   local_weight, model_device)
 from dist_prune.pruning import Pruned, prune
 from dist_prune.report import StageTimer, progress
 from dist_prune.train.resume import read_meta, save_train_state
-from dist_prune.scoring import SCORERS
 from dist_prune.structural import Geometry, ShrinkPlan, Structural, member_targets, shrink_plan
 from dist_prune.structures import parse_structure
 
@@ -61,7 +62,7 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
     cfg = config_from_dict(job.config)
     rank, world = rank_and_world()
     timer, metrics = StageTimer(), {}
-    scorer = SCORERS[cfg.prune.method]
+    method = METHODS[cfg.prune.method]
     hooks = hooks or Hooks()
     if hooks.resume is not None:
         meta = read_meta(hooks.resume)
@@ -99,7 +100,7 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
         pruned.add({t.name: torch.zeros(local_weight(t.param).numel(), dtype=torch.bool,
                                         device=model_device(model)) for t in targets})
     else:
-        pruned = prune(model, targets, scorer, cfg, calibration, timer, show=rank == 0, keep_masks=keep_masks)
+        pruned = prune(model, targets, method, cfg, calibration, timer, show=rank == 0, keep_masks=keep_masks)
     masks = pruned.masks
     if cfg.finetune.steps > 0:
         if eval_windows is not None and hooks.resume is None and cfg.prune.schedule == "oneshot":
@@ -247,6 +248,8 @@ def ray_train_loop(payload: dict) -> None:
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(_scalars(metrics), checkpoint=checkpoint)
+    # what DeepSpeed keeps of its engines' groups, so that Ray's teardown of the groups ends them
+    release_process_groups(destroy=False)
 
 
 def return_large_frees_to_the_os(threshold: int = 1 << 20) -> None:

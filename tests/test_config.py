@@ -36,9 +36,9 @@ def test_every_config_loads(path, data_root):
 
 
 def _methods() -> list[str]:
-    from dist_prune.scoring import SCORERS
+    from dist_prune.methods import METHODS
 
-    return sorted(SCORERS)
+    return sorted(METHODS)
 
 
 @pytest.mark.smoke
@@ -48,11 +48,11 @@ def test_quickstart_accepts_every_method(method, data_root):
     file pins no method-specific key, and a method's own defaults fill what it leaves unset
     (sparsegpt was refused when the file pinned prune.scope row)."""
     from dist_prune.config import scope_of
-    from dist_prune.scoring import SCORERS
+    from dist_prune.methods import METHODS
 
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", [f"prune.method={method}"])
     assert cfg.prune.method == method
-    for dotted, value in SCORERS[method].defaults.items():
+    for dotted, value in METHODS[method].defaults.items():
         section, *rest = dotted.split(".")
         assert getattr(getattr(cfg, section), rest[0]) == value, dotted
     assert scope_of(cfg.prune) in ("global", "layer", "row")

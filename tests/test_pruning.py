@@ -17,7 +17,7 @@ from dist_prune.masking import find_targets
 from dist_prune.partition import build_partitioned_model
 from dist_prune.pruning import Pruned, by_layer, prune
 from dist_prune.report import StageTimer
-from dist_prune.scoring import SCORERS, LocalSlice
+from dist_prune.methods import METHODS, LocalSlice
 from multirank import run_on_ranks
 
 CASES = {  # name -> overrides; every one splits into per-layer selections except global
@@ -55,7 +55,7 @@ def _prune_cases(model_dir: str, calibration: torch.Tensor) -> dict:
 def _prune_both_ways(model_dir: str, overrides: list[str], calibration: torch.Tensor) -> dict:
     """Runs on every rank: the default pruning, and one selection over all targets at once."""
     cfg = load_config(None, [f"model.path={model_dir}", *overrides])
-    scorer = SCORERS[cfg.prune.method]
+    scorer = METHODS[cfg.prune.method]
     sizes: list[int] = []  # elements scored per select_pruned call
     select = pruning.select_pruned
 
@@ -111,11 +111,11 @@ def test_global_scope_scores_are_computed_piece_by_piece(monkeypatch):
     pieces = []
 
     class Recorded:  # Wanda's score times OBD's: both kinds of statistics must follow the piece
-        stats = SCORERS["obd"].stats
+        stats = METHODS["obd"].stats
 
         def score(self, local, st):
             pieces.append(local.weight.numel())
-            return SCORERS["wanda"].score(local, st) * SCORERS["obd"].score(local, st)
+            return METHODS["wanda"].score(local, st) * METHODS["obd"].score(local, st)
 
     numels = [w.numel() for w in weights]
     monkeypatch.setattr(selection, "CHUNK", 16)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from dist_prune.gradients import new_stats, update_stats
-from dist_prune.scoring import (SCORERS, LocalSlice, magnitude, obd, seven, taylor, threshold,
-                                threshold_counts, threshold_mask, wanda)
+from dist_prune.methods import METHODS, LocalSlice
+from dist_prune.methods.magnitude import magnitude
+from dist_prune.methods.obd import obd
+from dist_prune.methods.seven import seven
+from dist_prune.methods.taylor import taylor
+from dist_prune.methods.threshold import threshold_counts, threshold_mask
+from dist_prune.methods.wanda import wanda
 
 # full weight [[1, -2, 3, -4], [5, -6, 7, -8], [9, -10, 11, -12]]; this rank holds flat 3..7
 FULL = torch.tensor([[1., -2, 3, -4], [5, -6, 7, -8], [9, -10, 11, -12]])
@@ -69,15 +73,21 @@ def test_seven_zero_gradient_scores_zero():
 
 def test_threshold():
     local = LocalSlice(torch.tensor([0.1, -0.5, 0.3, -0.2999, float("nan")]), start=0, shape=(1, 5))
-    assert threshold(local, {}).tolist()[:4] == pytest.approx([0.1, 0.5, 0.3, 0.2999])
     assert threshold_mask(local, 0.3).tolist() == [True, False, False, True, True]
     assert threshold_counts([local, LOCAL], 5.5) == [5, 2]  # one process: no all-reduce
 
 
 def test_registry():
     for name in ("taylor", "obd", "seven"):
-        assert SCORERS[name].needs == "gradients" and SCORERS[name].default_scope == "global"
-    assert SCORERS["taylor"].stats == ("grad_sum",)
-    assert SCORERS["obd"].stats == ("grad_sq_sum",)
-    assert SCORERS["seven"].stats == ("seven",)
-    assert SCORERS["threshold"].needs == "weights"
+        assert METHODS[name].calibration == "gradients" and METHODS[name].default_scope == "global"
+    assert METHODS["taylor"].stats == ("grad_sum",)
+    assert METHODS["obd"].stats == ("grad_sq_sum",)
+    assert METHODS["seven"].stats == ("seven",)
+    assert METHODS["threshold"].calibration == "none" and METHODS["threshold"].mask_rule is not None
+    assert all(name == m.name for name, m in METHODS.items())
+    for m in METHODS.values():  # exactly one way to decide
+        assert sum(x is not None and x is not False for x in (m.score, m.reconstruct, m.mask_rule)) + m.group_loss == 1, m.name
+
+
+def test_row_and_column_of_local_elements():
+    assert LOCAL.rows().tolist() == [0, 1, 1, 1, 1]

@@ -151,15 +151,15 @@ def read_raw(path: str | Path | None, overrides: list[str] | None = None) -> dic
 
 
 def _with_method_defaults(raw: dict) -> dict:
-    """`raw` with the chosen method's own defaults (`Scorer.defaults`) for the keys it leaves
+    """`raw` with the chosen method's own defaults (`Method.defaults`) for the keys it leaves
     unset: `prune.method=movement` on any config means gradual pruning during fine-tuning."""
-    from dist_prune.scoring import SCORERS
+    from dist_prune.methods import METHODS  # torch: only once a config is read, not on import
 
     prune = raw.get("prune") if isinstance(raw.get("prune"), dict) else {}
-    scorer = SCORERS.get(prune.get("method", PruneConfig.method))
-    if scorer is None:  # an unknown method: validation names the allowed ones
+    method = METHODS.get(prune.get("method", PruneConfig.method))
+    if method is None:  # an unknown method: validation names the allowed ones
         return raw
-    for dotted, value in scorer.defaults.items():
+    for dotted, value in method.defaults.items():
         *sections, leaf = dotted.split(".")
         node = raw
         for section in sections:

@@ -194,11 +194,12 @@ class JobConfig:
 
 def scope_of(cfg: PruneConfig) -> str:
     """The selection scope, with the method's (or the structural unit's) default filled in."""
-    from dist_prune.scoring import SCORERS
+    # here, not at the top: the schema is read without torch (`dist-prune keys`, the driver's parse)
+    from dist_prune.methods import METHODS
     from dist_prune.structural import UNITS
 
     unit = UNITS.get(cfg.structure.strip().lower())
-    return unit.scope if unit else cfg.scope or SCORERS[cfg.method].default_scope
+    return unit.scope if unit else cfg.scope or METHODS[cfg.method].default_scope
 
 
 def to_dict(cfg: Any) -> dict:

@@ -10,16 +10,10 @@ from pathlib import Path
 from dist_prune.config._schema import JobConfig, scope_of
 from dist_prune.errors import UserError
 
-# Allowed values of enumerated keys. The scorer names come from the scorer registry,
-# imported lazily so this module stays importable without torch.
+# Allowed values of enumerated keys. What a method allows comes from its `Method` object
+# (dist_prune/methods/), imported in `validate` so this module stays importable without torch.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 NORMS = ("l1", "l2")
-
-
-def _scorer_names() -> tuple[str, ...]:
-    from dist_prune.scoring import SCORERS
-
-    return tuple(SCORERS)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -29,12 +23,14 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
     """Range and choice checks that types alone do not express."""
+    from dist_prune.methods import METHODS
+
     p = cfg.prune
-    _require(p.method in _scorer_names(), f"prune.method '{p.method}' is unknown (allowed: "
-             f"{', '.join(_scorer_names())})")
+    _require(p.method in METHODS, f"prune.method '{p.method}' is unknown (allowed: {', '.join(METHODS)})")
+    method = METHODS[p.method]
     _require(0.0 <= p.sparsity < 1.0, f"prune.sparsity must be in [0, 1), got {p.sparsity}")
     from dist_prune.selection import SCOPES
-    from dist_prune.structures import NM, Block, Unstructured, parse_structure
+    from dist_prune.structures import parse_structure
 
     _require(p.scope is None or p.scope in SCOPES,
              f"prune.scope '{p.scope}' is unknown (allowed: {', '.join(SCOPES)})")
@@ -43,25 +39,15 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
     except ValueError as e:
         raise UserError(f"config: prune.structure '{p.structure}': {e}") from None
     _require(p.norm in NORMS, f"prune.norm '{p.norm}' is unknown (allowed: {', '.join(NORMS)})")
-    _require(not (isinstance(structure, Block) and p.scope == "row"),
+    _require(not (structure.kind == "block" and p.scope == "row"),
              "prune.scope row does not apply to block structures (allowed: global, layer)")
-    _require(not (p.method == "sparsegpt" and (p.scope is not None or isinstance(structure, Block))),
-             "prune.method sparsegpt chooses its masks per 128-column tile: leave prune.scope "
-             "empty and use structure unstructured or N:M")
-    _require(not (p.method == "sparsegpt" and isinstance(structure, NM) and 128 % structure.m),
-             f"prune.structure {p.structure}: sparsegpt needs M to divide its 128-column tiles")
-    _require(p.method != "threshold" or (p.epsilon is not None and p.epsilon >= 0),
-             "prune.method threshold needs prune.epsilon >= 0 (the absolute cut-off)")
-    _require(p.method != "threshold" or isinstance(structure, Unstructured),
-             "prune.method threshold prunes single weights: use prune.structure unstructured")
-    _require(not isinstance(structure, NM) or p.scope is None,
+    _require(structure.kind != "n:m" or p.scope is None,
              "prune.scope does not apply to N:M structures (every group of M is its own scope)")
+    _validate_method(method, p, structure)
     cal = cfg.data.calibration
     _require(cal.num_samples >= 1, f"data.calibration.num_samples must be >= 1, got {cal.num_samples}")
     _require(cal.seq_len >= 2, f"data.calibration.seq_len must be >= 2, got {cal.seq_len}")
-    from dist_prune.scoring import SCORERS
-
-    _require(SCORERS[p.method].needs != "gradients" or cal.batch_size % cfg.cluster.num_workers == 0,
+    _require(method.calibration != "gradients" or cal.batch_size % cfg.cluster.num_workers == 0,
              f"data.calibration.batch_size={cal.batch_size} must be a multiple of "
              f"cluster.num_workers={cfg.cluster.num_workers} for prune.method {p.method}")
     _require(cal.batch_size >= 1, f"data.calibration.batch_size must be >= 1, got {cal.batch_size}")
@@ -79,7 +65,7 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
     parse_size(cfg.export.max_shard_size)
     _require(cfg.export.format in FORMATS, f"export.format '{cfg.export.format}' is unknown (allowed: "
              f"{', '.join(FORMATS)})")
-    _require(cfg.export.format != "sparse-24-bitmask" or (isinstance(structure, NM) and str(structure) == "2:4"),
+    _require(cfg.export.format != "sparse-24-bitmask" or str(structure) == "2:4",
              f"export.format sparse-24-bitmask stores 2 of every 4 weights: it needs prune.structure 2:4, "
              f"not {p.structure}")
     if check_paths:
@@ -93,12 +79,33 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
 
 
 LAYER_SPARSITIES = ("uniform", "owl")
-GROUP_NEEDS = ("weights", "activations", "gradients", "ablation")  # scorers that can rank groups
+
+
+def _validate_method(method, p, structure) -> None:
+    """What the chosen method supports: structures, scopes, its own checks."""
+    from dist_prune.methods import METHODS
+    from dist_prune.methods.base import GROUP_STRUCTURES
+
+    kind = structure.kind
+    if kind not in method.structures:
+        if set(method.structures) <= set(GROUP_STRUCTURES):
+            _require(False, f"prune.method {method.name} scores whole groups: use prune.structure "
+                     f"{', '.join(method.structures[:-1])} or {method.structures[-1]}")
+        if kind in GROUP_STRUCTURES:
+            ranking = [name for name, m in METHODS.items() if kind in m.structures]
+            _require(False, f"prune.method {method.name} cannot rank whole {kind} (allowed: {', '.join(ranking)})")
+        _require(False, f"prune.method {method.name} prunes {' or '.join(method.structures)} patterns, "
+                 f"not prune.structure {p.structure}")
+    problem = method.check(p, structure) if method.check else None
+    _require(problem is None, problem or "")
+    _require(p.scope is None or p.scope in method.scopes or not method.scopes,
+             f"prune.scope {p.scope} does not apply to prune.method {method.name} "
+             f"(allowed: {', '.join(method.scopes)}, or leave it empty)")
 
 
 def validate_layer_choices(cfg: JobConfig) -> None:
-    """Whole heads / channels / layers, the infogain scorer and OWL layer sparsities."""
-    from dist_prune.scoring import SCORERS
+    """Whole heads / channels / layers and layer sparsities (OWL)."""
+    from dist_prune.methods import METHODS
     from dist_prune.structural import UNITS
 
     p = cfg.prune
@@ -107,18 +114,14 @@ def validate_layer_choices(cfg: JobConfig) -> None:
         scope = UNITS[kind].scope
         _require(p.scope in (None, scope), f"prune.scope {p.scope} does not apply to prune.structure "
                  f"{kind} (allowed: {scope}, or leave it empty)")
-        ranking = [m for m, s in SCORERS.items() if s.needs in GROUP_NEEDS and m != "threshold"]
-        _require(p.method in ranking, f"prune.method {p.method} cannot rank whole {kind} (allowed: "
-                 f"{', '.join(ranking)})")
-    else:
-        _require(p.method != "infogain", "prune.method infogain scores whole groups: use "
-                 "prune.structure heads, channels or layers")
     _require(p.layer_sparsity in LAYER_SPARSITIES, f"prune.layer_sparsity '{p.layer_sparsity}' is "
              f"unknown (allowed: {', '.join(LAYER_SPARSITIES)})")
     if p.layer_sparsity == "uniform":
         return
-    _require(p.method == "wanda", "prune.layer_sparsity owl ranks layers by their outlier wanda "
-             f"scores: use prune.method wanda, not {p.method}")
+    able = [name for name, m in METHODS.items() if p.layer_sparsity in m.layer_sparsities]
+    _require(p.layer_sparsity in METHODS[p.method].layer_sparsities, f"prune.layer_sparsity "
+             f"{p.layer_sparsity} ranks layers by their outlier wanda scores: use prune.method "
+             f"{' or '.join(able)}, not {p.method}")
     _require(kind == "unstructured", "prune.layer_sparsity owl needs prune.structure unstructured")
     _require(scope_of(p) in ("layer", "row"), "prune.layer_sparsity owl sets one target per layer: "
              "prune.scope must be layer or row, not global")
@@ -131,7 +134,6 @@ def validate_layer_choices(cfg: JobConfig) -> None:
 SCHEDULES = ("oneshot", "cubic")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 ZERO_STAGES = (2, 3)
-TRAINING_SCORERS = ("magnitude", "taylor", "movement", "seven")  # what cubic re-scores with
 
 
 def validate_finetune(cfg: JobConfig, *, check_paths: bool = True) -> None:
@@ -140,15 +142,17 @@ def validate_finetune(cfg: JobConfig, *, check_paths: bool = True) -> None:
     _require(ft.steps >= 0, f"finetune.steps must be >= 0, got {ft.steps}")
     _require(p.schedule in SCHEDULES, f"prune.schedule '{p.schedule}' is unknown (allowed: "
              f"{', '.join(SCHEDULES)})")
-    from dist_prune.scoring import SCORERS
+    from dist_prune.methods import METHODS
 
-    if SCORERS[p.method].needs == "training":
+    method = METHODS[p.method]
+    if method.calibration == "training":
         _require(p.schedule == "cubic", f"prune.method {p.method} scores weights while they train: "
                  "use prune.schedule cubic (with finetune.steps > 0)")
     if p.schedule == "cubic":
         _require(ft.steps > 0, "prune.schedule cubic prunes during fine-tuning: set finetune.steps > 0")
-        _require(p.method in TRAINING_SCORERS, f"prune.schedule cubic re-scores during training with "
-                 f"{', '.join(TRAINING_SCORERS)}; prune.method is {p.method}")
+        rescoring = [name for name, m in METHODS.items() if "cubic" in m.schedules]
+        _require("cubic" in method.schedules, f"prune.schedule cubic re-scores during training with "
+                 f"{', '.join(rescoring)}; prune.method is {p.method}")
         _require(p.structure == "unstructured", "prune.schedule cubic needs prune.structure unstructured")
         _require(0.0 <= p.initial_sparsity <= p.sparsity, f"prune.initial_sparsity must be in [0, "
                  f"prune.sparsity={p.sparsity}], got {p.initial_sparsity}")
@@ -156,7 +160,7 @@ def validate_finetune(cfg: JobConfig, *, check_paths: bool = True) -> None:
         _require(0 <= p.start_step <= end <= ft.steps, f"prune.start_step={p.start_step} <= "
                  f"prune.end_step={end} <= finetune.steps={ft.steps} must hold")
         _require(p.interval >= 1, f"prune.interval must be >= 1, got {p.interval}")
-        _require(ft.zero_stage == 3 or SCORERS[p.method].needs == "weights",
+        _require(ft.zero_stage == 3 or not method.reads_gradient_partitions,
                  f"prune.method {p.method} reads gradient partitions during training: use "
                  "finetune.zero_stage 3")
     if ft.steps == 0:

@@ -25,9 +25,9 @@ from dist_prune.engine import temporary_engine
 from dist_prune.gradients import new_stats, update_stats
 from dist_prune.layerwise import LayerRunner
 from dist_prune.masking import Target
+from dist_prune.methods import METHODS
 from dist_prune.partition import gathered, local_range, local_weight, zero3_config
 from dist_prune.report import progress
-from dist_prune.scoring import SCORERS
 from dist_prune.train.masks import NoMasks, Zero2Masks, Zero3Masks, local_slices_of
 from dist_prune.train.neftune import NEFTune, DynamicAlpha
 from dist_prune.train.resume import load_train_state
@@ -84,10 +84,10 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
           hooks: Hooks, state: TrainState, teacher: LayerRunner | None) -> None:
     ft, prune = cfg.finetune, cfg.prune
     rank, world = rank_and_world()
-    scorer = SCORERS[prune.method]
+    method = METHODS[prune.method]
     gradual = prune.schedule == "cubic"
     end = prune.end_step if prune.end_step is not None else ft.steps
-    keep = set(scorer.stats) if gradual else set()
+    keep = set(method.stats) if gradual else set()
     if keep and not state.stats:
         # on the partitions' device: the steps' gradients and weights are added there
         state.stats = {t.name: new_stats(_size(t), keep, local_weight(t.param).device) for t in targets}
@@ -106,7 +106,7 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
         sparsity = None
         if gradual and is_pruning_step(step, prune.start_step, end, prune.interval):
             sparsity = cubic_sparsity(step, prune.initial_sparsity, prune.sparsity, prune.start_step, end)
-            state.masks = reselect(targets, state, scorer, cfg, sparsity, model, ft.zero_stage)
+            state.masks = reselect(targets, state, method, cfg, sparsity, model, ft.zero_stage)
             keeper.update(state.masks)  # pruning happens before this step's noise
         factor = lr_factor(step, ft.warmup_steps, ft.steps, ft.lr_schedule)
         for group in engine.optimizer.param_groups:
@@ -181,7 +181,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Te
     return (1.0 - beta) * ce + beta * temperature**2 * kl
 
 
-def reselect(targets: list[Target], state: TrainState, scorer, cfg: JobConfig, sparsity: float,
+def reselect(targets: list[Target], state: TrainState, method, cfg: JobConfig, sparsity: float,
              model, stage: int) -> dict[str, torch.Tensor]:
     """New masks at `sparsity` from the current weights and training statistics; pruned
     weights stay pruned (their score is -inf), so masks only grow. Collective."""
@@ -191,7 +191,7 @@ def reselect(targets: list[Target], state: TrainState, scorer, cfg: JobConfig, s
     views = {t.name: _local_view(t, params, stage) for t in targets}
     prune = cfg.prune
     prune_cfg = type(prune)(**{**vars(prune), "sparsity": sparsity})
-    return select_and_mask(targets, state.stats, scorer, prune_cfg, scope_of(prune),
+    return select_and_mask(targets, state.stats, method, prune_cfg, scope_of(prune),
                            pruned_before=state.masks, weights=views)
 
 

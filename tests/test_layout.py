@@ -1,0 +1,84 @@
+"""The package's shape, checked on its source: imports run one way, and no module outside
+methods/ decides by a method's name (ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dist_prune"
+
+
+def _modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        out[name] = ast.parse(path.read_text())
+    return out
+
+
+def _import_graph(modules: dict[str, ast.Module]) -> dict[str, set[str]]:
+    """Module -> the package modules it imports, anywhere in it; importing a submodule also runs
+    every package __init__ above it."""
+    graph = {}
+    for name, tree in modules.items():
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dist_prune"):
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("dist_prune")]
+            else:
+                continue
+            for target in targets:
+                parts = target.split(".")
+                deps |= {p for k in range(2, len(parts) + 1) if (p := ".".join(parts[:k])) in modules}
+        graph[name] = {d for d in deps if d != name and not name.startswith(d + ".")}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    state, stack, found = {}, [], []
+
+    def visit(u: str) -> None:
+        state[u] = "open"
+        stack.append(u)
+        for v in sorted(graph[u]):
+            if state.get(v) == "open":
+                found.append(stack[stack.index(v):] + [v])
+            elif v not in state:
+                visit(v)
+        stack.pop()
+        state[u] = "done"
+
+    for u in sorted(graph):
+        if u not in state:
+            visit(u)
+    return found
+
+
+def test_no_import_cycle():
+    assert _cycles(_import_graph(_modules())) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
+
+
+def test_no_method_name_is_tested_outside_methods():
+    """`prune.method == "sparsegpt"` and the like: a method declares what it needs instead."""
+    from dist_prune.methods import METHODS
+
+    offences = []
+    for name, tree in _modules().items():
+        if name.startswith("dist_prune.methods"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                texts = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                texts += [e.value for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set))
+                          for e in c.elts if isinstance(e, ast.Constant)]
+                about_method = "method" in ast.unparse(node.left) + "".join(map(ast.unparse, node.comparators))
+                if about_method and any(t in METHODS for t in texts if isinstance(t, str)):
+                    offences.append(f"{name}:{node.lineno}")
+    assert offences == []
