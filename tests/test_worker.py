@@ -33,6 +33,8 @@ CASES = {  # name -> overrides
     "obd-layer": ["prune.method=obd", "prune.scope=layer", "prune.sparsity=0.4"],
     "seven-global": ["prune.method=seven", "prune.sparsity=0.5"],
     "threshold": ["prune.method=threshold", "prune.epsilon=0.02"],
+    "ria-row": ["prune.method=ria", "prune.sparsity=0.5"],
+    "ria-2:4": ["prune.method=ria", "prune.structure=2:4"],
 }
 
 

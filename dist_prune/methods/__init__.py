@@ -4,7 +4,7 @@ registry the pipeline looks them up in. Adding a method: write methods/<name>.py
 
 from __future__ import annotations
 
-from dist_prune.methods import infogain, magnitude, movement, obd, seven, sparsegpt, taylor, threshold, wanda
+from dist_prune.methods import infogain, magnitude, movement, obd, ria, seven, sparsegpt, taylor, threshold, wanda
 from dist_prune.methods.base import LocalSlice, Method, Stats
 
 METHODS: dict[str, Method] = {
@@ -17,6 +17,7 @@ METHODS: dict[str, Method] = {
     "threshold": threshold.METHOD,
     "infogain": infogain.METHOD,
     "movement": movement.METHOD,
+    "ria": ria.METHOD,
 }
 
 __all__ = ["METHODS", "LocalSlice", "Method", "Stats"]
