@@ -34,12 +34,18 @@ from pathlib import Path
 
 from _ranks import DATA, RESULTS, machine, run_job, run_ranks, tokens
 
-METHODS = ("magnitude", "wanda", "wanda-1pass", "sparsegpt", "taylor", "obd", "seven")
+from dist_prune.methods import METHODS as REGISTRY  # noqa: E402
+
+# Every method that prunes one-shot to a sparsity by its scores or reconstruction, in registry
+# order, with the variants after the method they vary
+ONE_SHOT = [name for name, m in REGISTRY.items()
+            if "oneshot" in m.schedules and m.mask_rule is None and not m.group_loss]
 # Rows that run a method with other settings: Wanda calibrated in one pass over the dense model
 # (every layer's statistics before any pruning) instead of two per layer on the pruned outputs.
 VARIANTS = {"wanda-1pass": ("wanda", ["data.calibration.sequential=false"])}
+METHODS = tuple(m for name in ONE_SHOT for m in (name, *[v for v, (base, _) in VARIANTS.items() if base == name]))
 STRUCTURES = ("unstructured", "2:4", "heads", "channels")
-GROUP_METHODS = ("magnitude", "wanda", "taylor", "obd", "seven", "infogain")  # scorers that rank groups
+GROUP_METHODS = tuple(name for name, m in REGISTRY.items() if "channels" in m.structures)  # rank groups
 # Whole groups are removed in every layer. SmolLM2-135M has 3 KV groups per layer: removing 2
 # (13.2% of the parameters) is the nearest `heads` comes to 20%; 34% of its 1536 MLP channels is 20.1%.
 GROUP_SPARSITY = {"heads": 0.67, "channels": 0.34}

@@ -31,7 +31,7 @@ class ModelConfig:
 
 @dataclass
 class PruneConfig:
-    method: str = doc("wanda", "scorer: magnitude | wanda | sparsegpt | taylor | obd | seven | "
+    method: str = doc("wanda", "magnitude | wanda | sparsegpt | taylor | obd | seven | ria | "
                                "threshold | infogain (whole heads, channels or layers only) | "
                                "movement (during fine-tuning); keys the config leaves unset take "
                                "the method's defaults: infogain structure channels, threshold "
