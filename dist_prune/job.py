@@ -27,7 +27,7 @@ from dist_prune.io.export import check_destination
 from dist_prune.io.verify import verify_export
 from dist_prune.report import StageTimer, layer_sparsity_plot, summary_table
 from dist_prune.methods import METHODS
-from dist_prune.structural import Structural, check_model
+from dist_prune.structural import check_model
 from dist_prune.structures import check_shape, parse_structure
 from dist_prune.worker import WorkerJob
 
@@ -102,7 +102,7 @@ def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
 def check_target_shapes(cfg: JobConfig, checkpoint) -> None:
     """Refuse a structure that does not tile a weight, before any worker starts."""
     structure = parse_structure(cfg.prune.structure)
-    if isinstance(structure, Structural):  # whole groups of every layer: checked on the model
+    if structure.removes_parameters:  # whole groups of every layer: checked on the model
         config = json.loads((checkpoint.directory / "config.json").read_text())
         check_model(structure.kind, cfg.prune.sparsity, config, list(checkpoint.weight_map),
                     lambda name: any(fnmatch.fnmatchcase(name, p) for p in cfg.prune.exclude))

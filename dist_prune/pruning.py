@@ -28,9 +28,8 @@ from dist_prune.methods import LocalSlice, Method
 from dist_prune.owl import group_counts, owl_budgets
 from dist_prune.partition import local_weight
 from dist_prune.report import StageTimer, progress
-from dist_prune.selection import Segment, group_sizes, prune_counts, select_pruned
-from dist_prune.structural import Geometry, Structural, select_groups
-from dist_prune.structures import NM, Block, nm_mask, parse_structure, select_blocks
+from dist_prune.structural import Geometry, select_groups
+from dist_prune.structures import parse_structure
 
 
 @dataclass
@@ -111,7 +110,7 @@ def prune(model: torch.nn.Module, targets: list[Target], method: Method, cfg: Jo
     """
     scope = scope_of(cfg.prune)
     structure = parse_structure(cfg.prune.structure)
-    geometry = Geometry.of(model.config) if isinstance(structure, Structural) else None
+    geometry = Geometry.of(model.config) if structure.removes_parameters else None
     budgets = None  # OWL: weights to prune in each decoder layer, from a dense pass
     if cfg.prune.layer_sparsity == "owl":
         with timer("calibrate"):
@@ -120,7 +119,7 @@ def prune(model: torch.nn.Module, targets: list[Target], method: Method, cfg: Jo
     select = partial(select_and_mask, method=method, prune_cfg=cfg.prune, scope=scope, geometry=geometry,
                      budgets=budgets)
     pruned = Pruned(keep_masks)
-    calls = [targets] if isinstance(structure, Structural) else by_layer(targets, scope)
+    calls = [targets] if structure.removes_parameters else by_layer(targets, scope)
 
     def select_all(stats: dict) -> Pruned:
         for part in calls:
@@ -215,7 +214,7 @@ def select_and_mask(targets: list[Target], stats: dict, method: Method, prune_cf
     layer its own number of weights to prune (`budgets`, dist_prune/owl.py).
     """
     structure = parse_structure(prune_cfg.structure)
-    if isinstance(structure, Structural):
+    if structure.removes_parameters:
         if geometry is None or pruned_before or weights:
             raise UserError(f"prune.structure {structure} is pruned once, before any fine-tuning")
         masks = select_groups(targets, stats, method, structure.kind, prune_cfg.sparsity, prune_cfg.norm,
@@ -230,7 +229,7 @@ def select_and_mask(targets: list[Target], stats: dict, method: Method, prune_cf
         stats = {**stats, **{name: {**stats.get(name, {}), **more} for name, more in derived.items()}}
     # Global scope selects over every layer at once; row scope reads each score once, a chunk of rows
     # at a time. Neither needs the scores held: a layer's float32 scores are twice its bf16 weights.
-    if scope in ("global", "row") and not isinstance(structure, (NM, Block)):
+    if scope in ("global", "row") and structure.scores_in_pieces:
         scores = [LazyScores(weights[t.name], start, t.shape, method, stats.get(t.name, {}),
                              pruned_before[t.name] if pruned_before else None)
                   for t, start in zip(targets, starts)]
@@ -239,19 +238,9 @@ def select_and_mask(targets: list[Target], stats: dict, method: Method, prune_cf
                   for t, start in zip(targets, starts)]
         if pruned_before:
             scores = [s.masked_fill(pruned_before[t.name], -math.inf) for s, t in zip(scores, targets)]
-    if isinstance(structure, NM):
-        pruned = [nm_mask(s, start, t.shape, structure) for s, start, t in zip(scores, starts, targets)]
-    elif isinstance(structure, Block):
-        pruned = select_blocks([(s, start, t.shape) for s, start, t in zip(scores, starts, targets)],
-                               structure, prune_cfg.sparsity, scope,
-                               pool="l2" if prune_cfg.norm == "l2" else "sum")
-    else:
-        numels = [t.numel for t in targets]
-        row_lengths = [t.shape[1] for t in targets]
-        counts = (prune_counts(prune_cfg.sparsity, group_sizes(numels, scope, row_lengths)) if budgets is None
-                  else group_counts(budgets, targets, scope))
-        segments = [Segment(s, i, start) for i, (s, start) in enumerate(zip(scores, starts))]
-        pruned = select_pruned(segments, numels, counts, scope=scope, row_lengths=row_lengths)
+    counts = None if budgets is None else group_counts(budgets, targets, scope)
+    pruned = structure.select(scores, starts, [t.shape for t in targets], prune_cfg.sparsity, scope,
+                              pool="l2" if prune_cfg.norm == "l2" else "sum", counts=counts)
     for t, mask in zip(targets, pruned):
         apply_mask(t, mask)
     return {t.name: mask for t, mask in zip(targets, pruned)}

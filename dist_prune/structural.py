@@ -53,9 +53,14 @@ class Structural:
     """`prune.structure` heads | channels | layers."""
 
     kind: str
+    removes_parameters = True  # chosen by select_groups on the model's geometry, cut out of the export
+    scores_in_pieces = False
 
     def __str__(self) -> str:
         return self.kind
+
+    def check_shape(self, shape: tuple[int, int], name: str) -> None:
+        """Whole groups are checked on the model (`check_model`), not tensor by tensor."""
 
 
 @dataclass(frozen=True)

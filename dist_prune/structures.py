@@ -37,9 +37,25 @@ class Unstructured:
     """Any weight may be pruned."""
 
     kind = "unstructured"
+    removes_parameters = False
+    scores_in_pieces = True  # selection may read the scores a piece at a time (pruning.LazyScores)
 
     def __str__(self) -> str:
         return "unstructured"
+
+    def check_shape(self, shape: tuple[int, int], name: str) -> None:
+        _check_2d(self, shape, name)
+
+    def select(self, scores: Sequence, starts: Sequence[int], shapes: Sequence[tuple[int, int]], sparsity: float,
+               scope: str, *, pool: str = "sum", counts: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The exact k lowest of every group (the model, a tensor or a row); `counts`: how many
+        to prune per group, if not round(sparsity * size) (OWL's layer budgets)."""
+        numels = [int(a) * int(b) for a, b in shapes]
+        row_lengths = [int(b) for _, b in shapes]
+        if counts is None:
+            counts = prune_counts(sparsity, group_sizes(numels, scope, row_lengths))
+        segments = [Segment(x, i, start) for i, (x, start) in enumerate(zip(scores, starts))]
+        return select_pruned(segments, numels, counts, scope=scope, row_lengths=row_lengths)
 
 
 @dataclass(frozen=True)
@@ -54,8 +70,22 @@ class NM:
         if not 0 < self.n < self.m:
             raise ValueError(f"N:M structure needs 0 < n < m, got {self.n}:{self.m}")
 
+    removes_parameters = False
+    scores_in_pieces = False
+
     def __str__(self) -> str:
         return f"{self.n}:{self.m}"
+
+    def check_shape(self, shape: tuple[int, int], name: str) -> None:
+        out_f, in_f = _check_2d(self, shape, name)
+        if in_f % self.m:
+            raise ValueError(f"{name}: {self} needs in_features divisible by m={self.m}, "
+                             f"got shape [{out_f}, {in_f}]")
+
+    def select(self, scores: Sequence, starts: Sequence[int], shapes: Sequence[tuple[int, int]], sparsity: float,
+               scope: str, *, pool: str = "sum", counts: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """n of every m, each group of m on its own (boundary fragments all-reduced)."""
+        return [nm_mask(x, start, shape, self) for x, start, shape in zip(scores, starts, shapes)]
 
 
 @dataclass(frozen=True)
@@ -70,10 +100,27 @@ class Block:
         if self.rows < 1 or self.cols < 1:
             raise ValueError(f"block structure needs rows, cols >= 1, got {self.rows}x{self.cols}")
 
+    removes_parameters = False
+    scores_in_pieces = False
+
     def __str__(self) -> str:
         return f"block:{self.rows}x{self.cols}"
 
+    def check_shape(self, shape: tuple[int, int], name: str) -> None:
+        out_f, in_f = _check_2d(self, shape, name)
+        if out_f % self.rows or in_f % self.cols:
+            raise ValueError(f"{name}: {self} needs out_features divisible by {self.rows} and "
+                             f"in_features divisible by {self.cols}, got shape [{out_f}, {in_f}]")
 
+    def select(self, scores: Sequence, starts: Sequence[int], shapes: Sequence[tuple[int, int]], sparsity: float,
+               scope: str, *, pool: str = "sum", counts: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Whole blocks, their scores pooled (`pool` sum or l2) over the slices."""
+        return select_blocks(list(zip(scores, starts, shapes)), self, sparsity, scope, pool=pool)
+
+
+# A structure is one object behind one protocol: `kind`, `removes_parameters` (whole groups cut
+# out of the export: structural.py), `scores_in_pieces`, `check_shape(shape, name)` and
+# `select(scores, starts, shapes, sparsity, scope, pool=, counts=)` -> this rank's masks.
 Structure = Union[Unstructured, NM, Block, Structural]
 _ALLOWED = ("'unstructured', 'N:M' with 0 < N < M (e.g. '2:4'), 'block:RxC' with R, C >= 1 (e.g. "
             "'block:4x4'), or whole 'heads', 'channels' or 'layers'")
@@ -103,17 +150,13 @@ def parse_structure(text: str) -> Structure:
 def check_shape(structure: Structure, shape: tuple[int, int], name: str) -> None:
     """ValueError naming the tensor if the structure does not tile its [out, in] shape.
     (Whole heads, channels and layers are checked on the model: structural.check_model.)"""
-    if isinstance(structure, Structural):
-        return
-    if len(shape) != 2 or any(int(s) < 1 for s in shape):
+    structure.check_shape(shape, name)
+
+
+def _check_2d(structure: Structure, shape: tuple[int, int], name: str) -> tuple[int, int]:
+    if len(shape) != 2 or any(int(x) < 1 for x in shape):
         raise ValueError(f"{name}: structure {structure} needs a 2-D [out, in] weight, got shape {tuple(shape)}")
-    out_f, in_f = map(int, shape)
-    if isinstance(structure, NM) and in_f % structure.m:
-        raise ValueError(f"{name}: {structure} needs in_features divisible by m={structure.m}, "
-                         f"got shape [{out_f}, {in_f}]")
-    if isinstance(structure, Block) and (out_f % structure.rows or in_f % structure.cols):
-        raise ValueError(f"{name}: {structure} needs out_features divisible by {structure.rows} and "
-                         f"in_features divisible by {structure.cols}, got shape [{out_f}, {in_f}]")
+    return int(shape[0]), int(shape[1])
 
 
 # --- N:M -----------------------------------------------------------------------------------------

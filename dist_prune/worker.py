@@ -36,7 +36,7 @@ from dist_prune.partition import (DTYPES, build_partitioned_model, compute_dtype
 from dist_prune.pruning import Pruned, prune
 from dist_prune.report import StageTimer, progress
 from dist_prune.train.resume import read_meta, save_train_state
-from dist_prune.structural import Geometry, ShrinkPlan, Structural, member_targets, shrink_plan
+from dist_prune.structural import Geometry, ShrinkPlan, member_targets, shrink_plan
 from dist_prune.structures import parse_structure
 
 
@@ -80,7 +80,7 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
         held = all_reduce_(torch.tensor([float(held_bytes(model))]), op=torch.distributed.ReduceOp.MAX)
         metrics["model_bytes_per_worker"] = int(held.item())
         structure = parse_structure(cfg.prune.structure)
-        if isinstance(structure, Structural):  # whole heads, channels or layers: their projections
+        if structure.removes_parameters:  # whole heads, channels or layers: their projections
             targets = member_targets(targets, structure.kind, Geometry.of(model.config))
 
     layers = len(model.get_decoder().layers)
@@ -94,7 +94,7 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
     calibration = None if job.calibration is None else shard(job.calibration, rank, world)
     # Fine-tuning keeps the masks, a structural export cuts out what they removed; a plain
     # export needs only the counts (the masks would be half a bf16 model again).
-    keep_masks = cfg.finetune.steps > 0 or isinstance(structure, Structural)
+    keep_masks = cfg.finetune.steps > 0 or structure.removes_parameters
     if hooks.resume is not None or cfg.prune.schedule == "cubic":  # masks come from the tuning
         pruned = Pruned(keep_masks)
         pruned.add({t.name: torch.zeros(local_weight(t.param).numel(), dtype=torch.bool,
@@ -120,7 +120,7 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
         masks = state.masks
         metrics["finetune_history"] = state.history
     plan, report = None, {}
-    if isinstance(structure, Structural):  # what the masks removed, to be cut out in the export
+    if structure.removes_parameters:  # what the masks removed, to be cut out in the export
         plan = shrink_plan(structure.kind, Geometry.of(model.config), targets, masks)
         report = plan.report(targets, {n: tuple(p.ds_shape) for n, p in model.named_parameters()})
         metrics.update({k: report["structural"][k] for k in ("parameters_before", "parameters_after",

@@ -82,3 +82,19 @@ def test_no_method_name_is_tested_outside_methods():
                 if about_method and any(t in METHODS for t in texts if isinstance(t, str)):
                     offences.append(f"{name}:{node.lineno}")
     assert offences == []
+
+
+def test_no_isinstance_on_structure_classes_outside_their_modules():
+    """A structure answers through its protocol (kind, removes_parameters, check_shape, select)."""
+    classes = {"Unstructured", "NM", "Block", "Structural"}
+    own = {"dist_prune.structures", "dist_prune.structural"}
+    offences = []
+    for name, tree in _modules().items():
+        if name in own:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+                kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+                if any(getattr(k, "id", None) in classes for k in kinds):
+                    offences.append(f"{name}:{node.lineno}")
+    assert offences == []

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dist_prune import pruning
+from dist_prune import pruning, structures
 from dist_prune.io.checkpoint import open_checkpoint
 from dist_prune.config import load_config
 from dist_prune.masking import find_targets
@@ -57,7 +57,7 @@ def _prune_both_ways(model_dir: str, overrides: list[str], calibration: torch.Te
     cfg = load_config(None, [f"model.path={model_dir}", *overrides])
     scorer = METHODS[cfg.prune.method]
     sizes: list[int] = []  # elements scored per select_pruned call
-    select = pruning.select_pruned
+    select = structures.select_pruned  # what Unstructured.select calls
 
     def recording(segments, *args, **kwargs):
         sizes.append(sum(len(s.scores) for s in segments))
@@ -67,11 +67,11 @@ def _prune_both_ways(model_dir: str, overrides: list[str], calibration: torch.Te
     for label, split in (("per layer", pruning.by_layer), ("all at once", lambda targets, scope: [targets])):
         model = build_partitioned_model(Path(model_dir), open_checkpoint(Path(model_dir)), torch.float32)
         targets = find_targets(model, cfg.prune.exclude)
-        pruning.by_layer, pruning.select_pruned, sizes[:] = split, recording, []
+        pruning.by_layer, structures.select_pruned, sizes[:] = split, recording, []
         try:
             pruned = prune(model, targets, scorer, cfg, calibration, StageTimer(), show=False)
         finally:
-            pruning.by_layer, pruning.select_pruned = by_layer, select
+            pruning.by_layer, structures.select_pruned = by_layer, select
         results[label] = {"masks": pruned.masks, "counts": pruned.counts(targets), "largest_call": max(sizes),
                           "local": sum(len(m) for m in pruned.masks.values())}
     return results
