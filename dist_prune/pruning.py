@@ -213,9 +213,14 @@ def select_and_mask(targets: list[Target], stats: dict, method: Method, prune_cf
     layers need the model's `geometry` (dist_prune/structural.py); OWL gives each decoder
     layer its own number of weights to prune (`budgets`, dist_prune/owl.py).
     """
+    training = weights is not None  # the training loop's own slices (ZeRO stage 2)
+    weights = weights or {t.name: local_weight(t.param) for t in targets}
+    if method.weight_stats is not None:  # collective: statistics of the full tensors, all-reduced
+        derived = method.weight_stats(targets, weights)
+        stats = {**stats, **{name: {**stats.get(name, {}), **more} for name, more in derived.items()}}
     structure = parse_structure(prune_cfg.structure)
     if structure.removes_parameters:
-        if geometry is None or pruned_before or weights:
+        if geometry is None or pruned_before or training:
             raise UserError(f"prune.structure {structure} is pruned once, before any fine-tuning")
         masks = select_groups(targets, stats, method, structure.kind, prune_cfg.sparsity, prune_cfg.norm,
                               geometry)  # chosen on the CPU; kept where the partitions are
@@ -223,10 +228,6 @@ def select_and_mask(targets: list[Target], stats: dict, method: Method, prune_cf
     if method.reconstruct is not None:
         return method.reconstruct(targets, stats, prune_cfg.sparsity, structure)
     starts = [local_start(t) for t in targets]
-    weights = weights or {t.name: local_weight(t.param) for t in targets}
-    if method.weight_stats is not None:  # collective: statistics of the full tensors, all-reduced
-        derived = method.weight_stats(targets, weights)
-        stats = {**stats, **{name: {**stats.get(name, {}), **more} for name, more in derived.items()}}
     # Global scope selects over every layer at once; row scope reads each score once, a chunk of rows
     # at a time. Neither needs the scores held: a layer's float32 scores are twice its bf16 weights.
     if scope in ("global", "row") and structure.scores_in_pieces:

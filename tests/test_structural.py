@@ -34,6 +34,8 @@ CASES = {  # name -> overrides
     "heads-infogain": ["prune.method=infogain", "prune.structure=heads", "prune.sparsity=0.5"],
     "channels-infogain": ["prune.method=infogain", "prune.structure=channels", "prune.sparsity=0.3"],
     "layers-infogain": ["prune.method=infogain", "prune.structure=layers", "prune.sparsity=0.5"],
+    # a method with statistics of the full tensors (weight_stats) ranking whole groups
+    "channels-ria": ["prune.method=ria", "prune.structure=channels", "prune.sparsity=0.25"],
 }
 GEOMETRY = Geometry(layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=96)
 
