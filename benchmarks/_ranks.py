@@ -36,9 +36,9 @@ def _rank_entry(rank: int, world: int, port: int, out: str, fn, args: tuple) -> 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)  # one core per rank, as a Ray worker with cpus_per_worker=1
-    import deepspeed
+    from dist_prune.sharding.engine import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     result = fn(rank, *args)
     torch.distributed.barrier()
     if rank == 0:

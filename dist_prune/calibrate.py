@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from dist_prune.collectives import all_reduce_
-from dist_prune.partition import model_device
+from dist_prune.sharding.partition import model_device
 
 
 class InputCollector:

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from dist_prune.collectives import all_reduce_, any_rank, rank_and_world
 from dist_prune.errors import UserError
-from dist_prune.engine import temporary_engine
-from dist_prune.partition import local_range, local_weight, zero3_config
+from dist_prune.sharding.engine import temporary_engine
+from dist_prune.sharding.partition import local_range, local_weight, zero3_config
 
 if TYPE_CHECKING:
     from dist_prune.masking import Target

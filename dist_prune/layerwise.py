@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dist_prune.partition import gathered, model_device
+from dist_prune.sharding.partition import gathered, model_device
 
 MICRO_BATCH = 4  # windows per forward call: big enough for efficient matmuls, small in memory
 

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_prune.collectives import all_reduce_
-
-from dist_prune.partition import local_range, local_weight
+from dist_prune.sharding.partition import full_numel, full_shape, local_range, local_weight
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
@@ -30,11 +29,11 @@ class Target:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.param.ds_shape)
+        return full_shape(self.param)
 
     @property
     def numel(self) -> int:
-        return self.param.ds_numel
+        return full_numel(self.param)
 
 
 def find_targets(model: torch.nn.Module, exclude: list[str]) -> list[Target]:
@@ -60,7 +59,8 @@ def find_targets(model: torch.nn.Module, exclude: list[str]) -> list[Target]:
 
 def apply_mask(target: Target, mask: torch.Tensor) -> None:
     """Zero the pruned elements of this rank's slice."""
-    local_weight(target.param).masked_fill_(mask.to(target.param.ds_tensor.device), 0)
+    view = local_weight(target.param)
+    view.masked_fill_(mask.to(view.device), 0)
 
 
 def pruned_counts(targets: list[Target], masks: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -31,7 +31,7 @@ from dist_prune.collectives import all_reduce_
 from dist_prune.errors import UserError
 from dist_prune.layerwise import LayerRunner
 from dist_prune.masking import Target, local_start
-from dist_prune.partition import local_weight
+from dist_prune.sharding.partition import local_weight
 from dist_prune.local import LocalSlice
 from dist_prune.methods.wanda import wanda
 from dist_prune.selection import group_sizes

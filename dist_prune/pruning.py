@@ -26,7 +26,7 @@ from dist_prune.layerwise import LayerRunner
 from dist_prune.masking import Target, apply_mask, local_start
 from dist_prune.methods import LocalSlice, Method
 from dist_prune.owl import group_counts, owl_budgets
-from dist_prune.partition import local_weight
+from dist_prune.sharding.partition import local_weight
 from dist_prune.report import StageTimer, progress
 from dist_prune.structural import Geometry, select_groups
 from dist_prune.structures import parse_structure

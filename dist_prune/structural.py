@@ -39,7 +39,7 @@ import torch
 from dist_prune.collectives import all_reduce_
 from dist_prune.errors import UserError
 from dist_prune.masking import Target, apply_mask, local_start
-from dist_prune.partition import local_weight
+from dist_prune.sharding.partition import local_weight
 from dist_prune.local import LocalSlice
 from dist_prune.selection import CHUNK
 

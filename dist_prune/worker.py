@@ -22,7 +22,7 @@ from dist_prune.io.checkpoint import configure_jit_builds, open_checkpoint
 from dist_prune.collectives import all_reduce_, any_rank, rank_and_world
 from dist_prune.config import JobConfig, config_from_dict
 from dist_prune.data import shard
-from dist_prune.engine import release_process_groups
+from dist_prune.sharding.engine import init_distributed, release_process_groups
 from dist_prune.errors import UserError
 from dist_prune.evaluate import perplexity
 from dist_prune.io.export import StreamingExport
@@ -31,8 +31,8 @@ from dist_prune.train.loop import finetune
 from dist_prune.train.state import Hooks
 from dist_prune.masking import find_targets, pruned_counts
 from dist_prune.methods import METHODS
-from dist_prune.partition import (DTYPES, build_partitioned_model, compute_dtype, gathered, held_bytes,
-                                  local_weight, model_device)
+from dist_prune.sharding.partition import (DTYPES, build_partitioned_model, compute_dtype, full_shape, gathered,
+                                           held_bytes, local_weight, model_device)
 from dist_prune.pruning import Pruned, prune
 from dist_prune.report import StageTimer, progress
 from dist_prune.train.resume import read_meta, save_train_state
@@ -122,7 +122,7 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
     plan, report = None, {}
     if structure.removes_parameters:  # what the masks removed, to be cut out in the export
         plan = shrink_plan(structure.kind, Geometry.of(model.config), targets, masks)
-        report = plan.report(targets, {n: tuple(p.ds_shape) for n, p in model.named_parameters()})
+        report = plan.report(targets, {n: full_shape(p) for n, p in model.named_parameters()})
         metrics.update({k: report["structural"][k] for k in ("parameters_before", "parameters_after",
                                                              "removed_fraction")})
     counts = (report.get("pruned_counts") or (pruned_counts(targets, masks) if cfg.finetune.steps > 0
@@ -157,7 +157,7 @@ def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir:
     from dist_prune.io.shards import parse_size
 
     rank, _ = rank_and_world()
-    exported = [(name, p, plan.exported(name, tuple(p.ds_shape)) if plan else (name, tuple(p.ds_shape)))
+    exported = [(name, p, plan.exported(name, full_shape(p)) if plan else (name, full_shape(p)))
                 for name, p in model.named_parameters()]
     params = [(name, p) for name, p, out in exported if out is not None]  # None: a removed layer's
     specs = [TensorSpec(*out, _export_dtype(cfg, checkpoint, name)) for name, _, out in exported if out]
@@ -222,11 +222,10 @@ def ray_train_loop(payload: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     if use_gpu:
         use_assigned_gpu()
-    import deepspeed
     import ray.train
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    init_distributed("nccl" if use_gpu else "gloo")
     job = WorkerJob(**payload)
     rank = rank_and_world()[0]
     hooks = Hooks(checkpoint=_report_checkpoint)

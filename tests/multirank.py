@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from dist_prune.engine import release_process_groups
+from dist_prune.sharding.engine import init_distributed, release_process_groups
 
 
 def free_port() -> int:
@@ -25,9 +25,7 @@ def _entry(rank: int, world: int, port: int, out: str, fn, args: tuple, deepspee
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     if deepspeed_comm:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_distributed("gloo")
     else:
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:

@@ -15,7 +15,7 @@ import torch
 from dist_prune import layerwise
 from dist_prune.calibrate import InputNormCollector
 from dist_prune.layerwise import LayerRunner
-from dist_prune.partition import model_device
+from dist_prune.sharding.partition import model_device
 from dist_prune.methods import LocalSlice
 from dist_prune.methods.wanda import wanda
 from dist_prune.structures import Block, _prune_lowest, block_mask, block_scores

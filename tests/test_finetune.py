@@ -202,7 +202,7 @@ def test_distill_loss_known_answers():
 def _teacher_logits(model_dir: str, ids):
     from dist_prune.io.checkpoint import open_checkpoint
     from dist_prune.layerwise import LayerRunner
-    from dist_prune.partition import build_partitioned_model
+    from dist_prune.sharding.partition import build_partitioned_model
 
     model = build_partitioned_model(Path(model_dir), open_checkpoint(Path(model_dir)), torch.float32)
     return LayerRunner(model).logits(ids)

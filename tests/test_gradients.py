@@ -46,7 +46,7 @@ def _gradient_stats(model_dir: str, windows: torch.Tensor, micro_batch: int, cal
     from dist_prune.data import shard
     from dist_prune.gradients import accumulate_gradient_stats
     from dist_prune.masking import find_targets
-    from dist_prune.partition import build_partitioned_model, local_range, local_weight
+    from dist_prune.sharding.partition import build_partitioned_model, local_range, local_weight
 
     rank, world = rank_and_world()
     mine = shard(windows, rank, world)

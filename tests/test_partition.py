@@ -15,7 +15,7 @@ from multirank import run_on_ranks
 
 def _load_and_gather(model_dir: str, dtype_name: str) -> dict:
     from dist_prune.io.checkpoint import open_checkpoint
-    from dist_prune.partition import DTYPES, build_partitioned_model, gathered, local_range
+    from dist_prune.sharding.partition import DTYPES, build_partitioned_model, gathered, local_range
 
     model = build_partitioned_model(Path(model_dir), open_checkpoint(Path(model_dir)), DTYPES[dtype_name])
     full, local = {}, {}
@@ -71,7 +71,7 @@ from pathlib import Path
 import torch, deepspeed
 from safetensors.torch import load_file
 from dist_prune.io.checkpoint import open_checkpoint
-from dist_prune.partition import build_partitioned_model, gathered
+from dist_prune.sharding.partition import build_partitioned_model, gathered
 
 deepspeed.init_distributed(dist_backend="gloo")
 assert "torch._dynamo" not in sys.modules, "dynamo already imported: this test would prove nothing"

@@ -14,7 +14,7 @@ from dist_prune import pruning, structures
 from dist_prune.io.checkpoint import open_checkpoint
 from dist_prune.config import load_config
 from dist_prune.masking import find_targets
-from dist_prune.partition import build_partitioned_model
+from dist_prune.sharding.partition import build_partitioned_model
 from dist_prune.pruning import Pruned, by_layer, prune
 from dist_prune.report import StageTimer
 from dist_prune.methods import METHODS, LocalSlice

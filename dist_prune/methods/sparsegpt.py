@@ -9,7 +9,7 @@ import torch
 
 from dist_prune.collectives import all_reduce_, rank_and_world
 from dist_prune.methods.base import Method
-from dist_prune.partition import gathered, local_range, local_weight
+from dist_prune.sharding.partition import gathered, local_range, local_weight
 from dist_prune.sparsegpt import HessianCollector, sparsegpt_prune
 
 TILE = 128  # columns per block of the reference implementation

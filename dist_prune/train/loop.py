@@ -21,12 +21,12 @@ import torch.nn.functional as F
 
 from dist_prune.collectives import all_reduce_, rank_and_world
 from dist_prune.config import JobConfig, scope_of
-from dist_prune.engine import temporary_engine
+from dist_prune.sharding.engine import temporary_engine
 from dist_prune.gradients import new_stats, update_stats
 from dist_prune.layerwise import LayerRunner
 from dist_prune.masking import Target
 from dist_prune.methods import METHODS
-from dist_prune.partition import gathered, local_range, local_weight, zero3_config
+from dist_prune.sharding.partition import gathered, local_range, local_weight, zero3_config
 from dist_prune.report import progress
 from dist_prune.train.masks import NoMasks, Zero2Masks, Zero3Masks, local_slices_of
 from dist_prune.train.neftune import NEFTune, DynamicAlpha

@@ -21,7 +21,7 @@ import torch
 
 from dist_prune.collectives import all_reduce_
 from dist_prune.masking import Target, local_start
-from dist_prune.partition import local_range, local_weight
+from dist_prune.sharding.partition import local_range, local_weight
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state; other optimizers: whatever tensors they keep
 

@@ -27,7 +27,7 @@ from dist_prune.errors import UserError
 from dist_prune.train.state import TrainState
 from dist_prune.train.masks import MOMENTS
 from dist_prune.masking import Target
-from dist_prune.partition import model_device
+from dist_prune.sharding.partition import model_device
 
 
 

@@ -114,6 +114,16 @@ def _restore(model: torch.nn.Module, state: _State) -> None:
     model.train(state.training)
 
 
+def init_distributed(backend: str) -> None:
+    """The process group of this worker, through DeepSpeed's comm layer (its engines and
+    zero.Init use that layer's backend, not torch.distributed's default group directly).
+    Reads RANK, WORLD_SIZE, MASTER_ADDR/PORT as torch.distributed does; a no-op for the group
+    if one exists already (Ray Train made it)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)
+
+
 def release_process_groups(*, destroy: bool = True) -> None:
     """Drop DeepSpeed's references to its process groups and (`destroy`) destroy every group of
     this process; for the end of a worker. Collective, like destroy_process_group. Under Ray Train,

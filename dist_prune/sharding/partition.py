@@ -52,6 +52,20 @@ def local_range(param: torch.nn.Parameter) -> tuple[int, int]:
     return start, min(start + size, param.ds_numel)
 
 
+def full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
+    """The shape of the whole parameter, of which this rank holds a slice."""
+    return tuple(param.ds_shape)
+
+
+def full_numel(param: torch.nn.Parameter) -> int:
+    return param.ds_numel
+
+
+def partition_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the partitions hold (model.dtype as built)."""
+    return next(iter(model.parameters())).ds_tensor.dtype
+
+
 def held_bytes(model: torch.nn.Module) -> int:
     """Bytes of model state this rank holds: its partition of every parameter (padding
     included), which is about 1/W of the model."""
