@@ -1,13 +1,13 @@
 """Stage 2c, calibrate with gradients: per-element gradient statistics of the targets.
 
 Taylor, OBD and SEVEN need dL/dw of every target weight. The model is already
-partitioned by `deepspeed.zero.Init` (partition.py), so a short-lived DeepSpeed ZeRO-3
+partitioned by `deepspeed.zero.Init` (sharding/partition.py), so a short-lived DeepSpeed ZeRO-3
 engine is built on it for the duration of the calibration pass: its hooks gather each
 layer for forward and backward, and its gradient hooks reduce-scatter every weight's
 gradient straight into the owning rank's partition, so no process ever holds a full
 gradient. The engine gets a client optimizer with lr=0 that is never stepped (DeepSpeed
 needs one to build its gradient partitions). Afterwards the engine is destroyed and
-everything it attached to the model is taken off again (dist_prune/engine.py).
+everything it attached to the model is taken off again (dist_prune/sharding/).
 
 Statistics are accumulated on each rank's own slice of each target, in the slice's
 layout (padding excluded), so scorers read them like `LocalSlice.weight`.
@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 from dist_prune.collectives import all_reduce_, any_rank, rank_and_world
 from dist_prune.errors import UserError
-from dist_prune.sharding.engine import temporary_engine
-from dist_prune.sharding.partition import local_range, local_weight, zero3_config
+from dist_prune.sharding.training import Training, open_training
 
 if TYPE_CHECKING:
     from dist_prune.masking import Target
@@ -87,8 +86,6 @@ def accumulate_gradient_stats(model: torch.nn.Module, windows: torch.Tensor, tar
     buffer and points the parameter at it, so a `local_weight` view taken before the call
     no longer aliases the parameter; take views afterwards.
     """
-    from deepspeed.utils import safe_get_local_grad
-
     unknown = set(stats) - set(STATS)
     if unknown:
         raise ValueError(f"unknown gradient statistics {sorted(unknown)} (known: {', '.join(STATS)})")
@@ -110,19 +107,16 @@ def accumulate_gradient_stats(model: torch.nn.Module, windows: torch.Tensor, tar
         return {}
     dummy_len = max(lengths)
 
-    params = list({id(t.param): t.param for t in targets}.values())
-    dtype = params[0].ds_tensor.dtype
-    target_ids = {id(p) for p in params}
-    config = zero3_config(dtype)
-    config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
-                  steps_per_print=2**31 - 1, wall_clock_breakdown=False)
-    if dtype == torch.float16:
-        config["fp16"] = {"enabled": True, "loss_scale": FP16_LOSS_SCALE}
-    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)  # never stepped
-    with temporary_engine(model, optimizer, config, trainable=lambda p: id(p) in target_ids) as engine:
-        engine.module.eval()
-        return _run(engine, windows, targets, tokens, world, micro_batch, dummy_len, seven_betas,
-                    set(stats), safe_get_local_grad)
+    target_ids = {id(t.param) for t in targets}
+
+    def never_stepped(params):  # DeepSpeed builds its gradient partitions for an optimizer
+        return torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
+
+    with open_training(model, 3, targets, never_stepped, trainable=lambda p: id(p) in target_ids,
+                       micro_batch=micro_batch, static_loss_scale=FP16_LOSS_SCALE) as training:
+        training.train(False)
+        return _run(training, windows, targets, tokens, world, micro_batch, dummy_len, seven_betas,
+                    set(stats))
 
 
 def new_stats(size: int, keep: Collection[str], device=None) -> dict[str, torch.Tensor]:
@@ -151,39 +145,34 @@ def update_stats(acc: dict[str, torch.Tensor], grad: torch.Tensor, weight: torch
         acc["movement"].sub_(weight.to(torch.float32) * grad)
 
 
-def _run(engine, windows, targets, tokens, world, micro_batch, dummy_len, betas, keep,
-         safe_get_local_grad) -> dict[str, dict[str, torch.Tensor]]:
-    device = engine.device
+def _run(training: Training, windows, targets, tokens, world, micro_batch, dummy_len, betas,
+         keep) -> dict[str, dict[str, torch.Tensor]]:
+    device = training.device
     acc: dict[str, dict[str, torch.Tensor]] = {}
-    sizes = {}
     for t in targets:
-        start, stop = local_range(t.param)
-        sizes[t.name] = stop - start
-        acc[t.name] = new_stats(stop - start, keep, t.param.ds_tensor.device)
-    loss_scale = float(getattr(engine.optimizer, "loss_scale", 1.0))
+        view = training.local_weight(t)
+        acc[t.name] = new_stats(view.numel(), keep, view.device)
+    loss_scale = training.loss_scale
     for step, step_tokens in enumerate(tokens):
         chunk = windows[step * micro_batch: (step + 1) * micro_batch]
         scale = world / step_tokens  # DeepSpeed divides by world: g = grad of the global mean
         if len(chunk) == 0:  # this rank's windows have run out: a zero-loss padding step
             chunk, scale = torch.zeros(1, dummy_len, dtype=windows.dtype), 0.0
         chunk = chunk.to(device)
-        logits = engine(input_ids=chunk, use_cache=False).logits
+        logits = training.logits(chunk)
         nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                               chunk[:, 1:].reshape(-1), reduction="sum")
-        engine.backward(nll * scale)
+        training.backward(nll * scale)
         del logits, nll
         for t in targets:
-            # ZeRO-3's gradient partition has the padded length of param.ds_tensor
-            # (ceil(numel / W)); the last rank's tail is padding. It may be DeepSpeed's own
-            # buffer: never modify it in place.
-            grad = safe_get_local_grad(t.param)[: sizes[t.name]].to(torch.float32)
+            grad = training.local_grad(t)  # a copy, padding cut off
             if loss_scale != 1.0:
                 grad = grad / loss_scale
-            weight_now = local_weight(t.param) if {"seven", "movement"} & keep else None
+            weight_now = training.local_weight(t) if {"seven", "movement"} & keep else None
             update_stats(acc[t.name], grad, weight_now, step, betas)
         # reset the partitioned gradients: ZeRO-3 copies (does not accumulate) into them at
         # the next backward only once its micro-step counter is back at 0
-        engine.optimizer.zero_grad()
+        training.zero_grad()
     steps = torch.tensor(len(tokens), dtype=torch.long)
     finite = all(bool(torch.isfinite(v).all()) for a in acc.values() for v in a.values())
     if any_rank(not finite):  # every rank raises, or none

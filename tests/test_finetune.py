@@ -150,10 +150,10 @@ def _interrupted_and_resumed(model_dir: str, out_dir: str, train, evalw, stage: 
         overrides[overrides.index("prune.method=seven")] = "prune.method=magnitude"
     cfg = load_config(None, overrides)
 
-    def save(state, engine, metrics):
+    def save(state, training, metrics):
         directory = Path(out_dir) / f"ckpt-{stage}-{state.step}"
         directory.mkdir(exist_ok=True)
-        save_train_state(directory, state, engine, engine.module, stage, {"metrics": metrics})
+        save_train_state(directory, state, training, {"metrics": metrics})
 
     job = WorkerJob(to_dict(cfg), model_dir, None, evalw, f"{out_dir}/full-{stage}", {}, training=train)
     run_worker(job, Hooks(checkpoint=save))

@@ -98,3 +98,46 @@ def test_no_isinstance_on_structure_classes_outside_their_modules():
                 if any(getattr(k, "id", None) in classes for k in kinds):
                     offences.append(f"{name}:{node.lineno}")
     assert offences == []
+
+
+# DeepSpeed's own attributes of a partitioned parameter or of its optimizer
+_DEEPSPEED_INTERNALS = {"ds_tensor", "ds_shape", "ds_numel", "ds_process_group", "ds_id", "_hp_mapping",
+                        "fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
+                        "zero_optimization_stage"}
+
+
+def _deepspeed_uses(modules: dict[str, ast.Module]) -> list[str]:
+    """Imports of deepspeed, reads of its internals and branches on a ZeRO stage number
+    (`stage == 3`), outside dist_prune/sharding/ (config validation may check the stage a user
+    chose; comparing a checkpoint's stage with the run's is no branch)."""
+    offences = []
+    for name, tree in modules.items():
+        if name.startswith("dist_prune.sharding"):
+            continue
+        for node in ast.walk(tree):
+            imported = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(m.split(".")[0] == "deepspeed" for m in imported):
+                offences.append(f"{name}:{node.lineno} imports deepspeed")
+            if isinstance(node, ast.Attribute) and node.attr in _DEEPSPEED_INTERNALS:
+                offences.append(f"{name}:{node.lineno} reads {node.attr}")
+            if isinstance(node, ast.Compare) and not name.startswith("dist_prune.config"):
+                sides = [node.left, *node.comparators]
+                numbers = [s for s in sides if isinstance(s, ast.Constant) and isinstance(s.value, int)]
+                if numbers and any(ast.unparse(s).split(".")[-1] in ("stage", "zero_stage") for s in sides):
+                    offences.append(f"{name}:{node.lineno} tests a ZeRO stage")
+    return offences
+
+
+def test_deepspeed_is_touched_only_by_the_sharding_package():
+    """One adapter per ZeRO stage (sharding/training.py) and the partitioned build
+    (sharding/partition.py): no other module imports deepspeed, reads its attributes or
+    branches on the stage."""
+    assert _deepspeed_uses(_modules()) == []
+
+
+def test_the_deepspeed_check_finds_each_kind_of_use():
+    tree = ast.parse("import deepspeed.comm\nx = p.ds_tensor\nif ft.zero_stage == 3:\n    pass\n")
+    assert _deepspeed_uses({"dist_prune.train.loop": tree}) == [
+        "dist_prune.train.loop:1 imports deepspeed", "dist_prune.train.loop:2 reads ds_tensor",
+        "dist_prune.train.loop:3 tests a ZeRO stage"]

@@ -34,7 +34,7 @@ def temporary_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
     contiguous buffer and points the parameter at it, so a `local_weight` view taken
     before the block no longer aliases the parameter; take views inside or after it.
     """
-    import deepspeed
+    import deepspeed  # lazy: sharding/__init__.py
 
     state = _snapshot(model)
     for p in model.parameters():
@@ -84,7 +84,7 @@ def _restore(model: torch.nn.Module, state: _State) -> None:
     pre_bwd_fn, ...), nor `param._z3_optimizer`, which would keep the optimizer's fp32
     copies and gradient buffers alive. Anything not there before the call goes.
     """
-    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero import parameter_offload  # lazy: sharding/__init__.py
 
     for m in model.modules():
         for d, before in state.module_hooks.get(id(m), {}).items():
@@ -119,7 +119,7 @@ def init_distributed(backend: str) -> None:
     zero.Init use that layer's backend, not torch.distributed's default group directly).
     Reads RANK, WORLD_SIZE, MASTER_ADDR/PORT as torch.distributed does; a no-op for the group
     if one exists already (Ray Train made it)."""
-    import deepspeed
+    import deepspeed  # lazy: sharding/__init__.py
 
     deepspeed.init_distributed(dist_backend=backend)
 

@@ -92,7 +92,7 @@ def local_weight(param: torch.nn.Parameter) -> torch.Tensor:
 def gathered(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
     """Full parameters on every rank inside the block, partitions again after it.
     Collective: every rank must enter with the same parameters."""
-    import deepspeed
+    import deepspeed  # lazy: sharding/__init__.py
 
     with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
         yield
@@ -112,7 +112,7 @@ def import_model_code(config, *, trust_remote_code: bool = False) -> type | None
     """
     import torch._dynamo  # noqa: F401  (the import that must not run under zero.Init)
     import transformers.modeling_utils  # noqa: F401
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy, and imported here on purpose (docstring)
 
     try:
         # the lazy auto mapping imports the architecture's modeling module on look-up
@@ -127,8 +127,8 @@ def import_model_code(config, *, trust_remote_code: bool = False) -> type | None
 def build_partitioned_model(model_dir: Path, checkpoint: Checkpoint, dtype: torch.dtype,
                             *, trust_remote_code: bool = False, progress=None) -> torch.nn.Module:
     """The model of `model_dir`, each rank holding only its ZeRO-3 slice of every parameter."""
-    import deepspeed
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import deepspeed  # lazy: sharding/__init__.py
+    from transformers import AutoConfig, AutoModelForCausalLM  # lazy: heavy, workers only
     from transformers.initialization import no_init_weights
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -1,7 +1,8 @@
 """Stage 6, tune: Sparse-NEFT fine-tuning on the workers, masks kept at every step.
 
-Read `finetune` top to bottom: a DeepSpeed engine (ZeRO stage 3 on the partitioned
-model itself, or stage 2 on a whole copy) with a client AdamW; every optimizer step
+Read `finetune` top to bottom: training at one ZeRO stage (dist_prune/sharding/training.py:
+stage 3 on the partitioned model itself, or stage 2 on a whole copy) with a client AdamW;
+every optimizer step
   1. re-selects the masks if the cubic schedule says so (before any noise is drawn),
   2. runs the micro-batches with NEFTune noise on the input embeddings,
   3. zeroes the gradients of pruned weights, steps, re-applies the masks,
@@ -21,14 +22,13 @@ import torch.nn.functional as F
 
 from dist_prune.collectives import all_reduce_, rank_and_world
 from dist_prune.config import JobConfig, scope_of
-from dist_prune.sharding.engine import temporary_engine
 from dist_prune.gradients import new_stats, update_stats
 from dist_prune.layerwise import LayerRunner
 from dist_prune.masking import Target
 from dist_prune.methods import METHODS
-from dist_prune.sharding.partition import gathered, local_range, local_weight, zero3_config
 from dist_prune.report import progress
-from dist_prune.train.masks import NoMasks, Zero2Masks, Zero3Masks, local_slices_of
+from dist_prune.sharding.training import Training, open_training
+from dist_prune.train.masks import KeptMasks, NoMasks
 from dist_prune.train.neftune import NEFTune, DynamicAlpha
 from dist_prune.train.resume import load_train_state
 from dist_prune.train.schedule import cubic_sparsity, is_pruning_step, lr_factor, rank_share, step_windows
@@ -36,51 +36,41 @@ from dist_prune.train.state import Hooks, TrainState
 
 
 def finetune(model: torch.nn.Module, targets: list[Target], masks: dict[str, torch.Tensor],
-             cfg: JobConfig, windows: torch.Tensor, eval_windows: torch.Tensor | None,
+             cfg: JobConfig, windows: torch.Tensor, eval_windows: dict[str, torch.Tensor],
              hooks: Hooks, teacher: torch.nn.Module | None = None) -> TrainState:
     """Fine-tune `model` (ZeRO-3 partitioned, already masked) for `finetune.steps` steps.
     `windows` are ALL training windows (every rank sees the same tensor and takes its
-    share of each step). `teacher`: the dense model in its own ZeRO-3 partitions, for
+    share of each step); `eval_windows` the evaluation texts by metric suffix ("" for eval.path,
+    ".<stem>" for each of eval.extra_paths), all windows of each. `teacher`: the dense model in its own ZeRO-3 partitions, for
     distillation (finetune.distill.beta > 0). Returns the final state; the model's
     partitions hold the tuned weights and `state.masks` the final masks. Collective."""
     ft = cfg.finetune
     rank, world = rank_and_world()
-    dtype = next(iter(model.parameters())).ds_tensor.dtype
-    config = zero3_config(dtype)
-    config["zero_optimization"]["stage"] = ft.zero_stage
-    config.update(train_micro_batch_size_per_gpu=ft.micro_batch_size,
-                  gradient_accumulation_steps=ft.gradient_accumulation_steps,
-                  gradient_clipping=ft.max_grad_norm, steps_per_print=2**31 - 1,
-                  wall_clock_breakdown=False)
-    trained = model if ft.zero_stage == 3 else materialize(model)
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=ft.lr, betas=tuple(ft.betas),
-                                  weight_decay=ft.weight_decay)
+
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=ft.lr, betas=tuple(ft.betas), weight_decay=ft.weight_decay)
+
     state = TrainState(masks=dict(masks))
-    with temporary_engine(trained, optimizer, config, trainable=lambda p: True) as engine:
+    with open_training(model, ft.zero_stage, targets, adamw, micro_batch=ft.micro_batch_size,
+                       accumulation=ft.gradient_accumulation_steps, max_grad_norm=ft.max_grad_norm) as training:
         pruned_any = all_reduce_(torch.tensor([sum(int(m.sum()) for m in state.masks.values())]))
         if cfg.prune.schedule == "oneshot" and hooks.resume is None and int(pruned_any) == 0:
             keeper = NoMasks(state.masks)  # a dense fine-tune
-        elif ft.zero_stage == 3:
-            keeper = Zero3Masks(engine, targets, state.masks)
         else:
-            keeper = Zero2Masks(engine, trained, targets, state.masks)
+            keeper = KeptMasks(training, state.masks)
         if hooks.resume is not None:
-            state = load_train_state(hooks.resume, engine, trained, targets, ft.zero_stage)
+            state = load_train_state(hooks.resume, training, targets)
             keeper.update(state.masks)
-        noise = NEFTune(trained.get_input_embeddings(), ft.neftune.alpha, cfg.seed, rank)
+        noise = NEFTune(training.module.get_input_embeddings(), ft.neftune.alpha, cfg.seed, rank)
         try:
-            _loop(engine, trained, targets, keeper, noise, cfg, windows, eval_windows, hooks, state,
+            _loop(training, targets, keeper, noise, cfg, windows, eval_windows, hooks, state,
                   None if teacher is None else LayerRunner(teacher))
         finally:
             noise.remove()
-            if isinstance(keeper, Zero2Masks):
-                keeper.remove()
-    if trained is not model:
-        copy_into_partitions(trained, model)
     return state
 
 
-def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_windows,
+def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, eval_windows,
           hooks: Hooks, state: TrainState, teacher: LayerRunner | None) -> None:
     ft, prune = cfg.finetune, cfg.prune
     rank, world = rank_and_world()
@@ -90,14 +80,14 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
     keep = set(method.stats) if gradual else set()
     if keep and not state.stats:
         # on the partitions' device: the steps' gradients and weights are added there
-        state.stats = {t.name: new_stats(_size(t), keep, local_weight(t.param).device) for t in targets}
+        state.stats = {t.name: new_stats(view.numel(), keep, view.device)
+                       for t in targets for view in [training.local_weight(t)]}
     dynamic = DynamicAlpha(ft.neftune.alpha) if ft.neftune.dynamic else None
     if dynamic is not None and state.alpha:
         dynamic.load_state_dict(state.alpha)
     global_batch = ft.micro_batch_size * world * ft.gradient_accumulation_steps
-    device = engine.device
+    device = training.device
 
-    params = dict(model.named_parameters())  # stage 2: the whole weights by name
     step_seconds: list[float] = []
     bar = progress(ft.steps, "fine-tune", enabled=rank == 0)
     bar.update(state.step)
@@ -106,37 +96,35 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
         sparsity = None
         if gradual and is_pruning_step(step, prune.start_step, end, prune.interval):
             sparsity = cubic_sparsity(step, prune.initial_sparsity, prune.sparsity, prune.start_step, end)
-            state.masks = reselect(targets, state, method, cfg, sparsity, model, ft.zero_stage)
+            state.masks = reselect(targets, state, method, cfg, sparsity, training)
             keeper.update(state.masks)  # pruning happens before this step's noise
         factor = lr_factor(step, ft.warmup_steps, ft.steps, ft.lr_schedule)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = ft.lr * factor
+        training.set_lr(ft.lr * factor)
         noise.alpha = dynamic.value() if dynamic is not None else ft.neftune.alpha
 
-        engine.train()
+        training.train()
         batch = step_windows(step, windows.shape[0], global_batch, cfg.seed)
         micro_batches = rank_share(batch, rank, world, ft.micro_batch_size)
         loss_sum, grads = 0.0, None
         for micro, indices in enumerate(micro_batches):
             noise.at(step, micro)
             ids = windows[indices].to(device)
-            logits = engine(input_ids=ids, use_cache=False).logits
+            logits = training.logits(ids)
             vocab = logits.shape[-1]
             soft = None if teacher is None else teacher.logits(ids)[:, :-1].float().reshape(-1, vocab)
             loss = distill_loss(logits[:, :-1].float().reshape(-1, vocab), soft, ids[:, 1:].reshape(-1),
                                 ft.distill.beta if teacher is not None else 0.0, ft.distill.temperature)
-            engine.backward(loss)
+            training.backward(loss)
             loss_sum += loss.item()
-            if engine.is_gradient_accumulation_boundary():
+            if training.at_step_boundary():
                 keeper.mask_gradients()
                 if keep:
-                    grads = {t.name: _local_grad(t, model, ft.zero_stage) for t in targets}
-            engine.step()
+                    grads = {t.name: training.local_grad(t) for t in targets}
+            training.step()
         keeper.apply()
         if grads is not None:  # SEVENdyn: "after each optimizer step"; movement: -w*g
             for t in targets:
-                update_stats(state.stats[t.name], grads[t.name],
-                             _local_view(t, params, ft.zero_stage), step)
+                update_stats(state.stats[t.name], grads[t.name], training.local_weight(t), step)
         loss_mean = all_reduce_(torch.tensor([loss_sum / len(micro_batches)], dtype=torch.float64))
         loss_mean = loss_mean.item() / world
         if dynamic is not None:
@@ -154,8 +142,9 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
                         "train/sparsity": current_sparsity(targets, state.masks),
                         "train/step_seconds": sum(step_seconds) / len(step_seconds)})
             step_seconds = []
-        if eval_windows is not None and ((ft.eval_interval and state.step % ft.eval_interval == 0) or done):
-            row["eval/perplexity"] = engine_perplexity(engine, eval_windows, ft.zero_stage)
+        if eval_windows and ((ft.eval_interval and state.step % ft.eval_interval == 0) or done):
+            for suffix, ids in eval_windows.items():
+                row[f"eval/perplexity{suffix}"] = training_perplexity(training, ids)
         if row:
             state.history.append({"step": state.step, **row})
             hooks.log(state.step, row)
@@ -163,7 +152,7 @@ def _loop(engine, model, targets, keeper, noise, cfg: JobConfig, windows, eval_w
                 bar.set_description(f"fine-tune (loss {row['train/loss']:.3f})")
         if hooks.checkpoint is not None and ft.checkpoint_interval and not done \
                 and state.step % ft.checkpoint_interval == 0:
-            hooks.checkpoint(state, engine, hooks.metrics)
+            hooks.checkpoint(state, training, hooks.metrics)
     bar.close()
 
 
@@ -182,13 +171,12 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Te
 
 
 def reselect(targets: list[Target], state: TrainState, method, cfg: JobConfig, sparsity: float,
-             model, stage: int) -> dict[str, torch.Tensor]:
+             training: Training) -> dict[str, torch.Tensor]:
     """New masks at `sparsity` from the current weights and training statistics; pruned
     weights stay pruned (their score is -inf), so masks only grow. Collective."""
     from dist_prune.pruning import select_and_mask  # the same exact selection as one-shot
 
-    params = dict(model.named_parameters())
-    views = {t.name: _local_view(t, params, stage) for t in targets}
+    views = {t.name: training.local_weight(t) for t in targets}
     prune = cfg.prune
     prune_cfg = type(prune)(**{**vars(prune), "sparsity": sparsity})
     return select_and_mask(targets, state.stats, method, prune_cfg, scope_of(prune),
@@ -201,75 +189,26 @@ def current_sparsity(targets: list[Target], masks: dict[str, torch.Tensor]) -> f
     return all_reduce_(counts).item() / max(sum(t.numel for t in targets), 1)
 
 
-def engine_perplexity(engine, windows: torch.Tensor, stage: int) -> float:
+def training_perplexity(training: Training, windows: torch.Tensor) -> float:
     """Perplexity of the model being trained, over this rank's and the others' windows.
-    Under ZeRO-3 every forward gathers weights collectively, so all ranks run the same
+    Where every forward gathers weights collectively (ZeRO-3), all ranks run the same
     number of forwards (a rank out of windows runs a dummy one and ignores it)."""
     rank, world = rank_and_world()
     mine = windows[rank::world]
     counts = all_reduce_(torch.tensor([mine.shape[0] if r == rank else 0 for r in range(world)]))
-    rounds = int(counts.max()) if stage == 3 else mine.shape[0]
-    was_training = engine.module.training
-    engine.eval()
+    rounds = int(counts.max()) if training.collective_forward else mine.shape[0]
+    was_training = training.module.training
+    training.train(False)
     totals = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for i in range(rounds):
             real = i < mine.shape[0]
-            ids = (mine[i:i + 1] if real else windows[:1]).to(engine.device)
-            logits = engine(input_ids=ids, use_cache=False).logits
+            ids = (mine[i:i + 1] if real else windows[:1]).to(training.device)
+            logits = training.logits(ids)
             if real:
                 nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                       ids[:, 1:].reshape(-1), reduction="sum")
                 totals += torch.tensor([nll.item(), ids.shape[1] - 1], dtype=torch.float64)
-    engine.train(was_training)
+    training.train(was_training)
     all_reduce_(totals)
     return math.exp(totals[0].item() / totals[1].item()) if totals[1] > 0 else float("nan")
-
-
-# ---------------------------------------------------------------- stage 2: a whole copy
-
-def materialize(model: torch.nn.Module) -> torch.nn.Module:
-    """A plain (unpartitioned) copy of a ZeRO-3 partitioned model, gathered one parameter at a
-    time, for ZeRO stage 2 (which partitions gradients and optimizer state only)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    dtype = next(iter(model.parameters())).ds_tensor.dtype
-    with no_init_weights():
-        whole = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
-    params = dict(whole.named_parameters())
-    for name, p in model.named_parameters():
-        with gathered([p]):
-            params[name].data.copy_(p.data.reshape(params[name].shape))
-    whole.train(model.training)
-    return whole
-
-
-def copy_into_partitions(whole: torch.nn.Module, model: torch.nn.Module) -> None:
-    """Write the trained whole weights back into this rank's ZeRO-3 slices."""
-    params = dict(whole.named_parameters())
-    for name, p in model.named_parameters():
-        start, stop = local_range(p)
-        local_weight(p).copy_(params[name].data.reshape(-1)[start:stop])
-
-
-def _size(t: Target) -> int:
-    start, stop = local_range(t.param)
-    return stop - start
-
-
-def _local_view(t: Target, params: dict[str, torch.nn.Parameter], stage: int) -> torch.Tensor:
-    """This rank's slice of the current weights, in the pruning layout (`params`: the trained
-    model's parameters by name, looked up once per step by the caller)."""
-    if stage == 3:
-        return local_weight(t.param)
-    return local_slices_of(params[t.name].data, t)
-
-
-def _local_grad(t: Target, model, stage: int) -> torch.Tensor:
-    """This rank's slice of the step's averaged gradient (fp32, a copy)."""
-    if stage == 3:
-        from deepspeed.utils import safe_get_local_grad
-
-        return safe_get_local_grad(t.param)[: _size(t)].to(torch.float32, copy=True)
-    raise NotImplementedError("training-time scores need finetune.zero_stage 3")

@@ -26,6 +26,6 @@ class Hooks:
     """What the loop reports to the outside world (rank-0 MLflow logging, Ray checkpoints)."""
 
     log: Callable[[int, dict], None] = lambda step, metrics: None
-    checkpoint: Callable[[TrainState, object, dict], None] | None = None  # (state, engine, metrics)
+    checkpoint: Callable[[TrainState, object, dict], None] | None = None  # (state, Training, metrics)
     resume: Path | None = None  # a checkpoint directory to restore from (resume.py)
     metrics: dict = field(default_factory=dict)  # the job's metrics so far, saved with checkpoints
