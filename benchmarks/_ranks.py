@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DIST_PRUNE_DATA", ROOT.parent / "shared" / "data")) / "wikitext-2"
 RESULTS = ROOT / "benchmarks" / "results"
+SECOND_TEXT = ROOT / "benchmarks" / "data" / "fortunes.txt"  # benchmarks/second_text.py
 
 
 def run_ranks(fn, *args, world: int = 2):
@@ -61,7 +62,8 @@ def run_job(overrides: list[str], data: dict, hooks=None) -> dict:
     cfg = load_config(None, [f"model.path={data['model']}", *overrides])
     with tempfile.TemporaryDirectory() as tmp:
         job = WorkerJob(to_dict(cfg), data["model"], data["calibration"], data["evaluation"],
-                        f"{tmp}/export", {}, training=data.get("training"))
+                        f"{tmp}/export", {}, training=data.get("training"),
+                        more_evaluation=data.get("more_evaluation", {}))
         started = time.perf_counter()
         metrics = run_worker(job, hooks)
         metrics["seconds_total"] = time.perf_counter() - started
@@ -78,7 +80,9 @@ def tokens(model_dir: Path, *, calibration: tuple[int, int] = (32, 512), evaluat
            training_seq_len: int | None = None) -> dict:
     """Token windows of WikiText-2: `calibration` (windows, tokens) at seeded random offsets of
     valid, `evaluation` (windows, tokens) from the start of test, and with `training_seq_len`
-    every consecutive window of valid for fine-tuning."""
+    every consecutive window of valid for fine-tuning. `more_evaluation`: the same windows from
+    the start of the second, out-of-domain text (benchmarks/second_text.py), reported as
+    perplexity_<stage>.fortunes."""
     from transformers import AutoTokenizer
 
     from dist_prune.data import calibration_windows, eval_windows, tokenize, training_windows
@@ -87,7 +91,9 @@ def tokens(model_dir: Path, *, calibration: tuple[int, int] = (32, 512), evaluat
     valid = tokenize((DATA / "valid.txt").read_text(), tokenizer)
     test = tokenize((DATA / "test.txt").read_text(), tokenizer)
     data = {"model": str(model_dir), "calibration": calibration_windows(valid, *calibration, 0, source="valid"),
-            "evaluation": eval_windows(test, *evaluation, source="test")}
+            "evaluation": eval_windows(test, *evaluation, source="test"),
+            "more_evaluation": {SECOND_TEXT.stem: eval_windows(tokenize(SECOND_TEXT.read_text(), tokenizer),
+                                                               *evaluation, source=SECOND_TEXT.name)}}
     if training_seq_len is not None:
         data["training"] = training_windows(valid, training_seq_len, source="valid")
     return data

@@ -59,8 +59,11 @@ REFERENCE.update({k.replace("wanda/", "wanda-1pass/"): v for k, v in REFERENCE.i
 SMOLLM2 = "SmolLM2-135M-Instruct (fp32)"
 CALIBRATION = "{} x {} tokens of WikiText-2 valid (seed 0)"
 EVALUATION = "the first {} x {} tokens of WikiText-2 test"
+# the out-of-domain text nothing is calibrated or tuned on (benchmarks/second_text.py)
+SECOND_EVALUATION = "the first {} x {} tokens of benchmarks/data/fortunes.txt (Debian fortunes)"
+SECOND = "perplexity_{}.fortunes"
 PRUNE_STAGES = ("seconds_calibrate", "seconds_score+select+mask")
-TABLE_HEADER = ("| method | structure | sparsity | pruned | perplexity | llm-compressor | ratio | prune s "
+TABLE_HEADER = ("| method | structure | sparsity | pruned | perplexity | fortunes | llm-compressor | ratio | prune s "
                 "| llm-compressor s | ratio | total s |")
 
 
@@ -117,7 +120,8 @@ def _rank_main(rank: int, runs: list[dict], data: dict, path: str, header: dict,
                                        "first_in_call": index == 0, "machine": header["machine"],
                                        "command": header["command"], "date": time.strftime("%Y-%m-%d %H:%M")}
         if dense:
-            results["dense"] = {"perplexity": metrics["perplexity_dense"], "run": run["key"]}
+            results["dense"] = {"perplexity": metrics["perplexity_dense"], "run": run["key"],
+                                "perplexity_fortunes": metrics[SECOND.format("dense")]}
         save(Path(path), results)
         refs = references(results, run["targets"])
         print(f"[{index + 1}/{len(runs)}] {line(results['runs'][run['key']], refs)}", flush=True)
@@ -125,6 +129,8 @@ def _rank_main(rank: int, runs: list[dict], data: dict, path: str, header: dict,
 
 def load(path: Path, header: dict) -> dict:
     results = json.loads(path.read_text()) if path.is_file() else {"protocol": header["protocol"], "runs": {}}
+    if {**results["protocol"], "second_evaluation": header["protocol"]["second_evaluation"]} == header["protocol"]:
+        results["protocol"] = header["protocol"]  # runs from before the second text: blank there, --rerun fills
     if results["protocol"] != header["protocol"]:
         fail(f"{path} holds runs of another protocol ({results['protocol']}); choose another --name")
     return results
@@ -152,7 +158,7 @@ def row(run: dict, refs: dict) -> dict:
     prune_s = sum(m.get(k, 0.0) for k in PRUNE_STAGES)
     pruned = (f"{m['removed_fraction']:.1%} of params" if "removed_fraction" in m
               else f"{m['sparsity']:.4f} of targets")
-    return {"ppl": m["perplexity_sparse"], "ref_ppl": ref and ref[0], "prune_s": prune_s, "ref_s": ref and ref[1],
+    return {"ppl": m["perplexity_sparse"], "ppl2": m.get(SECOND.format("sparse")), "ref_ppl": ref and ref[0], "prune_s": prune_s, "ref_s": ref and ref[1],
             "total_s": m["seconds_total"], "pruned": pruned}
 
 
@@ -161,7 +167,7 @@ def line(run: dict, refs: dict) -> str:
     ref = f" (llm-compressor {r['ref_ppl']:g}, x{r['ppl'] / r['ref_ppl']:.3f})" if r["ref_ppl"] else ""
     dense = f", dense {run['metrics']['perplexity_dense']:.2f}" if run["dense_evaluated"] else ""
     return (f"{run['targets']} {run['method']} {run['structure']} {run['sparsity']:g}: perplexity "
-            f"{r['ppl']:.2f}{ref}{dense}, pruned {r['pruned']}, prune {r['prune_s']:.1f} s, "
+            f"{r['ppl']:.2f}{ref}{dense}, fortunes {_num(r['ppl2'], '.2f')}, pruned {r['pruned']}, prune {r['prune_s']:.1f} s, "
             f"total {r['total_s']:.1f} s")
 
 
@@ -173,7 +179,9 @@ def _order(run: dict) -> tuple:
 def markdown(results: dict) -> list[str]:
     p = results["protocol"]
     lines = [f"# Pruning quality: {p['model']}", "",
-             (f"Calibration {p['calibration']}; perplexity on {p['evaluation']}; the worker recipe on "
+             (f"Calibration {p['calibration']}; perplexity on {p['evaluation']} and, in the fortunes column, "
+              f"on {p.get('second_evaluation', '(not measured)')}, a text from another domain that nothing is "
+              f"calibrated or tuned on; the worker recipe on "
               f"{p['world']} gloo ranks x 1 thread (`benchmarks/quality.py`). Prune s = calibrate + score + "
               "select + mask; total s = the whole recipe (load, prune, evaluate, export to a temporary "
               "directory). Ratios are ours / llm-compressor's."), ""]
@@ -189,12 +197,13 @@ def markdown(results: dict) -> list[str]:
                   TABLE_HEADER, "|---" * TABLE_HEADER.count(" | ") + "|---|"]
         if dense is not None:
             ref = refs.get("dense", (None,))[0]
-            lines.append(f"| dense | | | | {dense:.2f} | {_num(ref)} | {_ratio(dense, ref)} | | | | |")
+            second = _num(results["dense"].get("perplexity_fortunes"), ".2f")
+            lines.append(f"| dense | | | | {dense:.2f} | {second} | {_num(ref)} | {_ratio(dense, ref)} | | | | |")
         for run in runs:
             r = row(run, refs)
             star = " *" if run.get("first_in_call") else ""
             lines.append(f"| {run['method']} | {run['structure']} | {run['sparsity']:g} | {r['pruned']} | "
-                         f"{r['ppl']:.2f} | {_num(r['ref_ppl'])} | {_ratio(r['ppl'], r['ref_ppl'])} | "
+                         f"{r['ppl']:.2f} | {_num(r['ppl2'], '.2f')} | {_num(r['ref_ppl'])} | {_ratio(r['ppl'], r['ref_ppl'])} | "
                          f"{r['prune_s']:.1f} | {_num(r['ref_s'])} | {_ratio(r['prune_s'], r['ref_s'])} | "
                          f"{r['total_s']:.1f}{star} |")
         lines.append("")
@@ -207,8 +216,8 @@ def markdown(results: dict) -> list[str]:
     return lines
 
 
-def _num(x) -> str:
-    return "" if x is None else f"{x:g}"
+def _num(x, spec: str = "g") -> str:
+    return "" if x is None else format(x, spec)
 
 
 def _ratio(ours, ref) -> str:
@@ -328,7 +337,8 @@ def main() -> None:
     path = RESULTS / f"{args.name}.json"
     protocol = {"model": SMOLLM2 if args.model is None else str(model_dir),
                 "calibration": CALIBRATION.format(args.calib_samples, args.seq_len),
-                "evaluation": EVALUATION.format(args.eval_windows, args.seq_len), "world": args.world}
+                "evaluation": EVALUATION.format(args.eval_windows, args.seq_len), "world": args.world,
+                "second_evaluation": SECOND_EVALUATION.format(args.eval_windows, args.seq_len)}
     header = {"protocol": protocol, "machine": machine(args.world),
               "command": shlex.join(["python", "benchmarks/quality.py", *sys.argv[1:]])}
     results = load(path, header)
@@ -351,7 +361,8 @@ def main() -> None:
         data = tokens(model_dir, calibration=(args.calib_samples, args.seq_len),
                       evaluation=(args.eval_windows, args.seq_len))
         try:
-            run_ranks(_rank_main, runs, data, str(path), header, "dense" not in results, world=args.world)
+            run_ranks(_rank_main, runs, data, str(path), header,
+                      "perplexity_fortunes" not in results.get("dense", {}), world=args.world)
         finally:  # what finished is in the JSON: redraw the table even after a failure
             _write(load(path, header), args)
     else:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 __version__ = "0.1.0"
 
 
 def git_commit() -> str | None:
     """The commit of the dist-prune checkout this runs from (lineage), None if not a checkout."""
-    import subprocess
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     if not (root / ".git").exists():
         return None

@@ -121,9 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"registered {registered.uri} ({registered.alias_uri})")
         elif args.command == "keys":
             from dist_prune.config import describe_keys
+            from dist_prune.methods import describe_methods  # imports torch: only this command
 
             for key, default, help in describe_keys():
                 print(f"{key:<34} {default:<22} {help}")
+            print("\nprune.method:")
+            for line in describe_methods():
+                print(f"  {line}")
         elif args.command in ("submit", "status", "logs", "stop", "jobs"):
             from launch.jobs import main as job_command
 

@@ -107,7 +107,7 @@ def read_training_text(path: str | None, *, text_column: str = "text", split: st
     if path is None or not Path(path).is_dir():
         return read_text(path, role="finetune")
     try:
-        import datasets
+        import datasets  # optional: only a `datasets` directory needs it
     except ImportError:
         raise UserError(f"finetune.data.path {path} is a directory: reading a `datasets` directory "
                         "needs `pip install datasets` (or give a text file)") from None

@@ -29,7 +29,8 @@ from dist_prune.report import StageTimer, layer_sparsity_plot, summary_table
 from dist_prune.methods import METHODS
 from dist_prune.structural import check_model
 from dist_prune.structures import check_shape, parse_structure
-from dist_prune.worker import WorkerJob
+from dist_prune.registry import check_registry, end_run, register_export, resolved_tracking_uri, start_run
+from dist_prune.worker import WorkerJob, ray_train_loop
 
 
 @dataclass
@@ -51,7 +52,7 @@ def prepare(cfg: JobConfig) -> WorkerJob:
             raise UserError(f"model.path {model_dir} is a {fmt} export; decompress it first "
                             f"(dist-prune pull MODEL_URI DIR --decompress)")
     checkpoint.check_finite()  # seconds here, not a cluster start, for a NaN in the weights
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: only prepare() needs transformers on the driver
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir,
@@ -61,7 +62,7 @@ def prepare(cfg: JobConfig) -> WorkerJob:
             raise UserError(f"{model_dir} needs its own code to load; review it, then set "
                             "model.trust_remote_code=true") from None
         raise
-    calibration = evaluation = None
+    calibration, evaluation, more_evaluation = None, None, {}
     check_target_shapes(cfg, checkpoint)
     if METHODS[cfg.prune.method].needs_calibration_data and cfg.prune.schedule == "oneshot":
         cal = cfg.data.calibration
@@ -72,6 +73,10 @@ def prepare(cfg: JobConfig) -> WorkerJob:
         ids = tokenize(read_text(cfg.eval.path, role="eval"), tokenizer)
         evaluation = eval_windows(ids, cfg.eval.num_windows, cfg.eval.seq_len,
                                   source=cfg.eval.path or "(built-in corpus)")
+        for path in cfg.eval.extra_paths:
+            ids = tokenize(read_text(path, role="eval"), tokenizer)
+            more_evaluation[Path(path).stem] = eval_windows(ids, cfg.eval.num_windows, cfg.eval.seq_len,
+                                                            source=path)
     training = None
     if cfg.finetune.steps > 0:
         data = cfg.finetune.data
@@ -88,7 +93,7 @@ def prepare(cfg: JobConfig) -> WorkerJob:
               "tensors_in_checkpoint": len(checkpoint.weight_map)}
     # absolute: Ray Train workers run in a directory of their own
     return WorkerJob(to_dict(cfg), str(model_dir.resolve()), calibration, evaluation, str(export_dir), report,
-                     training=training)
+                     training=training, more_evaluation=more_evaluation)
 
 
 def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
@@ -121,7 +126,7 @@ def check_target_shapes(cfg: JobConfig, checkpoint) -> None:
 def init_ray(cfg: JobConfig, *, extra_cpus: int = 0) -> None:
     """Connect to $RAY_ADDRESS, or start a local Ray sized for the job (plus `extra_cpus` for
     the drivers of sweep trials)."""
-    import ray
+    import ray  # lazy: Ray (about 1 s, and its log handlers) only once a job really starts
 
     if ray.is_initialized():
         return
@@ -167,7 +172,7 @@ def placeable_workers(nodes: list[dict], cpus: float, gpus: float, wanted: int) 
 def check_placement(cfg: JobConfig) -> None:
     """Ray Train waits forever for workers the cluster cannot place: refuse them in one line.
     (Against the nodes there now: an autoscaling cluster is judged by its current size.)"""
-    import ray
+    import ray  # lazy, as in init_ray
 
     c = cfg.cluster
     gpus = 1 if c.use_gpu else 0
@@ -182,10 +187,8 @@ def check_placement(cfg: JobConfig) -> None:
 
 def fit(job: WorkerJob, cfg: JobConfig) -> dict:
     """Run the workers; return rank 0's metrics. Worker UserErrors come back as UserErrors."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # lazy, as in init_ray
     from ray.train.torch import TorchTrainer
-
-    from dist_prune.worker import ray_train_loop
 
     # Ray's own default (~/ray_results) unless the config names one: not the working directory
     storage = None if cfg.cluster.storage_path is None else str(Path(cfg.cluster.storage_path).resolve())
@@ -204,7 +207,7 @@ def fit(job: WorkerJob, cfg: JobConfig) -> dict:
     try:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - re-raised unless it wraps a user mistake
-        user_error = _find_user_error(e)
+        user_error = find_user_error(e)
         if user_error is not None:
             raise UserError(user_error) from None
         raise
@@ -217,7 +220,7 @@ def fit(job: WorkerJob, cfg: JobConfig) -> dict:
     return metrics
 
 
-def _find_user_error(error: BaseException) -> str | None:
+def find_user_error(error: BaseException) -> str | None:
     """A UserError raised in a worker reaches the driver wrapped by Ray; find its message."""
     seen, stack = set(), [error]
     while stack:
@@ -257,14 +260,12 @@ def run(cfg: JobConfig, *, parent_run_id: str | None = None) -> JobResult:
     with timer("prepare"):
         job = prepare(cfg)
         if cfg.registry.enabled:  # before the workers: a finished model needs somewhere to go
-            from dist_prune.registry import check_registry
 
             check_registry(cfg.registry.tracking_uri)
     init_ray(cfg)
     check_placement(cfg)  # before the MLflow run: an impossible job leaves no trace there
     run_id = None
     if cfg.registry.enabled:  # opened now, so the workers can log training steps into it
-        from dist_prune.registry import end_run, resolved_tracking_uri, start_run
 
         tracking_uri = resolved_tracking_uri(cfg.registry.tracking_uri)
         run_id = start_run(tracking_uri, cfg.registry.experiment, run_name=Path(job.export_dir).name,
@@ -282,7 +283,6 @@ def run(cfg: JobConfig, *, parent_run_id: str | None = None) -> JobResult:
     plot = layer_sparsity_plot(manifest["tensors"], export_dir.parent / f"{export_dir.name}-layers.png")
     model_uri = None
     if cfg.registry.enabled:
-        from dist_prune.registry import register_export
 
         with timer("register"), _keep_export_on_failure(export_dir, cfg):
             registered = register_export(

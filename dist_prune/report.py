@@ -41,7 +41,7 @@ def progress(total: int, desc: str, *, enabled: bool):
     if not enabled or total <= 0:
         return _NoBar()
     try:
-        import ray
+        import ray  # lazy, and optional here: the bar is Ray's only inside a Ray job
 
         if ray.is_initialized():
             from ray.experimental.tqdm_ray import tqdm as ray_tqdm
@@ -49,7 +49,7 @@ def progress(total: int, desc: str, *, enabled: bool):
             return ray_tqdm(total=total, desc=desc)
     except ImportError:
         pass
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy, as ray above
 
     return tqdm(total=total, desc=desc)
 
@@ -61,6 +61,8 @@ def summary_table(metrics: dict, model_uri: str | None, export_dir: str) -> str:
               if "perplexity_pruned" in metrics else []),
             ("sparse perplexity" + (" (tuned)" if metrics.get("finetune_history") else ""),
              _fmt(metrics.get("perplexity_sparse"))),
+            *[(f"perplexity on {key.split('.', 1)[1]} ({key.split('.', 1)[0].removeprefix('perplexity_')})",
+               _fmt(value)) for key, value in metrics.items() if key.startswith("perplexity_") and "." in key],
             ("achieved sparsity", f"{metrics['sparsity']:.4f} "
                                   f"({metrics['pruned']:,} of {metrics['prunable']:,} weights)")]
     if "removed_fraction" in metrics:  # whole heads, channels or layers: the model got smaller
@@ -85,7 +87,7 @@ def _fmt(value) -> str:
 
 def layer_sparsity_plot(tensors: dict[str, dict], path: Path) -> Path:
     """Bar chart of the sparsity of each decoder layer's pruned weights (PNG)."""
-    import matplotlib
+    import matplotlib  # lazy: only the plot needs it (about 0.5 s to import)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

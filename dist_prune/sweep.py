@@ -21,8 +21,10 @@ from pathlib import Path
 
 import yaml
 
-from dist_prune.config import JobConfig, load_config, parse_overrides
+from dist_prune.config import JobConfig, config_from_dict, load_config, parse_overrides, to_dict
 from dist_prune.errors import UserError
+from dist_prune.job import find_user_error, init_ray, run
+from dist_prune.registry import end_run, resolved_tracking_uri, start_run
 
 TRIAL_CPU = 0.01
 # what the comparison table shows, in this order, when the trials report it
@@ -80,7 +82,6 @@ def trials_of(axes: dict[str, list[str]], plain: list[str]) -> list[Trial]:
 def configure(config_path: Path | None, trial: Trial, stamp: str) -> JobConfig:
     """The job config of one trial: its own export directory and alias, and every path made
     absolute (Ray Tune runs each trial in a directory of its own)."""
-    from dist_prune.registry import resolved_tracking_uri
 
     cfg = load_config(config_path, trial.overrides)
     base_dir = cfg.export.dir or f"exports/{cfg.registry.model_name}-sweep-{stamp}"
@@ -119,19 +120,16 @@ def run_sweep(config: str | None, items: list[str]) -> list[dict]:
 
     parent, tracking_uri = None, None
     if first.registry.enabled:
-        from dist_prune.registry import start_run
 
         tracking_uri = first.registry.tracking_uri
         parent = start_run(tracking_uri, first.registry.experiment, run_name=f"sweep-{stamp}",
                            artifact_location=first.registry.artifact_location)
-    from dist_prune.job import init_ray
 
     init_ray(first, extra_cpus=1)
     try:
         rows = _tune(trials, configs, parent, stamp, first)
     except BaseException:
         if parent is not None:
-            from dist_prune.registry import end_run
 
             end_run(tracking_uri, parent, "FAILED")
         raise
@@ -143,10 +141,7 @@ def run_sweep(config: str | None, items: list[str]) -> list[dict]:
 
 def _trial(config: dict) -> None:
     """One Ray Tune trial: a whole job."""
-    from ray import tune
-
-    from dist_prune.config import config_from_dict
-    from dist_prune.job import run
+    from ray import tune  # lazy: Ray loads only where a sweep runs (seconds, and its logging)
 
     result = run(config_from_dict(config["job"]), parent_run_id=config["parent"])
     tune.report({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
@@ -154,9 +149,7 @@ def _trial(config: dict) -> None:
 
 def _tune(trials: list[Trial], configs: list[JobConfig], parent: str | None, stamp: str,
           first: JobConfig) -> list[dict]:
-    from ray import tune
-
-    from dist_prune.config import to_dict
+    from ray import tune  # lazy, as in _trial
 
     space = {"job": tune.grid_search([to_dict(c) for c in configs]), "parent": parent}
     storage = Path(first.cluster.storage_path)
@@ -174,9 +167,8 @@ def _tune(trials: list[Trial], configs: list[JobConfig], parent: str | None, sta
         result = by_dir.get(json.dumps(to_dict(cfg), sort_keys=True))
         error = None if result is None else result.error
         if result is None or error is not None:
-            from dist_prune.job import _find_user_error
 
-            message = _find_user_error(error) if error is not None else None
+            message = find_user_error(error) if error is not None else None
             raise UserError(f"sweep {trial.name} ({trial.grid_values}) failed: "
                             f"{message or (str(error).splitlines() or ['no result'])[0]}")
         rows.append({"trial": trial.name, **trial.grid_values, **result.metrics})
@@ -195,7 +187,7 @@ def comparison_table(rows: list[dict], keys: list[str]) -> str:
 
 def _log_comparison(rows: list[dict], keys: list[str], tracking_uri: str, parent: str,
                     out_dir: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: only a sweep's comparison plot needs it (about 0.5 s)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

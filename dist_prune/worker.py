@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from dist_prune.methods import METHODS
 from dist_prune.sharding.partition import (DTYPES, build_partitioned_model, compute_dtype, full_shape, gathered,
                                            held_bytes, local_weight, model_device)
 from dist_prune.pruning import Pruned, prune
+from dist_prune.registry import StepLogger
 from dist_prune.report import StageTimer, progress
 from dist_prune.train.resume import read_meta, save_train_state
 from dist_prune.structural import Geometry, ShrinkPlan, member_targets, shrink_plan
@@ -52,6 +53,13 @@ class WorkerJob:
     report: dict  # extra keys for sparsity.json (method, config hash, source, ...)
     training: torch.Tensor | None = None  # [num_windows, seq_len] fine-tuning windows, or None
     mlflow: dict | None = None  # {"tracking_uri", "run_id"}: rank 0 logs step metrics there
+    more_evaluation: dict[str, torch.Tensor] = field(default_factory=dict)  # eval.extra_paths by stem
+
+    def evaluation_sets(self) -> dict[str, torch.Tensor]:
+        """Every evaluation text's windows by metric suffix: "" for eval.path, ".<stem>" for the
+        others (perplexity_sparse, perplexity_sparse.<stem>)."""
+        main = {} if self.evaluation is None else {"": self.evaluation}
+        return {**main, **{f".{stem}": ids for stem, ids in self.more_evaluation.items()}}
 
 
 def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
@@ -84,12 +92,19 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
             targets = member_targets(targets, structure.kind, Geometry.of(model.config))
 
     layers = len(model.get_decoder().layers)
-    eval_windows = None if job.evaluation is None else shard(job.evaluation, rank, world)
-    if eval_windows is not None and cfg.eval.dense and hooks.resume is None:
+    eval_sets = {suffix: shard(ids, rank, world) for suffix, ids in job.evaluation_sets().items()}
+
+    def evaluate(stage: str, what: str) -> None:
+        if not eval_sets:
+            return
         with timer("evaluate"):
-            bar = progress(layers, "perplexity (dense)", enabled=rank == 0)
-            metrics["perplexity_dense"] = perplexity(model, eval_windows, bar)
-            bar.close()
+            for suffix, windows in eval_sets.items():
+                bar = progress(layers, f"perplexity{suffix} ({what})", enabled=rank == 0)
+                metrics[f"perplexity_{stage}{suffix}"] = perplexity(model, windows, bar)
+                bar.close()
+
+    if cfg.eval.dense and hooks.resume is None:
+        evaluate("dense", "dense")
 
     calibration = None if job.calibration is None else shard(job.calibration, rank, world)
     # Fine-tuning keeps the masks, a structural export cuts out what they removed; a plain
@@ -103,11 +118,8 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
         pruned = prune(model, targets, method, cfg, calibration, timer, show=rank == 0, keep_masks=keep_masks)
     masks = pruned.masks
     if cfg.finetune.steps > 0:
-        if eval_windows is not None and hooks.resume is None and cfg.prune.schedule == "oneshot":
-            with timer("evaluate"):  # the starting point of the fine-tuning
-                bar = progress(layers, "perplexity (pruned, before tuning)", enabled=rank == 0)
-                metrics["perplexity_pruned"] = perplexity(model, eval_windows, bar)
-                bar.close()
+        if hooks.resume is None and cfg.prune.schedule == "oneshot":
+            evaluate("pruned", "pruned, before tuning")  # the starting point of the fine-tuning
         hooks.metrics = metrics  # saved with every checkpoint
         teacher = None
         if cfg.finetune.distill.beta > 0:  # the dense model, in its own ZeRO-3 partitions
@@ -115,7 +127,7 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
                 teacher = build_partitioned_model(Path(job.model_dir), checkpoint, dtype,
                                                   trust_remote_code=cfg.model.trust_remote_code)
         with timer("finetune"):
-            state = finetune(model, targets, masks, cfg, job.training, job.evaluation, hooks, teacher)
+            state = finetune(model, targets, masks, cfg, job.training, job.evaluation_sets(), hooks, teacher)
         del teacher
         masks = state.masks
         metrics["finetune_history"] = state.history
@@ -128,11 +140,7 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
     counts = (report.get("pruned_counts") or (pruned_counts(targets, masks) if cfg.finetune.steps > 0
                                               else pruned.counts(targets)))
 
-    if eval_windows is not None:
-        with timer("evaluate"):
-            bar = progress(layers, "perplexity (sparse)", enabled=rank == 0)
-            metrics["perplexity_sparse"] = perplexity(model, eval_windows, bar)
-            bar.close()
+    evaluate("sparse", "sparse")
 
     with timer("export"):
         export_model(model, checkpoint, cfg, Path(job.export_dir),
@@ -222,7 +230,7 @@ def ray_train_loop(payload: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     if use_gpu:
         use_assigned_gpu()
-    import ray.train
+    import ray.train  # lazy: Ray only where Ray runs the worker (run_worker runs without it)
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     init_distributed("nccl" if use_gpu else "gloo")
@@ -230,8 +238,6 @@ def ray_train_loop(payload: dict) -> None:
     rank = rank_and_world()[0]
     hooks = Hooks(checkpoint=_report_checkpoint)
     if job.mlflow and rank == 0:
-        from dist_prune.registry import StepLogger
-
         hooks.log = StepLogger(job.mlflow["tracking_uri"], job.mlflow["run_id"])
     resume = ray.train.get_checkpoint()
     if resume is not None and not (Path(resume.path) / "rank0.json").exists():
@@ -268,7 +274,7 @@ def use_assigned_gpu() -> torch.device:
     """Make the GPU Ray assigned to this worker the current device, and DeepSpeed's: zero.Init and
     the engine use cuda:$LOCAL_RANK, which is another GPU (or none) when Ray shows each worker
     only its own (CUDA_VISIBLE_DEVICES) or numbers them differently."""
-    import ray.train.torch
+    import ray.train.torch  # lazy, as in ray_train_loop
 
     if not torch.cuda.is_available():
         raise UserError("cluster.use_gpu is true but a Ray worker sees no CUDA device (torch "
@@ -279,13 +285,12 @@ def use_assigned_gpu() -> torch.device:
     return device
 
 
-def _report_checkpoint(state, engine, metrics: dict) -> None:
+def _report_checkpoint(state, training, metrics: dict) -> None:
     """Every rank writes its part of a fine-tuning checkpoint; Ray merges them."""
-    import ray.train
+    import ray.train  # lazy, as in ray_train_loop
 
-    stage = engine.zero_optimization_stage()
     with tempfile.TemporaryDirectory() as tmp:
-        save_train_state(Path(tmp), state, engine, engine.module, stage, {"metrics": _scalars(metrics)})
+        save_train_state(Path(tmp), state, training, {"metrics": _scalars(metrics)})
         ray.train.report({"step": state.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 

@@ -122,6 +122,9 @@ def test_env_expansion_with_default(monkeypatch, tmp_path):
                                         "it needs prune.structure 2:4, not unstructured"),
     ("export.format=sparse-24-bitmask prune.structure=1:4", "needs prune.structure 2:4, not 1:4"),
     ("eval.path=/nope.txt", "eval.path /nope.txt is not a file"),
+    ("eval.extra_paths=['/nope.txt']", "eval.extra_paths /nope.txt is not a file"),
+    ("eval.extra_paths=['/a/t.txt','/b/t.txt']", "eval.extra_paths names two files with the same stem (t, t)"),
+    ("eval.extra_paths=['/a/my.text.txt']", "may hold only letters, digits, _ and - (got my.text)"),
     ("prune", "expected key.sub=value"),
 ])
 def test_rejections_name_the_key(override, message):
@@ -163,6 +166,22 @@ def test_every_key_is_documented():
             "registry.model_name", "registry.alias", "export.dir",
             "export.max_shard_size"} <= {key for key, _, _ in rows}
     assert all(help for _, _, help in rows)
+
+
+def test_keys_lists_every_method_with_its_own_defaults():
+    """`dist-prune keys` shows each method's scope and defaults from its Method declaration: one
+    place for them, not a help string kept in step by hand."""
+    from dist_prune.methods import METHODS
+
+    proc = subprocess.run([sys.executable, "-m", "dist_prune.cli", "keys"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    listed = {line.split()[0]: line for line in proc.stdout.split("prune.method:\n", 1)[1].splitlines()}
+    assert list(listed) == list(METHODS)
+    for name, method in METHODS.items():
+        assert method.summary and method.summary in listed[name]
+        for key, value in method.defaults.items():
+            assert f"{key}={value}" in listed[name]
+    assert "defaults prune.schedule=cubic, finetune.steps=100, prune.interval=10" in listed["movement"]
 
 
 def test_seed_aliases_map_to_config_keys():

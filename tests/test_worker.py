@@ -250,3 +250,36 @@ def test_large_frees_go_back_to_the_os():
                                            capture_output=True, text=True).stdout)
                 for mode in ("default", "tuned")}
     assert retained["default"] > 100 and retained["tuned"] < 16, retained
+
+
+def _two_texts(model_dir: str, out_dir: str, train, first, second) -> list[dict]:
+    """The same tuned job twice: measuring `first` with `second` as an extra text, and
+    measuring `second` alone."""
+    cfg = load_config(None, [f"model.path={model_dir}", "prune.method=magnitude", f"eval.seq_len={SEQ}",
+                             "finetune.steps=2", "finetune.eval_interval=1", f"finetune.data.seq_len={SEQ}"])
+    both = WorkerJob(to_dict(cfg), model_dir, None, first, f"{out_dir}/both", {}, training=train,
+                     more_evaluation={"poems": second})
+    alone = WorkerJob(to_dict(cfg), model_dir, None, second, f"{out_dir}/alone", {}, training=train)
+    return [run_worker(both), run_worker(alone)]
+
+
+def test_an_extra_eval_text_is_measured_exactly_as_the_main_one(tiny_llama, text_file, tmp_path):
+    """eval.extra_paths: perplexity_<stage>.<stem> and eval/perplexity.<stem> while tuning are the
+    numbers the same text gives as eval.path, at every stage (bit for bit, same job)."""
+    from dist_prune.data import training_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    text = text_file.read_text()
+    ids = tokenize(text, tokenizer)
+    first = eval_windows(ids, 3, SEQ, source="t")
+    second = eval_windows(tokenize(text[len(text) // 2:], tokenizer), 3, SEQ, source="t2")
+    train = training_windows(ids, SEQ, source="t")[:16]
+    both, alone = run_on_ranks(_two_texts, 2, str(tiny_llama), str(tmp_path), train, first, second)[0]
+    for stage in ("dense", "pruned", "sparse"):
+        assert both[f"perplexity_{stage}.poems"] == alone[f"perplexity_{stage}"]
+        assert both[f"perplexity_{stage}"] != alone[f"perplexity_{stage}"]  # two texts indeed
+    tuned_both = {row["step"]: row for row in both["finetune_history"]}
+    tuned_alone = {row["step"]: row for row in alone["finetune_history"]}
+    assert sorted(tuned_both) == sorted(tuned_alone) == [1, 2]
+    for step in (1, 2):
+        assert tuned_both[step]["eval/perplexity.poems"] == tuned_alone[step]["eval/perplexity"]

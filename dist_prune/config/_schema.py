@@ -31,17 +31,13 @@ class ModelConfig:
 
 @dataclass
 class PruneConfig:
-    method: str = doc("wanda", "magnitude | wanda | sparsegpt | taylor | obd | seven | ria | "
-                               "threshold | infogain (whole heads, channels or layers only) | "
-                               "movement (during fine-tuning); keys the config leaves unset take "
-                               "the method's defaults: infogain structure channels, threshold "
-                               "epsilon 0.01, movement schedule cubic with finetune.steps 100 and "
-                               "prune.interval 10")
+    method: str = doc("wanda", "the pruning method; the methods, each with what it needs and the "
+                               "defaults it gives keys the config leaves unset, are listed below")
     sparsity: float = doc(0.5, "fraction of the weights in each selection scope to prune, in [0, 1); "
                                "heads/channels: of the KV head groups / MLP channels of every layer; "
                                "layers: of the decoder layers")
     scope: str | None = doc(None, "where one threshold applies: global | layer | row; empty = the "
-                                  "method's default (wanda: row, magnitude: layer)")
+                                  "method's default scope (listed below)")
     structure: str = doc("unstructured", "pattern of pruned weights: unstructured | N:M (N of every "
                                           "M consecutive inputs pruned, e.g. 2:4; prune.sparsity is "
                                           "then N/M) | block:RxC (whole R x C blocks) | heads | "
@@ -90,6 +86,9 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     path: str | None = doc(None, "text file for perplexity; empty = held-out part of the built-in corpus")
+    extra_paths: list[str] = doc([], "more text files measured the same way (another domain, to see "
+                                     "whether a gain is general); each reported as perplexity_<stage>."
+                                     "<file stem>, and eval/perplexity.<file stem> while fine-tuning")
     seq_len: int = doc(512, "tokens per evaluation window")
     num_windows: int = doc(16, "number of consecutive non-overlapping windows from the start of the text")
     dense: bool = doc(True, "also measure the dense model's perplexity before pruning")

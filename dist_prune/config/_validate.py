@@ -1,10 +1,15 @@
 """Validation of a job config: ranges, choices and combinations that types alone do not
 express. Everything is checked on the driver, before a single worker starts; a mistake
 costs the user one line (`config: ...`, naming the key and what is allowed) and exit 2.
+
+The plug-in registries (methods, structures, scopes, formats) are imported inside the functions
+that ask them: they import torch (about 1.5 s), and `dist_prune.config` must import without it
+(`dist-prune keys`, `--help`, the driver's parse).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from dist_prune.config._schema import JobConfig, scope_of
@@ -23,13 +28,13 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
     """Range and choice checks that types alone do not express."""
-    from dist_prune.methods import METHODS
+    from dist_prune.methods import METHODS  # lazy: imports torch (module docstring)
 
     p = cfg.prune
     _require(p.method in METHODS, f"prune.method '{p.method}' is unknown (allowed: {', '.join(METHODS)})")
     method = METHODS[p.method]
     _require(0.0 <= p.sparsity < 1.0, f"prune.sparsity must be in [0, 1), got {p.sparsity}")
-    from dist_prune.selection import SCOPES
+    from dist_prune.selection import SCOPES  # lazy, as METHODS
     from dist_prune.structures import parse_structure
 
     _require(p.scope is None or p.scope in SCOPES,
@@ -53,13 +58,19 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
     _require(cal.batch_size >= 1, f"data.calibration.batch_size must be >= 1, got {cal.batch_size}")
     _require(cfg.eval.seq_len >= 2, f"eval.seq_len must be >= 2, got {cfg.eval.seq_len}")
     _require(cfg.eval.num_windows >= 0, f"eval.num_windows must be >= 0, got {cfg.eval.num_windows}")
+    stems = [Path(path).stem for path in cfg.eval.extra_paths]
+    _require(len(set(stems)) == len(stems), f"eval.extra_paths names two files with the same stem "
+             f"({', '.join(stems)}): their metrics would collide")
+    _require(all(re.fullmatch(r"[A-Za-z0-9_\-]+", stem) for stem in stems),
+             f"eval.extra_paths: a file stem names its metrics, so it may hold only letters, digits, "
+             f"_ and - (got {', '.join(stems)})")
     _require(cfg.cluster.num_workers >= 1,
              f"cluster.num_workers must be >= 1, got {cfg.cluster.num_workers}")
     _require(cfg.cluster.cpus_per_worker >= 1,
              f"cluster.cpus_per_worker must be >= 1, got {cfg.cluster.cpus_per_worker}")
     for key, value in (("model.dtype", cfg.model.dtype), ("export.dtype", cfg.export.dtype)):
         _require(value in DTYPES, f"{key} '{value}' is unknown (allowed: {', '.join(DTYPES)})")
-    from dist_prune.io.compressed import FORMATS
+    from dist_prune.io.compressed import FORMATS  # lazy, as METHODS
     from dist_prune.io.shards import parse_size
 
     parse_size(cfg.export.max_shard_size)
@@ -71,7 +82,8 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
     if check_paths:
         if cfg.model.path is not None:
             _require(Path(cfg.model.path).exists(), f"model.path {cfg.model.path} does not exist")
-        for key, value in (("data.calibration.path", cal.path), ("eval.path", cfg.eval.path)):
+        for key, value in (("data.calibration.path", cal.path), ("eval.path", cfg.eval.path),
+                           *(("eval.extra_paths", path) for path in cfg.eval.extra_paths)):
             _require(value is None or Path(value).is_file(), f"{key} {value} is not a file")
     _require(bool(cfg.registry.model_name.strip()), "registry.model_name must not be empty")
     validate_layer_choices(cfg)
@@ -83,7 +95,7 @@ LAYER_SPARSITIES = ("uniform", "owl")
 
 def _validate_method(method, p, structure) -> None:
     """What the chosen method supports: structures, scopes, its own checks."""
-    from dist_prune.methods import METHODS
+    from dist_prune.methods import METHODS  # lazy: imports torch (module docstring)
     from dist_prune.methods.base import GROUP_STRUCTURES
 
     kind = structure.kind
@@ -105,7 +117,7 @@ def _validate_method(method, p, structure) -> None:
 
 def validate_layer_choices(cfg: JobConfig) -> None:
     """Whole heads / channels / layers and layer sparsities (OWL)."""
-    from dist_prune.methods import METHODS
+    from dist_prune.methods import METHODS  # lazy: imports torch (module docstring)
     from dist_prune.structural import UNITS
 
     p = cfg.prune
@@ -142,7 +154,7 @@ def validate_finetune(cfg: JobConfig, *, check_paths: bool = True) -> None:
     _require(ft.steps >= 0, f"finetune.steps must be >= 0, got {ft.steps}")
     _require(p.schedule in SCHEDULES, f"prune.schedule '{p.schedule}' is unknown (allowed: "
              f"{', '.join(SCHEDULES)})")
-    from dist_prune.methods import METHODS
+    from dist_prune.methods import METHODS  # lazy: imports torch (module docstring)
 
     method = METHODS[p.method]
     if method.calibration == "training":

@@ -20,4 +20,22 @@ METHODS: dict[str, Method] = {
     "ria": ria.METHOD,
 }
 
-__all__ = ["METHODS", "LocalSlice", "Method", "Stats"]
+
+
+def describe_methods() -> list[str]:
+    """One line per method for `dist-prune keys`: what it scores, its default scope, what it
+    needs, and the config keys it sets when a YAML file and the overrides leave them unset."""
+    lines = []
+    for name, m in METHODS.items():
+        parts = [m.summary]
+        if m.scopes:
+            parts.append(f"scope {m.default_scope}")
+        if m.calibration != "none":
+            parts.append(f"calibration {m.calibration}")
+        if m.defaults:
+            parts.append("defaults " + ", ".join(f"{k}={v}" for k, v in m.defaults.items()))
+        lines.append(f"{name:<11} " + "; ".join(parts))
+    return lines
+
+
+__all__ = ["METHODS", "LocalSlice", "Method", "Stats", "describe_methods"]
