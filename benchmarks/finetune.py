@@ -3,9 +3,10 @@
     python benchmarks/finetune.py speed    [--steps 8 --rounds 3 --seq-len 256]
     python benchmarks/finetune.py quality  [--steps 60 --arms wanda-a0,wanda-a5,...]
 
-speed:   seconds per optimizer step of dense vs masked vs masked+NEFTune training of
-         SmolLM2-135M on the same data, side by side in one run: the arms are interleaved
-         round by round, the first step of each run is dropped (warm-up), medians reported.
+speed:   seconds per optimizer step of plain PyTorch (one process; DDP) and of dist-prune's
+         dense, masked and masked+NEFTune training of SmolLM2-135M at each ZeRO stage, on the
+         same tokens per step, side by side in one run: the arms are interleaved round by
+         round, the first step of each run is dropped (warm-up), medians reported.
 quality: one-shot Wanda 50% (llm-compressor's targets: every Linear, lm_head and the tied
          embeddings included) then Sparse-NEFT fine-tuning on WikiText-2 valid for a fixed
          number of steps; perplexity on the 16 x 512 test windows before and after; gradual
@@ -17,17 +18,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 
+from _plain_torch import ddp_steps, matmul_gflops, plain_steps
 from _ranks import RESULTS, machine, run_job, run_ranks, tokens
 
 WORLD = 2
+PARAMETERS = 134_515_008  # SmolLM2-135M
+PLAIN = "plain PyTorch, 1 process x 2 threads"
+DDP = "plain PyTorch DDP, 2 gloo ranks x 1 thread"
 
-SPEED_ARMS = {
+SPEED_ARMS = {  # dist-prune's arms, each at every ZeRO stage it supports (STAGES)
     "dense": ["prune.sparsity=0.0", "finetune.neftune.alpha=0"],
     "masked": ["prune.sparsity=0.5", "finetune.neftune.alpha=0"],
     "masked+neftune": ["prune.sparsity=0.5", "finetune.neftune.alpha=5"],
 }
+STAGES = (2, 3)
 PARITY = ["prune.exclude=['*norm*','*.bias']"]  # llm-compressor's Wanda targets (lm_head too)
 QUALITY_ARMS = {
     "wanda50 + tune, alpha 0": ["prune.method=wanda", *PARITY, "finetune.neftune.alpha=0"],
@@ -65,32 +72,58 @@ def _run(arms: dict, base: list[str], rounds: int, data: dict) -> dict:
     return run_ranks(_rank_main, arms, base, rounds, data, world=WORLD)
 
 
+def _ddp_main(rank: int, model_dir: str, windows, steps: int) -> list[float]:
+    return ddp_steps(rank, model_dir, windows, steps)
+
+
 def speed(args) -> None:
+    """Seconds per optimizer step, side by side in one run on the same tokens per step (one
+    window of --seq-len per rank, 2 per step): plain PyTorch in one process with 2 threads, plain
+    PyTorch DDP on 2 gloo ranks x 1 thread, and dist-prune's arms at each ZeRO stage. Rounds are
+    interleaved; the first step of each run is dropped (warm-up); medians over the rest."""
     from dist_prune.io.checkpoint import resolve_model
 
+    model_dir = str(resolve_model(None))
     data = tokens(resolve_model(None), training_seq_len=args.seq_len)
     data["calibration"] = data["evaluation"] = None  # magnitude, no evaluation: only the training is timed
+    data["more_evaluation"] = {}
+    windows = data["training"]
     base = ["prune.method=magnitude", "prune.scope=layer", f"finetune.steps={args.steps}",
             f"finetune.data.seq_len={args.seq_len}", "finetune.log_interval=1", "finetune.lr=1e-4",
             "eval.num_windows=0", "eval.dense=false"]
-    results = _run(SPEED_ARMS, base, args.rounds, data)
-    table = {}
-    for name, runs in results.items():
-        per_step = [row["train/step_seconds"] for run in runs for row in run["rows"][1:]]  # drop warm-up
-        table[name] = {"median_step_seconds": statistics.median(per_step), "steps_measured": len(per_step),
-                       "runs": len(runs)}
-    dense = table["dense"]["median_step_seconds"]
-    for row in table.values():
-        row["ratio_to_dense"] = row["median_step_seconds"] / dense
+    arms = {f"dist-prune {name}, ZeRO {stage}": [*overrides, f"finetune.zero_stage={stage}"]
+            for stage in STAGES for name, overrides in SPEED_ARMS.items()}
+    steps: dict[str, list[float]] = {PLAIN: [], DDP: [], **{name: [] for name in arms}}
+    loads = []
+    for round_index in range(args.rounds):
+        loads.append(os.getloadavg()[0])
+        steps[PLAIN] += plain_steps(model_dir, windows, args.steps, WORLD, threads=WORLD)[1:]
+        steps[DDP] += run_ranks(_ddp_main, model_dir, windows, args.steps, world=WORLD)[1:]
+        for name, runs in _run(arms, base, 1, data).items():
+            steps[name] += [row["train/step_seconds"] for run in runs for row in run["rows"][1:]]
+        print(f"round {round_index}: " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in steps.items()),
+              flush=True)
+    gflops = matmul_gflops(WORLD)
+    floor = 6 * PARAMETERS * WORLD * args.seq_len / (gflops * 1e9)  # forward + backward FLOPs
+    plain = statistics.median(steps[PLAIN])
+    table = {name: {"median_step_seconds": statistics.median(v), "steps_measured": len(v),
+                    "ratio_to_plain_pytorch": statistics.median(v) / plain,
+                    "ratio_to_flop_floor": statistics.median(v) / floor} for name, v in steps.items()}
     report = {"machine": machine(WORLD), "model": "SmolLM2-135M-Instruct (fp32)", "seq_len": args.seq_len,
-              "global_batch": f"{WORLD} windows (1 per rank)", "rounds": args.rounds, "steps": args.steps,
-              "arms": table, "command": f"python benchmarks/finetune.py speed --steps {args.steps} "
-                                        f"--rounds {args.rounds} --seq-len {args.seq_len}"}
-    lines = [f"Machine: {report['machine']}. {report['model']}, {args.seq_len} tokens/window, "
-             f"global batch {report['global_batch']}, {args.rounds} interleaved rounds x {args.steps} steps "
-             "(first step of each run dropped).", "",
-             "| arm | median s/step | ratio to dense |", "|---|---|---|"]
-    lines += [f"| {name} | {row['median_step_seconds']:.3f} | {row['ratio_to_dense']:.3f} |"
+              "tokens_per_step": WORLD * args.seq_len, "rounds": args.rounds, "steps": args.steps,
+              "load_average_1min_per_round": loads, "matmul_gflops_2_threads": gflops,
+              "flop_floor_seconds": floor, "arms": table,
+              "command": f"python benchmarks/finetune.py speed --steps {args.steps} --rounds {args.rounds} "
+                         f"--seq-len {args.seq_len}"}
+    lines = [f"Machine: {report['machine']}; 1-minute load average at each round's start: "
+             f"{', '.join(f'{x:.2f}' for x in loads)}. {report['model']}, {WORLD} windows x {args.seq_len} tokens "
+             f"per step, AdamW, gradient clipping 1.0; {args.rounds} interleaved rounds x {args.steps} steps, "
+             "the first step of each run dropped. FLOP floor: 6 x 135M x tokens at the "
+             f"{gflops:.0f} GFLOP/s of a 2-thread 2048² fp32 matmul measured in the same run = {floor:.2f} s.", "",
+             "| arm | median s/step | steps | ratio to plain PyTorch | ratio to the FLOP floor |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name} | {row['median_step_seconds']:.3f} | {row['steps_measured']} | "
+              f"{row['ratio_to_plain_pytorch']:.3f} | {row['ratio_to_flop_floor']:.2f} |"
               for name, row in table.items()]
     lines += ["", f"Command: `{report['command']}`"]
     _write("finetune_speed", report, lines)

@@ -48,7 +48,11 @@ def finetune(model: torch.nn.Module, targets: list[Target], masks: dict[str, tor
     rank, world = rank_and_world()
 
     def adamw(params):
-        return torch.optim.AdamW(params, lr=ft.lr, betas=tuple(ft.betas), weight_decay=ft.weight_decay)
+        # fused: one pass over the flat fp32 partition instead of one per operation; a step over
+        # 67M fp32 elements on one thread took 0.075 s against 0.41 s (foreach=False) and 0.33 s
+        # (foreach=True) on this machine (benchmarks/results/finetune_speed.md)
+        return torch.optim.AdamW(params, lr=ft.lr, betas=tuple(ft.betas), weight_decay=ft.weight_decay,
+                                 fused=True)
 
     state = TrainState(masks=dict(masks))
     with open_training(model, ft.zero_stage, targets, adamw, micro_batch=ft.micro_batch_size,
@@ -121,7 +125,6 @@ def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, e
                 if keep:
                     grads = {t.name: training.local_grad(t) for t in targets}
             training.step()
-        keeper.apply()
         if grads is not None:  # SEVENdyn: "after each optimizer step"; movement: -w*g
             for t in targets:
                 update_stats(state.stats[t.name], grads[t.name], training.local_weight(t), step)
