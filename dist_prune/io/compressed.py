@@ -30,7 +30,7 @@ import torch
 
 from dist_prune.errors import UserError
 from dist_prune.io.shards import (
-    SAFETENSORS_DTYPES, SPARSITY_FILE, TensorSpec, read_shard_header, safetensors_header,
+    SAFETENSORS_DTYPES, SPARSITY_FILE, TensorSpec, read_header, safetensors_header,
 )
 
 PARAMS = {"sparse-bitmask": ("shape", "compressed", "bitmask", "row_offsets"),
@@ -129,9 +129,7 @@ def _part_specs(name: str, w: torch.Tensor, fmt: str) -> list[TensorSpec]:
 
 def _tensor_order(path: Path) -> list[tuple[str, dict]]:
     """(name, header entry) of a safetensors file, in the order of the data."""
-    header = read_shard_header(path)
-    header.pop("__metadata__", None)
-    return sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    return list(read_header(path).tensors.items())
 
 
 def _write_shard(path: Path, specs: Sequence[TensorSpec], tensors: Iterable[torch.Tensor]) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dist_prune.errors import UserError
 from dist_prune.io.compressed import expected_tensors
-from dist_prune.io.shards import INDEX_FILE, SINGLE_FILE, SPARSITY_FILE, read_shard_header, sha256_file
+from dist_prune.io.shards import INDEX_FILE, SINGLE_FILE, SPARSITY_FILE, read_header, sha256_file
 
 
 def verify_export(directory: Path) -> dict:
@@ -36,7 +36,7 @@ def verify_export(directory: Path) -> dict:
         path = directory / name
         if not path.is_file():
             raise UserError(f"shard {path} listed in {SPARSITY_FILE} is missing")
-        stored |= set(read_shard_header(path)) - {"__metadata__"}
+        stored |= set(read_header(path).tensors)
         if sha256_file(path) != digest:
             raise UserError(f"shard {path} is corrupt: sha256 does not match {SPARSITY_FILE}")
     index_path = directory / INDEX_FILE
