@@ -49,7 +49,7 @@ def prepare(cfg: JobConfig) -> WorkerJob:
         fmt = verify_export(model_dir).get("format", "dense")
         if fmt != "dense":  # its pruned weights are stored as bitmask + values, not as tensors
             raise UserError(f"model.path {model_dir} is a {fmt} export; decompress it first "
-                            f"(dist-prune pull MODEL_URI DIR --decompress)")
+                            f"(dist-prune decompress {model_dir} DIR)")
     checkpoint.check_finite()  # seconds here, not a cluster start, for a NaN in the weights
     from transformers import AutoTokenizer
 

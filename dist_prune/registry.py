@@ -389,9 +389,10 @@ def parse_model_uri(model_uri: str) -> tuple[str, str | None, int | None]:
     raise UserError(f"invalid model URI {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
 
 
-def pull(model_uri: str, dst: Path, *, tracking_uri: str | None = None, decompress: bool = False) -> Path:
+def pull(model_uri: str, dst: Path, *, tracking_uri: str | None = None, keep_compressed: bool = False) -> Path:
     """Download a registered dist-prune export into `dst` (must not exist or be empty), verified.
-    `decompress`: write the dense HF layout of a compressed export (export.format sparse-*)."""
+    An export in a format no loader reads (export.format sparse-*) is decompressed into the dense
+    HF layout, unless `keep_compressed`."""
     import mlflow.artifacts
 
     name, alias, version = parse_model_uri(model_uri)
@@ -432,7 +433,7 @@ def pull(model_uri: str, dst: Path, *, tracking_uri: str | None = None, decompre
             meta = verify_export(local)
         except UserError as e:
             raise UserError(f"{model_uri} failed verification after download: {e}") from None
-        if decompress and meta.get("format", "dense") != "dense":
+        if not keep_compressed and meta.get("format", "dense") != "dense":
             from dist_prune.io.decompress import decompress_export
 
             local = decompress_export(local, tmp / "dense", meta)

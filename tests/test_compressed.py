@@ -255,17 +255,41 @@ def registered(exports):
         yield {"uri": uri, "reg": reg}
 
 
-def test_pull_decompress_gives_the_dense_hf_layout(exports, registered, tmp_path, capsys):
-    as_registered = pull("models:/tiny-24@candidate", tmp_path / "compressed", tracking_uri=registered["uri"])
-    assert files(as_registered) == files(exports["dirs"]["sparse-24-bitmask", 20_000])
+def test_pull_decompresses_by_default(exports, registered, tmp_path, capsys):
+    """compressed export -> register -> pull: the dense export of the same weights, which
+    from_pretrained loads exactly; --keep-compressed gives the stored form, --decompress (the old
+    opt-in) still works and is the default."""
     dst = tmp_path / "dense"
-    assert main(["pull", "models:/tiny-24/1", str(dst), "--decompress", "--tracking-uri", registered["uri"]]) == 0
+    assert main(["pull", "models:/tiny-24/1", str(dst), "--tracking-uri", registered["uri"]]) == 0
     assert capsys.readouterr().out.strip() == str(dst.absolute())
     assert files(dst) == files(exports["dirs"]["dense", 20_000])
     loaded = AutoModelForCausalLM.from_pretrained(dst).state_dict()
     assert set(loaded) == set(exports["sd"])
     assert all(same_bits(loaded[k], v) for k, v in exports["sd"].items())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["compressed", "dense"]  # no temporary left
+    as_registered = pull("models:/tiny-24@candidate", tmp_path / "compressed", tracking_uri=registered["uri"],
+                         keep_compressed=True)
+    assert files(as_registered) == files(exports["dirs"]["sparse-24-bitmask", 20_000])
+    assert main(["pull", "models:/tiny-24@candidate", str(tmp_path / "old-flag"), "--decompress",
+                 "--tracking-uri", registered["uri"]]) == 0
+    assert files(tmp_path / "old-flag") == files(dst)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compressed", "dense", "old-flag"]  # no temporary left
+    with pytest.raises(SystemExit):
+        main(["pull", "models:/tiny-24/1", str(tmp_path / "x"), "--decompress", "--keep-compressed"])
+
+
+def test_decompress_command(exports, tmp_path, capsys):
+    src = exports["dirs"]["sparse-bitmask", 20_000]
+    assert main(["decompress", str(src), str(tmp_path / "a" / "dense")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "a" / "dense")
+    assert files(tmp_path / "a" / "dense") == files(exports["dirs"]["dense", 20_000])
+    assert main(["decompress", str(src), str(tmp_path / "a" / "dense")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"dist-prune: error: destination {tmp_path / 'a' / 'dense'} already exists"
+    dense = exports["dirs"]["dense", 20_000]
+    assert main(["decompress", str(dense), str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.strip() == (f"dist-prune: error: {dense} is a dense export: "
+                                               "there is nothing to decompress")
+    assert not (tmp_path / "b").exists()
 
 
 def test_compressed_export_as_model_path_is_one_line(exports, tmp_path):

@@ -175,7 +175,7 @@ class ExportConfig:
                              "float32 | bfloat16 | float16")
     format: str = doc("dense", "dense | sparse-bitmask (pruned weights stored as bitmask + non-zero "
                                "values, compressed-tensors format) | sparse-24-bitmask (2 of every 4, "
-                               "needs prune.structure 2:4); `dist-prune pull --decompress` gives dense")
+                               "needs prune.structure 2:4); `dist-prune pull` gives dense")
 
 
 @dataclass
