@@ -23,6 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dist_prune import __version__
 from dist_prune.errors import UserError
+from dist_prune.io.decompress import decompress_export
+from dist_prune.io.formats import format_of
 from dist_prune.io.verify import verify_export
 
 log = logging.getLogger(__name__)
@@ -433,9 +435,7 @@ def pull(model_uri: str, dst: Path, *, tracking_uri: str | None = None, keep_com
             meta = verify_export(local)
         except UserError as e:
             raise UserError(f"{model_uri} failed verification after download: {e}") from None
-        if not keep_compressed and meta.get("format", "dense") != "dense":
-            from dist_prune.io.decompress import decompress_export
-
+        if not (keep_compressed or format_of(meta).loadable):
             local = decompress_export(local, tmp / "dense", meta)
         if dst.exists():
             dst.rmdir()  # empty, checked above

@@ -1,18 +1,20 @@
 """io/shards.py: the one safetensors header parser (checkpoint reading, verification and
-decompression all use it)."""
+decompression all use it) and the one shard writer (export and decompression)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dist_prune.errors import UserError
-from dist_prune.io.shards import TensorSpec, read_header
+from dist_prune.io.shards import ShardWriter, TensorSpec, read_header, safetensors_header
 
 TENSORS = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1, -2], dtype=torch.int64),
            "c": torch.ones(3, dtype=torch.bfloat16), "d": torch.zeros(0, 4)}
@@ -36,6 +38,26 @@ def test_header_of_a_file_safetensors_wrote(tmp_path):
         assert header.spec(name) == TensorSpec(name, tuple(t.shape), t.dtype)
         assert torch.equal(header.tensor(name), t)
     assert torch.equal(header.read("a", 1, 2), TENSORS["a"][1])  # one row, by positioned read
+
+
+def test_writer_writes_what_safetensors_reads_and_hashes_it(tmp_path):
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in TENSORS.items()]
+    writer, digest_only = ShardWriter(tmp_path / "w.safetensors", specs), ShardWriter(None, specs)
+    for t in TENSORS.values():
+        writer.append(t)
+        digest_only.append(t)
+    digest = writer.close()
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    assert digest == hashlib.sha256(raw).hexdigest() == digest_only.close()
+    assert raw.startswith(safetensors_header(specs))
+    with safe_open(tmp_path / "w.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert all(torch.equal(f.get_tensor(n), t) for n, t in TENSORS.items())
+    out_of_spec = ShardWriter(None, specs)
+    with pytest.raises(RuntimeError, match=r"a: got \(3, 2\) torch.float32, the shard's header says \(2, 3\)"):
+        out_of_spec.append(torch.zeros(3, 2))
+    with pytest.raises(RuntimeError, match="closed after 0 of its 4 tensors"):
+        out_of_spec.close()
 
 
 F32_2x2 = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}

@@ -70,8 +70,10 @@ def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int) -> list[list[T
     return shards
 
 
-def shard_names(n: int) -> list[str]:
-    return [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+def shard_names(n: int, stem: str = "model") -> list[str]:
+    """The files of n shards as save_pretrained names them: model.safetensors, or
+    model-00001-of-0000n.safetensors ...; another `stem` for files no loader should pick up."""
+    return [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
 def safetensors_header(shard: Sequence[TensorSpec]) -> bytes:
@@ -207,6 +209,57 @@ def read_header(path: Path) -> ShardHeader:
     if 8 + n + stop < size:
         raise UserError(f"{path} is padded: {size} bytes, its header describes {8 + n + stop}")
     return ShardHeader(path, 8 + n, {name: header[name] for _, _, name in spans}, metadata)
+
+
+class ShardWriter:
+    """One safetensors file written once, tensor by tensor after its header (computed from the
+    specs up front), fsynced, its sha256 taken on the way. `path` None: only the sha256 of the
+    file these tensors would make (the dense shards a compressed export stands for)."""
+
+    def __init__(self, path: Path | None, specs: Sequence[TensorSpec]):
+        self.specs, self._next = list(specs), 0
+        self._hash = hashlib.sha256()
+        self._fh = None if path is None else open(path, "wb")
+        self._put(safetensors_header(self.specs))
+
+    def _put(self, buf) -> None:
+        if self._fh is not None:
+            self._fh.write(buf)
+        self._hash.update(buf)
+
+    def append(self, tensor: torch.Tensor) -> None:
+        if self._next >= len(self.specs):
+            raise RuntimeError(f"{tensor.shape} {tensor.dtype}: the shard's header holds no more tensors")
+        spec = self.specs[self._next]
+        if tuple(tensor.shape) != tuple(spec.shape) or tensor.dtype != spec.dtype:
+            raise RuntimeError(f"{spec.name}: got {tuple(tensor.shape)} {tensor.dtype}, "
+                               f"the shard's header says {tuple(spec.shape)} {spec.dtype}")
+        if spec.numel:
+            self._put(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self.specs)
+
+    def close(self) -> str:
+        """Flush and fsync the file; its sha256."""
+        if not self.complete:
+            raise RuntimeError(f"shard closed after {self._next} of its {len(self.specs)} tensors")
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:  # flushing its buffer onto a full disk: the file goes anyway
+                pass
+            self._fh = None
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
