@@ -32,14 +32,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dist_prune.io.decompress import decompress_export
 from dist_prune.io.export import StreamingExport
+from dist_prune.io.formats import FORMATS, compressed_names, stored_nonzero
 from dist_prune.io.shards import TensorSpec
 from threshold import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = dict(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
              num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False)
-FORMATS = {"unstructured 50%": ("dense", "sparse-bitmask"),
-           "2:4": ("dense", "sparse-bitmask", "sparse-24-bitmask")}
+RUNS = {"unstructured 50%": ("dense", "sparse-bitmask"),
+        "2:4": ("dense", "sparse-bitmask", "sparse-24-bitmask")}
 
 
 def prune(w: torch.Tensor, structure: str) -> torch.Tensor:
@@ -68,11 +69,14 @@ def export(out: Path, config: dict, sd: dict[str, torch.Tensor], pruned: list[st
            fmt: str) -> tuple[Path, float, float]:
     wall, cpu = time.perf_counter(), cpu_s()
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
-    with StreamingExport(out, specs, 10**10) as ex:
+    # the non-zero counts the workers all-reduce from their slices before a compressed export
+    compressed = compressed_names(FORMATS[fmt], [(s.name, s.shape) for s in specs], pruned)
+    nonzero = {k: stored_nonzero(sd[k]) for k in compressed}
+    with StreamingExport(out, specs, 10**10, FORMATS[fmt], pruned, nonzero) as ex:
         for k, v in sd.items():
             ex.write(k, v)
         report = {"method": "magnitude", "structure": structure, "pruned_tensors": pruned}
-        ex.finish(config, [], report, fmt=fmt)
+        ex.finish(config, [], report)
     return out, time.perf_counter() - wall, cpu_s() - cpu
 
 
@@ -88,7 +92,7 @@ def run(dtypes: list[str], root: Path) -> list[dict]:
     config = model.config.to_dict()
     rows = []
     for dtype in dtypes:
-        for structure, formats in FORMATS.items():
+        for structure, formats in RUNS.items():
             sd = {k: v.to(getattr(torch, dtype)) for k, v in base.items()}
             sd.update({k: prune(sd[k], structure) for k in pruned})
             dense, dense_dir = None, None

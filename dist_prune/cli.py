@@ -2,8 +2,9 @@
 
     dist-prune run CONFIG [key.sub=value ...]     prune on Ray workers, register in MLflow
     dist-prune sweep CONFIG key=v1,v2 [...]       every combination, as Ray Tune trials
-    dist-prune pull models:/NAME@ALIAS DIR        fetch a registered model, verified
-                                                  (--decompress: in the dense HF layout)
+    dist-prune pull models:/NAME@ALIAS DIR        fetch a registered model, verified, in the dense
+                                                  HF layout (--keep-compressed: as stored)
+    dist-prune decompress EXPORT DIR              a compressed export's dense HF layout
     dist-prune register DIR --model-name NAME     register an export made earlier
     dist-prune keys                               every config key, its default and meaning
     dist-prune submit CONFIG [key.sub=value ...] --address http://HEAD:8265 [--wait]
@@ -48,10 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     pull = commands.add_parser("pull", help="download a registered model into a directory")
     pull.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     pull.add_argument("dir", help="destination directory (must not exist or be empty)")
-    pull.add_argument("--decompress", action="store_true",
-                      help="write the dense HF layout of a compressed export (export.format sparse-*)")
+    stored = pull.add_mutually_exclusive_group()
+    stored.add_argument("--keep-compressed", action="store_true",
+                        help="keep a compressed export (export.format sparse-*) as it is stored, which no "
+                             "model loader reads; by default it is decompressed into the dense HF layout")
+    stored.add_argument("--decompress", action="store_true",
+                        help="the default (accepted so that scripts written before it was still run)")
     pull.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
                                              "or sqlite:///mlflow.db)")
+
+    decompress = commands.add_parser("decompress", help="write the dense HF layout of a compressed export")
+    decompress.add_argument("export", help="a dist-prune export in export.format sparse-bitmask or sparse-24-bitmask")
+    decompress.add_argument("dir", help="destination directory (must not exist)")
 
     register = commands.add_parser("register", help="register an existing export directory in MLflow")
     register.add_argument("dir", help="a dist-prune export (verified before anything is logged)")
@@ -109,7 +118,17 @@ def main(argv: list[str] | None = None) -> int:
 
             from dist_prune.registry import pull
 
-            print(pull(args.uri, Path(args.dir), tracking_uri=args.tracking_uri, decompress=args.decompress))
+            print(pull(args.uri, Path(args.dir), tracking_uri=args.tracking_uri, keep_compressed=args.keep_compressed))
+        elif args.command == "decompress":
+            from pathlib import Path
+
+            from dist_prune.io.decompress import decompress_export
+
+            dst = Path(args.dir).absolute()
+            if dst.exists():
+                raise UserError(f"destination {dst} already exists")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            print(decompress_export(Path(args.export), dst))
         elif args.command == "register":
             from pathlib import Path
 

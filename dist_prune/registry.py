@@ -23,6 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dist_prune import __version__
 from dist_prune.errors import UserError
+from dist_prune.io.decompress import decompress_export
+from dist_prune.io.formats import format_of
 from dist_prune.io.verify import verify_export
 
 log = logging.getLogger(__name__)
@@ -389,9 +391,10 @@ def parse_model_uri(model_uri: str) -> tuple[str, str | None, int | None]:
     raise UserError(f"invalid model URI {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
 
 
-def pull(model_uri: str, dst: Path, *, tracking_uri: str | None = None, decompress: bool = False) -> Path:
+def pull(model_uri: str, dst: Path, *, tracking_uri: str | None = None, keep_compressed: bool = False) -> Path:
     """Download a registered dist-prune export into `dst` (must not exist or be empty), verified.
-    `decompress`: write the dense HF layout of a compressed export (export.format sparse-*)."""
+    An export in a format no loader reads (export.format sparse-*) is decompressed into the dense
+    HF layout, unless `keep_compressed`."""
     import mlflow.artifacts
 
     name, alias, version = parse_model_uri(model_uri)
@@ -432,9 +435,7 @@ def pull(model_uri: str, dst: Path, *, tracking_uri: str | None = None, decompre
             meta = verify_export(local)
         except UserError as e:
             raise UserError(f"{model_uri} failed verification after download: {e}") from None
-        if decompress and meta.get("format", "dense") != "dense":
-            from dist_prune.io.decompress import decompress_export
-
+        if not (keep_compressed or format_of(meta).loadable):
             local = decompress_export(local, tmp / "dense", meta)
         if dst.exists():
             dst.rmdir()  # empty, checked above

@@ -328,6 +328,18 @@ class ShrinkPlan:
         out[kept[0]] = kept[1].numel()
         return name, tuple(out)
 
+    def kept_elements(self, name: str, shape: Sequence[int], start: int, stop: int) -> torch.Tensor | None:
+        """Bool [stop - start]: which elements [start, stop) of the flattened tensor `shrink` keeps
+        (a ZeRO-3 slice's share of the export); None for a tensor this plan leaves whole."""
+        kept = None if self.kind == "layers" else self._kept(name)
+        if kept is None:
+            return None
+        axis, index = kept
+        keep = torch.zeros(shape[axis], dtype=torch.bool)
+        keep[index] = True
+        inner = math.prod(shape[axis + 1:])
+        return keep[torch.arange(start, stop) // inner % shape[axis]]
+
     def shrink(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         kept = None if self.kind == "layers" else self._kept(name)
         return tensor if kept is None else tensor.index_select(kept[0], kept[1].to(tensor.device))

@@ -26,13 +26,14 @@ from dist_prune.sharding.engine import init_distributed, release_process_groups
 from dist_prune.errors import UserError
 from dist_prune.evaluate import perplexity
 from dist_prune.io.export import StreamingExport
+from dist_prune.io.formats import FORMATS, compressed_names, stored_nonzero
 from dist_prune.io.shards import TensorSpec
 from dist_prune.train.loop import finetune
 from dist_prune.train.state import Hooks
 from dist_prune.masking import find_targets, pruned_counts
 from dist_prune.methods import METHODS
 from dist_prune.sharding.partition import (DTYPES, build_partitioned_model, compute_dtype, full_shape, gathered,
-                                           held_bytes, local_weight, model_device)
+                                           held_bytes, local_range, local_weight, model_device)
 from dist_prune.pruning import Pruned, prune
 from dist_prune.registry import StepLogger
 from dist_prune.report import StageTimer, progress
@@ -157,23 +158,28 @@ def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir:
                  report: dict, plan: ShrinkPlan | None = None) -> None:
     """Gather one full tensor at a time; rank 0 streams it into safetensors shards.
 
-    A failure on rank 0 (disk full, ...) must not leave the other ranks waiting in a
-    gather forever: rank 0 keeps taking part in the gathers and the outcome is agreed
-    by one all-reduce at the end. A structural `plan` renames, shrinks or drops tensors and
-    rewrites config.json (dist_prune/structural.py).
+    The export format sizes the stored tensors of each tensor it compresses by its non-zero count:
+    every rank counts its slices, and one all-reduce (which also carries "this rank failed") gives
+    rank 0 every shard header before the first gather. A failure on rank 0 (disk full, ...) must not
+    leave the other ranks waiting in a gather forever: rank 0 keeps taking part in the gathers and
+    the outcome is agreed by one all-reduce at the end. A structural `plan` renames, shrinks or drops
+    tensors and rewrites config.json (dist_prune/structural.py).
     """
     from dist_prune.io.shards import parse_size
 
     rank, _ = rank_and_world()
+    fmt = FORMATS[cfg.export.format]
     exported = [(name, p, plan.exported(name, full_shape(p)) if plan else (name, full_shape(p)))
                 for name, p in model.named_parameters()]
     params = [(name, p) for name, p, out in exported if out is not None]  # None: a removed layer's
     specs = [TensorSpec(*out, _export_dtype(cfg, checkpoint, name)) for name, _, out in exported if out]
+    pruned = report.get("pruned_tensors", ())
+    nonzero = _stored_nonzero(fmt, params, specs, pruned, plan)
     writer, failure = None, None
     bar = progress(len(params), "export", enabled=rank == 0)
     if rank == 0:
         try:
-            writer = StreamingExport(export_dir, specs, parse_size(cfg.export.max_shard_size))
+            writer = StreamingExport(export_dir, specs, parse_size(cfg.export.max_shard_size), fmt, pruned, nonzero)
         except Exception as e:  # noqa: BLE001 - reported collectively below
             failure = e
     for (name, param), spec in zip(params, specs):
@@ -193,7 +199,7 @@ def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir:
             config.pop("torch_dtype", None)
             if plan is not None:
                 config = plan.config(config)
-            writer.finish(config, checkpoint.tokenizer_files(), report, fmt=cfg.export.format)
+            writer.finish(config, checkpoint.tokenizer_files(), report)
         except Exception as e:  # noqa: BLE001
             failure = e
     if failure is not None and writer is not None:
@@ -201,6 +207,31 @@ def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir:
     if isinstance(failure, OSError):  # disk full, permissions: the user's to fix
         failure = UserError(f"export to {export_dir} failed: {failure.strerror or failure}")
     _raise_if_any_failed(failure, rank)
+
+
+def _stored_nonzero(fmt, params: list, specs: list[TensorSpec], pruned,
+                    plan: ShrinkPlan | None) -> dict[str, int]:
+    """{exported name: its non-zero bit patterns} for every tensor `fmt` compresses, from the
+    slices: each in the export dtype (a value may round to zero in it) and, for a tensor the plan
+    shrinks, only the elements the export keeps. Collective: one all-reduce of all the counts and
+    a failure flag; when any rank failed, every rank raises here."""
+    names = set(compressed_names(fmt, [(s.name, s.shape) for s in specs], pruned))
+    todo = [(name, param, spec) for (name, param), spec in zip(params, specs) if spec.name in names]
+    if not todo:  # every rank knows the format and the tensors: none of them reduces
+        return {}
+    counts, failure = torch.zeros(len(todo) + 1, dtype=torch.int64), None
+    try:
+        for i, (name, param, spec) in enumerate(todo):
+            local = local_weight(param).to(spec.dtype)
+            keep = plan.kept_elements(name, full_shape(param), *local_range(param)) if plan else None
+            counts[i] = stored_nonzero(local if keep is None else local[keep.to(local.device)])
+    except Exception as e:  # noqa: BLE001 - agreed in the all-reduce below
+        failure = e
+    counts[-1] = failure is not None
+    all_reduce_(counts)
+    if counts[-1]:
+        _raise(failure, rank_and_world()[0])
+    return {spec.name: int(c) for (_, _, spec), c in zip(todo, counts.tolist())}
 
 
 def _export_dtype(cfg: JobConfig, checkpoint, name: str) -> torch.dtype:
@@ -212,8 +243,12 @@ def _json(path: Path) -> dict:
 
 
 def _raise_if_any_failed(failure: Exception | None, rank: int) -> None:
-    if not any_rank(failure is not None):
-        return
+    if any_rank(failure is not None):
+        _raise(failure, rank)
+
+
+def _raise(failure: Exception | None, rank: int) -> None:
+    """Some rank failed: this rank's own error, or that another rank failed."""
     if failure is not None:
         raise failure
     raise RuntimeError(f"rank {rank}: another rank failed (see its error)")

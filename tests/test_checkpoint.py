@@ -70,7 +70,7 @@ def test_truncated_shard_is_named(tmp_path, tiny_llama):
     shutil.copytree(tiny_llama, d)
     f = d / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(UserError, match="model.safetensors: truncated"):
+    with pytest.raises(UserError, match="model.safetensors is truncated: "):
         open_checkpoint(d)
 
 

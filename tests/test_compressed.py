@@ -1,6 +1,7 @@
-"""Compressed exports (export.format sparse-bitmask / sparse-24-bitmask): our layout against
-compressed-tensors' own compressors, exact sizes, and the way back to the dense export
-(`decompress_export`, `dist-prune pull --decompress`)."""
+"""Compressed exports (export.format sparse-bitmask / sparse-24-bitmask): our tensors against
+compressed-tensors 0.12's own compressors, exact sizes, shards written once with headers known
+up front, a layout no model loader takes for a model, and the way back to the dense export
+(`decompress_export`, `dist-prune pull`, `dist-prune decompress`)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask import Sparse24BitMaskTensor
 from compressed_tensors.compressors.sparse_compressors.sparse_bitmask import BitmaskTensor
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
+import dist_prune.io.shards
 from dist_prune.cli import main
-from dist_prune.io.compressed import compress_tensor, decompress_tensor
 from dist_prune.io.decompress import decompress_export
 from dist_prune.config import load_config
 from dist_prune.errors import UserError
 from dist_prune.io.export import StreamingExport
-from dist_prune.io.shards import INDEX_FILE, SPARSITY_FILE, TensorSpec
+from dist_prune.io.formats import FORMATS, stored_nonzero
+from dist_prune.io.shards import SPARSITY_FILE, TensorSpec
 from dist_prune.io.verify import verify_export
 from dist_prune.registry import pull, register_export
 from test_registry import tiny_model
@@ -42,6 +44,15 @@ def prune_2_4(w: torch.Tensor) -> torch.Tensor:
     smallest = groups.abs().topk(2, -1, largest=False).indices
     drop = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, smallest, True)
     return groups.masked_fill(drop, 0.0).reshape(w.shape)
+
+
+def compress_tensor(name: str, w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+    """{param: tensor}: the format's stored tensors of `w`, by their last name component."""
+    return {k.rsplit(".", 1)[1]: v for k, v in FORMATS[fmt].encode(name, w).items()}
+
+
+def decompress_tensor(name: str, parts: dict[str, torch.Tensor], fmt: str) -> torch.Tensor:
+    return FORMATS[fmt].decode(name, {f"{name.removesuffix('.weight')}.{k}": v for k, v in parts.items()})
 
 
 # -- one tensor ------------------------------------------------------------------------------------
@@ -86,7 +97,7 @@ def test_round_trip_is_bit_identical(fmt, dtype):
     w[2, 4:8] = 0.0
     parts = compress_tensor("m.weight", w, fmt)
     assert parts["compressed"].dtype == dtype
-    assert same_bits(decompress_tensor("m.weight", parts), w)
+    assert same_bits(decompress_tensor("m.weight", parts, fmt), w)
     library = (BitmaskTensor(**parts) if fmt == "sparse-bitmask"
                else Sparse24BitMaskTensor.from_compressed_data(**parts)).decompress()
     assert same_bits(library, w)
@@ -103,6 +114,23 @@ def test_2_4_violations_are_one_line_errors():
                                         r"not a multiple of 4$"):
         compress_tensor("m.weight", torch.zeros(2, 6), "sparse-24-bitmask")
     compress_tensor("m.weight", w, "sparse-bitmask")  # any sparsity is fine for sparse-bitmask
+
+
+@pytest.mark.parametrize("fmt", SPARSE)
+def test_stored_specs_known_up_front_are_those_of_the_encoded_tensors(fmt):
+    """A shard's header is written before its tensors: the specs from shape, dtype and non-zero
+    count alone must be exactly what `encode` then produces."""
+    torch.manual_seed(2)
+    for rows, cols, dtype in ((24, 36, torch.float32), (7, 12, torch.bfloat16), (1, 4, torch.float16)):
+        w = prune_2_4(torch.randn(rows, cols)).to(dtype)
+        w[0, :4] = torch.tensor([-0.0, 0.0, 0.0, 0.0])  # a -0.0 is stored, so it counts
+        nonzero = stored_nonzero(w)
+        assert nonzero == int((w != 0).sum()) + 1
+        assert nonzero == sum(stored_nonzero(part) for part in w.reshape(-1).split(5))  # slices add up
+        spec = TensorSpec("m.weight", (rows, cols), dtype)
+        encoded = FORMATS[fmt].encode("m.weight", w)
+        assert FORMATS[fmt].stored_specs(spec, nonzero) == [TensorSpec(k, tuple(v.shape), v.dtype)
+                                                            for k, v in encoded.items()]
 
 
 def test_config_accepts_2_4_with_sparse_24_bitmask():
@@ -123,11 +151,12 @@ def tiny_state_dict() -> tuple[LlamaForCausalLM, dict[str, torch.Tensor], list[s
 def write_export(out: Path, model, sd: dict, pruned: list[str], fmt: str, shard_size: int,
                  extra: Path | None = None, structure: str = "2:4") -> Path:
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
-    with StreamingExport(out, specs, shard_size) as ex:
+    nonzero = {k: stored_nonzero(v) for k, v in sd.items()}  # what the workers all-reduce from their slices
+    with StreamingExport(out, specs, shard_size, FORMATS[fmt], pruned, nonzero) as ex:
         for k, v in sd.items():
             ex.write(k, v)
         return ex.finish(model.config.to_dict(), [extra] if extra else [],
-                         {"method": "magnitude", "structure": structure, "pruned_tensors": pruned}, fmt=fmt)
+                         {"method": "magnitude", "structure": structure, "pruned_tensors": pruned})
 
 
 @pytest.fixture(scope="module")
@@ -151,20 +180,76 @@ def data_bytes(path: Path) -> int:
     return len(raw) - 8 - int.from_bytes(raw[:8], "little")
 
 
+def shard_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
 @pytest.mark.parametrize("fmt", SPARSE)
-def test_compressed_tensors_decompresses_to_the_dense_export(exports, fmt):
-    sd = exports["sd"]
+def test_compressed_tensors_decompresses_our_shards_to_the_dense_weights(exports, fmt):
+    """compressed-tensors 0.12 (the lock's; 0.15 removed these compressors) rebuilds every
+    compressed weight of our shards, read with safetensors' own reader, bit for bit."""
+    sd, pruned = exports["sd"], exports["pruned"]
+    library = {"sparse-bitmask": BitmaskTensor, "sparse-24-bitmask": Sparse24BitMaskTensor.from_compressed_data}[fmt]
+    for size in (20_000, 10**9):
+        stored = shard_tensors(exports["dirs"][fmt, size])
+        for name, dense in sd.items():
+            if name not in pruned:
+                assert same_bits(stored.pop(name), dense)
+                continue
+            module = name.removesuffix(".weight")
+            params = ("shape", "compressed", "bitmask") + (("row_offsets",) if fmt == "sparse-bitmask" else ())
+            assert same_bits(library(**{p: stored.pop(f"{module}.{p}") for p in params}).decompress(), dense)
+        assert stored == {}
+
+
+@pytest.mark.parametrize("fmt", SPARSE)
+def test_no_loader_takes_a_compressed_export_for_a_model(exports, fmt):
+    """Issue 20: with compressed-tensors >= 0.15, from_pretrained on the old layout (config.json with a
+    sparse quantization_config, model*.safetensors) returned a model whose decoder linears were
+    random, with no error; with the lock's 0.12.2 AutoConfig read it as a LlamaConfig. Now nothing
+    in the directory is what a loader looks for, so every way in raises."""
     for size in (20_000, 10**9):
         directory = exports["dirs"][fmt, size]
-        compressor = ModelCompressor.from_pretrained(str(directory))  # reads config.json's quantization_config
-        assert type(compressor.sparsity_compressor).__name__ == {
-            "sparse-bitmask": "BitmaskCompressor", "sparse-24-bitmask": "Sparse24BitMaskCompressor"}[fmt]
-        theirs = dict(compressor.sparsity_compressor.decompress(str(directory)))
-        assert set(theirs) == set(sd)
-        assert all(same_bits(theirs[k], v) for k, v in sd.items())
-        model = LlamaForCausalLM(exports["model"].config)
-        compressor.decompress(str(directory), model)
-        assert all(same_bits(v, sd[k]) for k, v in model.state_dict().items())
+        names = {p.name for p in directory.iterdir()}
+        assert not names & {"config.json", "model.safetensors", "model.safetensors.index.json"}
+        assert not [n for n in names if n.startswith("model")]
+        # transformers 5.25: ValueError "Unrecognized model in DIR. Should have a `model_type` key in
+        # its config.json"; 4.x: OSError "DIR does not appear to have a file named config.json"
+        for load in (AutoConfig.from_pretrained, AutoModelForCausalLM.from_pretrained):
+            with pytest.raises((OSError, ValueError), match="config.json"):
+                load(directory)
+        # a model class named directly, or given its config, finds no weights it knows (5.25 reads a
+        # missing config.json of LlamaConfig.from_pretrained as all defaults; no weights come of it)
+        for load in (LlamaForCausalLM.from_pretrained,
+                     lambda d: AutoModelForCausalLM.from_pretrained(d, config=exports["model"].config)):
+            with pytest.raises(OSError, match="no file named model.safetensors"):
+                load(directory)
+        notice = (directory / "README.md").read_text()
+        assert f"`{fmt}` export format" in notice and "dist-prune pull models:/NAME@ALIAS DIR" in notice
+        assert "dist-prune decompress THIS_DIRECTORY DIR" in notice
+
+
+def test_shards_are_written_once_and_never_read_back(exports, tmp_path, monkeypatch):
+    """The headers come first from the non-zero counts: each file of the export is opened once,
+    to write it, and no shard is opened for reading (the old export read its dense shards back)."""
+    opened = []
+    real_open = open
+
+    def spy(path, mode="r", *args, **kwargs):
+        opened.append((Path(path).name, mode))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(dist_prune.io.shards, "open", spy, raising=False)
+    out = write_export(tmp_path / "once", exports["model"], exports["sd"], exports["pruned"],
+                       "sparse-bitmask", 20_000)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and all(name.startswith("compressed-") for name in shards)
+    assert sorted(opened) == sorted([(name, "wb") for name in shards] + [(SPARSITY_FILE, "w"),
+                                     ("config.compressed.json", "w"), ("compressed.safetensors.index.json", "w")])
 
 
 @pytest.mark.parametrize("fmt", SPARSE)
@@ -183,19 +268,20 @@ def test_files_shrink_by_the_formula(exports, fmt):
     dense_total = sum(t.numel() * 4 for t in sd.values())
     assert expected < dense_total * 0.75
     for size in (20_000, 10**9):
-        directory = exports["dirs"][fmt, size]
-        shards = sorted(directory.glob("*.safetensors"))
+        directory, dense = exports["dirs"][fmt, size], exports["dirs"]["dense", size]
+        shards = sorted(directory.glob("compressed*.safetensors"))
         assert sum(data_bytes(p) for p in shards) == expected
         meta = verify_export(directory)
-        assert meta["format"] == fmt and meta["total_size"] == dense_total
-        assert meta["dense_shards"] == verify_export(exports["dirs"]["dense", size])["shards"]
+        assert meta["format"] == fmt and meta["total_size"] == dense_total and meta["format_version"] == 2
+        assert meta["dense_shards"] == verify_export(dense)["shards"]
         if size == 20_000:
             assert len(shards) > 1
-            assert json.loads((directory / INDEX_FILE).read_text())["metadata"]["total_size"] == expected
-        config = json.loads((directory / "config.json").read_text())
-        assert config["sparsity_config"]["format"] == fmt
-        assert config["quantization_config"] == {"quant_method": "compressed-tensors", "version": "0.12.2",
-                                                 "sparsity_config": config["sparsity_config"]}
+            index = json.loads((directory / "compressed.safetensors.index.json").read_text())
+            assert index["metadata"]["total_size"] == expected
+        else:
+            assert [p.name for p in shards] == ["compressed.safetensors"]
+        # the dense model's config.json, under a name no loader reads; no quantization_config
+        assert (directory / "config.compressed.json").read_bytes() == (dense / "config.json").read_bytes()
 
 
 @pytest.mark.parametrize("fmt", SPARSE)
@@ -208,7 +294,7 @@ def test_decompress_gives_the_dense_export_byte_for_byte(exports, fmt, tmp_path)
 def test_decompress_checks_the_dense_sha256(exports, tmp_path):
     src = tmp_path / "tampered"
     shutil.copytree(exports["dirs"]["sparse-bitmask", 10**9], src)
-    shard = src / "model.safetensors"
+    shard = src / "compressed.safetensors"
     raw = bytearray(shard.read_bytes())
     n = int.from_bytes(raw[:8], "little")
     begin, _ = json.loads(raw[8:8 + n])["model.layers.1.mlp.up_proj.compressed"]["data_offsets"]
@@ -217,7 +303,7 @@ def test_decompress_checks_the_dense_sha256(exports, tmp_path):
     meta = json.loads((src / SPARSITY_FILE).read_text())
     from dist_prune.io.shards import sha256_file
 
-    meta["shards"]["model.safetensors"] = sha256_file(shard)  # passes verify_export ...
+    meta["shards"]["compressed.safetensors"] = sha256_file(shard)  # passes verify_export ...
     (src / SPARSITY_FILE).write_text(json.dumps(meta))
     verify_export(src)
     with pytest.raises(UserError, match="decompressed shard model.safetensors of .* does not match the dense sha256"):
@@ -255,17 +341,41 @@ def registered(exports):
         yield {"uri": uri, "reg": reg}
 
 
-def test_pull_decompress_gives_the_dense_hf_layout(exports, registered, tmp_path, capsys):
-    as_registered = pull("models:/tiny-24@candidate", tmp_path / "compressed", tracking_uri=registered["uri"])
-    assert files(as_registered) == files(exports["dirs"]["sparse-24-bitmask", 20_000])
+def test_pull_decompresses_by_default(exports, registered, tmp_path, capsys):
+    """compressed export -> register -> pull: the dense export of the same weights, which
+    from_pretrained loads exactly; --keep-compressed gives the stored form, --decompress (the old
+    opt-in) still works and is the default."""
     dst = tmp_path / "dense"
-    assert main(["pull", "models:/tiny-24/1", str(dst), "--decompress", "--tracking-uri", registered["uri"]]) == 0
+    assert main(["pull", "models:/tiny-24/1", str(dst), "--tracking-uri", registered["uri"]]) == 0
     assert capsys.readouterr().out.strip() == str(dst.absolute())
     assert files(dst) == files(exports["dirs"]["dense", 20_000])
     loaded = AutoModelForCausalLM.from_pretrained(dst).state_dict()
     assert set(loaded) == set(exports["sd"])
     assert all(same_bits(loaded[k], v) for k, v in exports["sd"].items())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["compressed", "dense"]  # no temporary left
+    as_registered = pull("models:/tiny-24@candidate", tmp_path / "compressed", tracking_uri=registered["uri"],
+                         keep_compressed=True)
+    assert files(as_registered) == files(exports["dirs"]["sparse-24-bitmask", 20_000])
+    assert main(["pull", "models:/tiny-24@candidate", str(tmp_path / "old-flag"), "--decompress",
+                 "--tracking-uri", registered["uri"]]) == 0
+    assert files(tmp_path / "old-flag") == files(dst)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compressed", "dense", "old-flag"]  # no temporary left
+    with pytest.raises(SystemExit):
+        main(["pull", "models:/tiny-24/1", str(tmp_path / "x"), "--decompress", "--keep-compressed"])
+
+
+def test_decompress_command(exports, tmp_path, capsys):
+    src = exports["dirs"]["sparse-bitmask", 20_000]
+    assert main(["decompress", str(src), str(tmp_path / "a" / "dense")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "a" / "dense")
+    assert files(tmp_path / "a" / "dense") == files(exports["dirs"]["dense", 20_000])
+    assert main(["decompress", str(src), str(tmp_path / "a" / "dense")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"dist-prune: error: destination {tmp_path / 'a' / 'dense'} already exists"
+    dense = exports["dirs"]["dense", 20_000]
+    assert main(["decompress", str(dense), str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.strip() == (f"dist-prune: error: {dense} is a dense export: "
+                                               "there is nothing to decompress")
+    assert not (tmp_path / "b").exists()
 
 
 def test_compressed_export_as_model_path_is_one_line(exports, tmp_path):

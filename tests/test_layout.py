@@ -65,6 +65,15 @@ def test_the_cycle_check_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
 
 
+def _compares_with(node: ast.Compare, names) -> bool:
+    """Whether the comparison has one of `names` as a string constant, alone or in a literal tuple,
+    list or set (`x == "a"`, `x in ("a", "b")`)."""
+    texts = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+    texts += [e.value for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set))
+              for e in c.elts if isinstance(e, ast.Constant)]
+    return any(t in names for t in texts if isinstance(t, str))
+
+
 def test_no_method_name_is_tested_outside_methods():
     """`prune.method == "sparsegpt"` and the like: a method declares what it needs instead."""
     from dist_prune.methods import METHODS
@@ -75,11 +84,8 @@ def test_no_method_name_is_tested_outside_methods():
             continue
         for node in ast.walk(tree):
             if isinstance(node, ast.Compare):
-                texts = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
-                texts += [e.value for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set))
-                          for e in c.elts if isinstance(e, ast.Constant)]
                 about_method = "method" in ast.unparse(node.left) + "".join(map(ast.unparse, node.comparators))
-                if about_method and any(t in METHODS for t in texts if isinstance(t, str)):
+                if about_method and _compares_with(node, METHODS):
                     offences.append(f"{name}:{node.lineno}")
     assert offences == []
 
@@ -141,3 +147,28 @@ def test_the_deepspeed_check_finds_each_kind_of_use():
     assert _deepspeed_uses({"dist_prune.train.loop": tree}) == [
         "dist_prune.train.loop:1 imports deepspeed", "dist_prune.train.loop:2 reads ds_tensor",
         "dist_prune.train.loop:3 tests a ZeRO stage"]
+
+
+def _format_name_tests(modules: dict[str, ast.Module]) -> list[str]:
+    from dist_prune.io.formats import FORMATS
+
+    offences = []
+    for name, tree in modules.items():
+        if name.startswith("dist_prune.io.formats"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare) and _compares_with(node, FORMATS):
+                offences.append(f"{name}:{node.lineno}")
+    return offences
+
+
+def test_no_format_name_is_tested_outside_the_format_modules():
+    """`fmt == "sparse-24-bitmask"`, `format != "dense"`: a format declares what it does instead
+    (loadable, compresses, check, layout) and only io/formats/ knows the names."""
+    assert _format_name_tests(_modules()) == []
+
+
+def test_the_format_name_check_finds_one():
+    tree = ast.parse('if cfg.export.format != "sparse-24-bitmask" or x:\n    y = fmt in ("dense",)')
+    assert _format_name_tests({"dist_prune.worker": tree}) == ["dist_prune.worker:1", "dist_prune.worker:2"]
+    assert _format_name_tests({"dist_prune.io.formats.bitmask": tree}) == []

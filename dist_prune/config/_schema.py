@@ -172,9 +172,10 @@ class ExportConfig:
     max_shard_size: str = doc("2GB", "largest safetensors shard, e.g. 500MB, 2GB, 1GiB")
     dtype: str = doc("auto", "dtype of the exported weights: auto (that of the source checkpoint) | "
                              "float32 | bfloat16 | float16")
-    format: str = doc("dense", "dense | sparse-bitmask (pruned weights stored as bitmask + non-zero "
-                               "values, compressed-tensors format) | sparse-24-bitmask (2 of every 4, "
-                               "needs prune.structure 2:4); `dist-prune pull --decompress` gives dense")
+    format: str = doc("dense", "dense (loads in transformers) | sparse-bitmask (pruned weights stored as "
+                               "bitmask + non-zero values) | sparse-24-bitmask (2 of every 4, needs "
+                               "prune.structure 2:4): smaller, for storage and transfer only, no loader "
+                               "reads them; `dist-prune pull` gives the dense export back")
 
 
 @dataclass

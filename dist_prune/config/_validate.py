@@ -70,15 +70,14 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
              f"cluster.cpus_per_worker must be >= 1, got {cfg.cluster.cpus_per_worker}")
     for key, value in (("model.dtype", cfg.model.dtype), ("export.dtype", cfg.export.dtype)):
         _require(value in DTYPES, f"{key} '{value}' is unknown (allowed: {', '.join(DTYPES)})")
-    from dist_prune.io.compressed import FORMATS  # lazy, as METHODS
+    from dist_prune.io.formats import FORMATS  # lazy, as METHODS
     from dist_prune.io.shards import parse_size
 
     parse_size(cfg.export.max_shard_size)
     _require(cfg.export.format in FORMATS, f"export.format '{cfg.export.format}' is unknown (allowed: "
              f"{', '.join(FORMATS)})")
-    _require(cfg.export.format != "sparse-24-bitmask" or str(structure) == "2:4",
-             f"export.format sparse-24-bitmask stores 2 of every 4 weights: it needs prune.structure 2:4, "
-             f"not {p.structure}")
+    problem = FORMATS[cfg.export.format].check(structure)
+    _require(problem is None, f"export.format {cfg.export.format} {problem}")
     if check_paths:
         if cfg.model.path is not None:
             _require(Path(cfg.model.path).exists(), f"model.path {cfg.model.path} does not exist")

@@ -1,4 +1,5 @@
 """Files in and out: safetensors shards (shards.py), the checkpoint a job reads (checkpoint.py),
-the export it writes (export.py, with the compressed formats of compressed.py) and its
-verification (verify.py). Imports run one way: shards <- compressed <- export, verify; checkpoint.
+the export formats (formats/), the export a job writes (export.py), its verification
+(verify.py) and decompression (decompress.py). Imports run one way:
+shards <- formats <- export, verify <- decompress;  shards <- checkpoint.
 """

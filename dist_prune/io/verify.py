@@ -2,7 +2,8 @@
 
 sparsity.json (written by dist_prune/io/export.py) names every shard with its sha256; a directory is
 a verified export when every shard is there, complete (its safetensors header accounts for every
-byte), unchanged, and agrees with the index and with the tensors sparsity.json lists.
+byte), unchanged, and agrees with the index, with the tensors sparsity.json lists (stored as its
+export format says, io/formats/) and with the file names of that format's layout.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import json
 from pathlib import Path
 
 from dist_prune.errors import UserError
-from dist_prune.io.compressed import expected_tensors
-from dist_prune.io.shards import INDEX_FILE, SINGLE_FILE, SPARSITY_FILE, read_shard_header, sha256_file
+from dist_prune.io.formats import HF_LAYOUT, ExportFormat, compressed_names, format_of
+from dist_prune.io.shards import SPARSITY_FILE, read_header, sha256_file
 
 
 def verify_export(directory: Path) -> dict:
-    """Check sparsity.json, every listed shard (exists, complete, sha256) and the index; return
-    the parsed sparsity.json. UserError naming the file on any mismatch."""
+    """Check sparsity.json, every listed shard (exists, complete, sha256), the index and the
+    config; return the parsed sparsity.json. UserError naming the file on any mismatch."""
     directory = Path(directory)
     meta_path = directory / SPARSITY_FILE
     if not meta_path.is_file():
@@ -28,18 +29,26 @@ def verify_export(directory: Path) -> dict:
         raise UserError(f"{meta_path} is unreadable: {e}") from None
     if not isinstance(meta, dict) or not str(meta.get("producer", "")).startswith("dist-prune"):
         raise UserError(f"{meta_path} was not written by dist-prune")
+    fmt = format_of(meta)
+    layout = fmt.layout
     shards = meta.get("shards")
     if not isinstance(shards, dict) or not shards:
         raise UserError(f"{meta_path} lists no shards")
+    if not fmt.loadable:  # shard i decompresses to dense shard i, checked against this sha256
+        dense = meta.get("dense_shards")
+        if (list(shards) != layout.shard_names(len(shards)) or not isinstance(dense, dict)
+                or list(dense) != HF_LAYOUT.shard_names(len(shards))):
+            raise UserError(f"{meta_path} of a {fmt.name} export must list shards "
+                            f"{layout.shard_names(len(shards))[0]}, ... with the dense sha256 of each")
     stored: set[str] = set()
     for name, digest in shards.items():
         path = directory / name
         if not path.is_file():
             raise UserError(f"shard {path} listed in {SPARSITY_FILE} is missing")
-        stored |= set(read_shard_header(path)) - {"__metadata__"}
+        stored |= set(read_header(path).tensors)
         if sha256_file(path) != digest:
             raise UserError(f"shard {path} is corrupt: sha256 does not match {SPARSITY_FILE}")
-    index_path = directory / INDEX_FILE
+    index_path = directory / layout.index
     if index_path.exists():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -51,9 +60,26 @@ def verify_export(directory: Path) -> dict:
                             f"that disagree with {SPARSITY_FILE}")
         if set(weight_map) != stored:
             raise UserError(f"{index_path} weight_map disagrees with the shards' tensors")
-    elif set(shards) != {SINGLE_FILE}:
+    elif set(shards) != set(layout.shard_names(1)):
         raise UserError(f"{index_path} is missing but {SPARSITY_FILE} lists {len(shards)} shards")
+    if not (directory / layout.config).is_file():
+        raise UserError(f"{directory / layout.config} of the {fmt.name} export {directory} is missing")
 
-    if isinstance(meta.get("tensors"), dict) and expected_tensors(meta) != stored:
+    if isinstance(meta.get("tensors"), dict) and stored_tensors(fmt, meta["tensors"]) != stored:
         raise UserError(f"{meta_path} lists tensors that disagree with the shards' contents")
     return meta
+
+
+def compressed_tensors(fmt: ExportFormat, tensors: dict) -> set[str]:
+    """The tensors of sparsity.json's "tensors" that `fmt` stores compressed."""
+    try:
+        return set(compressed_names(fmt, [(n, e["shape"]) for n, e in tensors.items()],
+                                    [n for n, e in tensors.items() if e.get("pruned")]))
+    except (KeyError, TypeError, AttributeError):
+        raise UserError(f"{SPARSITY_FILE}: a tensor entry lacks its shape") from None
+
+
+def stored_tensors(fmt: ExportFormat, tensors: dict) -> set[str]:
+    """The names the shards of an export in `fmt` hold, from sparsity.json's "tensors"."""
+    compressed = compressed_tensors(fmt, tensors)
+    return {part for name in tensors for part in (fmt.stored_names(name) if name in compressed else [name])}
