@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from dist_prune import __version__
 from dist_prune.errors import UserError
@@ -100,6 +101,8 @@ def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, l
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        # each command imports what it runs, here: `--help`, `register` and `jobs` start without
+        # torch or Ray (seconds each)
         if args.command == "run":
             from dist_prune.config import load_config
             from dist_prune.job import run
@@ -114,14 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                 config, items = None, [config, *items]
             run_sweep(config, items)
         elif args.command == "pull":
-            from pathlib import Path
-
             from dist_prune.registry import pull
 
             print(pull(args.uri, Path(args.dir), tracking_uri=args.tracking_uri, keep_compressed=args.keep_compressed))
         elif args.command == "decompress":
-            from pathlib import Path
-
             from dist_prune.io.decompress import decompress_export
 
             dst = Path(args.dir).absolute()
@@ -130,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
             dst.parent.mkdir(parents=True, exist_ok=True)
             print(decompress_export(Path(args.export), dst))
         elif args.command == "register":
-            from pathlib import Path
-
             from dist_prune.registry import register_directory
 
             registered = register_directory(Path(args.dir), tracking_uri=args.tracking_uri,

@@ -4,6 +4,9 @@ Everything goes through an explicit `MlflowClient(tracking_uri, registry_uri)`; 
 state (tracking URI, active run) is never touched. In MLflow 3, `register_model("runs:/..")` on
 plain artifacts fails, so the export directory is logged as run artifacts under "model/" and
 registered with `MlflowClient.create_model_version(name, source=<artifact URI of model/>)`.
+
+mlflow (and requests) are imported inside the functions that talk to a server: importing mlflow
+takes about 2 s, and the driver imports this module for every job, with or without a registry.
 """
 
 from __future__ import annotations
@@ -115,7 +118,7 @@ def flatten_params(params: dict) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _mlflow_errors(uri: str, action: str) -> Iterator[None]:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: module docstring
     from requests.exceptions import RequestException
 
     try:
@@ -149,8 +152,8 @@ def _auth_failure(e: Exception, action: str) -> str | None:
     return None
 
 
-def _client(tracking_uri: str | None):
-    import mlflow
+def _client(tracking_uri: str | None):  # mlflow imported lazily: module docstring
+    import mlflow  # lazy: module docstring
     from mlflow import MlflowClient
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial database tables..."
@@ -251,13 +254,13 @@ class StepLogger:
     reported once and logging goes on at the next step."""
 
     def __init__(self, tracking_uri: str, run_id: str):
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # lazy: module docstring
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.client, self.run_id, self.warned = MlflowClient(tracking_uri, tracking_uri), run_id, False
 
     def __call__(self, step: int, metrics: dict) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: module docstring
 
         now = int(time.time() * 1000)
         rows = [Metric(_key(k), float(v), now, step) for k, v in metrics.items()
@@ -274,7 +277,7 @@ class StepLogger:
 def resolved_tracking_uri(tracking_uri: str | None) -> str:
     """The tracking URI the driver uses, with a relative sqlite path made absolute, so
     workers started in another directory write to the same database."""
-    import mlflow
+    import mlflow  # lazy: module docstring
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     prefix = "sqlite:///"
@@ -315,7 +318,7 @@ def register_export(export_dir: Path, *, tracking_uri: str | None, experiment: s
     `run_id`: a run opened by `start_run` before the job (the workers logged step metrics
     into it); otherwise a new run. `artifact_location` is used only when the experiment
     does not exist yet."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param, RunTag  # lazy: module docstring
 
     export_dir = Path(export_dir)
     meta = verify_export(export_dir)  # nothing unverified is registered
@@ -395,7 +398,7 @@ def pull(model_uri: str, dst: Path, *, tracking_uri: str | None = None, keep_com
     """Download a registered dist-prune export into `dst` (must not exist or be empty), verified.
     An export in a format no loader reads (export.format sparse-*) is decompressed into the dense
     HF layout, unless `keep_compressed`."""
-    import mlflow.artifacts
+    import mlflow.artifacts  # lazy: module docstring
 
     name, alias, version = parse_model_uri(model_uri)
     dst = Path(dst).absolute()

@@ -27,7 +27,7 @@ from dist_prune.errors import UserError
 from dist_prune.evaluate import perplexity
 from dist_prune.io.export import StreamingExport
 from dist_prune.io.formats import FORMATS, compressed_names, stored_nonzero
-from dist_prune.io.shards import TensorSpec
+from dist_prune.io.shards import TensorSpec, parse_size
 from dist_prune.train.loop import finetune
 from dist_prune.train.state import Hooks
 from dist_prune.masking import find_targets, pruned_counts
@@ -165,8 +165,6 @@ def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir:
     the outcome is agreed by one all-reduce at the end. A structural `plan` renames, shrinks or drops
     tensors and rewrites config.json (dist_prune/structural.py).
     """
-    from dist_prune.io.shards import parse_size
-
     rank, _ = rank_and_world()
     fmt = FORMATS[cfg.export.format]
     exported = [(name, p, plan.exported(name, full_shape(p)) if plan else (name, full_shape(p)))

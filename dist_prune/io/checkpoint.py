@@ -117,7 +117,7 @@ def _convert_once(source: Path, kind: str, trust_remote_code: bool) -> Path:
     target = cache_dir() / "models" / f"{source.stem}-{_fingerprint(source)}"
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: only a GGUF conversion loads a model here
 
     print(f"dist-prune: converting {source} to safetensors once, into {target}", flush=True)
     kwargs = {"trust_remote_code": trust_remote_code}
