@@ -291,6 +291,25 @@ def test_decompress_gives_the_dense_export_byte_for_byte(exports, fmt, tmp_path)
         assert files(out) == files(exports["dirs"]["dense", size])
 
 
+def test_decompress_publishes_only_a_finished_directory(exports, tmp_path, monkeypatch):
+    """The dense layout is written beside the destination and renamed into place: while it is
+    being written, the destination does not exist."""
+    import dist_prune.io.decompress as decompress
+
+    seen = []
+    real = decompress.write_json
+
+    def spy(path, *args, **kwargs):
+        seen.append((Path(path).parent.name, (tmp_path / "out").exists()))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(decompress, "write_json", spy)
+    decompress_export(exports["dirs"]["sparse-bitmask", 20_000], tmp_path / "out")
+    assert seen and all(parent.startswith(".out.tmp-") and not exists for parent, exists in seen)
+    assert files(tmp_path / "out") == files(exports["dirs"]["dense", 20_000])
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
 def test_decompress_checks_the_dense_sha256(exports, tmp_path):
     src = tmp_path / "tampered"
     shutil.copytree(exports["dirs"]["sparse-bitmask", 10**9], src)
@@ -309,6 +328,7 @@ def test_decompress_checks_the_dense_sha256(exports, tmp_path):
     with pytest.raises(UserError, match="decompressed shard model.safetensors of .* does not match the dense sha256"):
         decompress_export(src, tmp_path / "out")  # ... but not the dense sha256
     assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))  # nor is a half-written directory left beside it
     meta["format"] = "zip"
     (src / SPARSITY_FILE).write_text(json.dumps(meta))
     with pytest.raises(UserError, match="names export format 'zip', unknown to this dist-prune"):

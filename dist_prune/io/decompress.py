@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 from dist_prune.errors import UserError
@@ -27,7 +28,9 @@ def decompress_export(src: Path, dst: Path, meta: dict | None = None) -> Path:
     tensors, layout = meta["tensors"], fmt.layout
     compressed = compressed_tensors(fmt, tensors)
     owner = {part: name for name in compressed for part in fmt.stored_names(name)}  # stored -> its dense tensor
-    dst.mkdir()
+    # written beside `dst` and renamed into place: an interrupted run leaves no half a model there
+    work = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:12]}"
+    work.mkdir(parents=False)
     try:
         weight_map = {}
         for file, (dense_file, dense_sha) in zip(meta["shards"], meta["dense_shards"].items()):
@@ -37,7 +40,7 @@ def decompress_export(src: Path, dst: Path, meta: dict | None = None) -> Path:
                 groups.setdefault(owner.get(stored, stored), []).append(stored)
             specs = [fmt.dense_spec(n, tensors[n]["shape"], {p: header.spec(p) for p in parts})
                      if n in compressed else header.spec(n) for n, parts in groups.items()]
-            writer = ShardWriter(dst / dense_file, specs)
+            writer = ShardWriter(work / dense_file, specs)
             try:
                 for n, parts in groups.items():
                     writer.append(fmt.decode(n, {p: header.tensor(p) for p in parts}) if n in compressed
@@ -53,18 +56,20 @@ def decompress_export(src: Path, dst: Path, meta: dict | None = None) -> Path:
         if len(meta["dense_shards"]) > 1:
             index = {"metadata": {"total_parameters": sum(t["numel"] for t in tensors.values()),
                                   "total_size": meta["total_size"]}, "weight_map": weight_map}
-            write_json(dst / HF_LAYOUT.index, index, indent=2, sort_keys=True)
-        _copy(src / layout.config, dst / HF_LAYOUT.config)  # the dense model's config.json, as exported
+            write_json(work / HF_LAYOUT.index, index, indent=2, sort_keys=True)
+        _copy(src / layout.config, work / HF_LAYOUT.config)  # the dense model's config.json, as exported
         # the record a dense export writes: same keys in the same order, dense shards
         record = {**meta, "format": DENSE.name, "shards": meta["dense_shards"]}
         del record["dense_shards"]
-        write_json(dst / SPARSITY_FILE, record, indent=2, default=str)
+        write_json(work / SPARSITY_FILE, record, indent=2, default=str)
         skip = set(meta["shards"]) | layout.own_files()
         for extra in sorted(p for p in src.iterdir() if p.is_file() and p.name not in skip):
-            _copy(extra, dst / extra.name)  # tokenizer files etc., unchanged
-        fsync_dir(dst)
+            _copy(extra, work / extra.name)  # tokenizer files etc., unchanged
+        fsync_dir(work)
+        os.rename(work, dst)  # refuses an existing non-empty dst
+        fsync_dir(dst.parent)
     except BaseException:
-        shutil.rmtree(dst, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         raise
     return dst
 
