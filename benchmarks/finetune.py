@@ -1,6 +1,7 @@
 """Sparse-NEFT fine-tuning benchmarks on 2 gloo ranks (the worker recipe, without Ray).
 
     python benchmarks/finetune.py speed    [--steps 8 --rounds 3 --seq-len 256]
+    python benchmarks/finetune.py profile  [--steps 4 --seq-len 256]
     python benchmarks/finetune.py quality  [--steps 60 --arms wanda-a0,wanda-a5,...]
 
 speed:   seconds per optimizer step of plain PyTorch (one process; DDP) and of dist-prune's
@@ -129,6 +130,62 @@ def speed(args) -> None:
     _write("finetune_speed", report, lines)
 
 
+def _profile_main(rank: int, overrides: list[str], data: dict, rows: int) -> dict:
+    """One dist-prune fine-tuning run under torch.profiler (CPU): the training loop only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import dist_prune.train.loop as loop
+    from dist_prune.train.state import Hooks
+
+    logged, out = [], {}
+    plain_loop = loop._loop
+
+    def profiled(*a, **k):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            plain_loop(*a, **k)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+        out["ops"] = [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
+                       "calls": e.count} for e in top]
+        out["self_cpu_s"] = total / 1e6
+
+    loop._loop = profiled
+    try:
+        run_job(overrides, data, Hooks(log=lambda step, row: logged.append(row)))
+    finally:
+        loop._loop = plain_loop
+    return {**out, "step_seconds": [row["train/step_seconds"] for row in logged]}
+
+
+def profile_step(args) -> None:
+    """Where a step's time goes: rank 0's CPU time per operator over --steps steps of
+    masked+NEFTune training at each ZeRO stage, written to finetune_speed_profile.md."""
+    from dist_prune.io.checkpoint import resolve_model
+
+    data = tokens(resolve_model(None), training_seq_len=args.seq_len)
+    data["calibration"] = data["evaluation"] = None
+    data["more_evaluation"] = {}
+    base = ["prune.method=magnitude", "prune.scope=layer", f"finetune.steps={args.steps}",
+            f"finetune.data.seq_len={args.seq_len}", "finetune.log_interval=1", "finetune.lr=1e-4",
+            "eval.num_windows=0", "eval.dense=false", *SPEED_ARMS["masked+neftune"]]
+    report = {"machine": machine(WORLD), "steps": args.steps, "seq_len": args.seq_len, "stages": {},
+              "command": f"python benchmarks/finetune.py profile --steps {args.steps} --seq-len {args.seq_len}"}
+    lines = [f"Machine: {report['machine']}. Rank 0's self CPU time per operator (torch.profiler) over "
+             f"{args.steps} steps of masked+NEFTune training of SmolLM2-135M, {WORLD} windows x {args.seq_len} "
+             "tokens per step, the first (warm-up) step included.", ""]
+    for stage in STAGES:
+        result = run_ranks(_profile_main, [*base, f"finetune.zero_stage={stage}"], data, 20, world=WORLD)
+        report["stages"][stage] = result
+        lines += [f"## ZeRO {stage}: {result['self_cpu_s']:.1f} s of CPU over the steps; seconds per step "
+                  + ", ".join(f"{x:.2f}" for x in result["step_seconds"]), "",
+                  "| operator | self CPU s | share | calls |", "|---|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['self_cpu_s']:.2f} | {o['share']:.1%} | {o['calls']} |" for o in result["ops"]]
+        lines.append("")
+    lines += [f"Command: `{report['command']}`"]
+    _write("finetune_speed_profile", report, lines)
+
+
 def quality(args) -> None:
     """One arm per call of the recipe, each saved as soon as it ends (a long run can be
     continued: arms already measured with the same settings are skipped), then the table
@@ -214,6 +271,9 @@ def main() -> None:
     s.add_argument("--steps", type=int, default=8)
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--seq-len", type=int, default=256)
+    pr = sub.add_parser("profile")
+    pr.add_argument("--steps", type=int, default=4)
+    pr.add_argument("--seq-len", type=int, default=256)
     q = sub.add_parser("quality")
     q.add_argument("--steps", type=int, default=60)
     q.add_argument("--seq-len", type=int, default=512)
@@ -223,7 +283,7 @@ def main() -> None:
     q.add_argument("--name", default="finetune_quality", help="results file name")
     q.add_argument("--table", action="store_true", help="only rebuild the table of the arms measured so far")
     args = parser.parse_args()
-    {"speed": speed, "quality": quality}[args.part](args)
+    {"speed": speed, "profile": profile_step, "quality": quality}[args.part](args)
 
 
 if __name__ == "__main__":
