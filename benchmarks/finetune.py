@@ -35,7 +35,7 @@ SPEED_ARMS = {  # dist-prune's arms, each at every ZeRO stage it supports (STAGE
     "masked": ["prune.sparsity=0.5", "finetune.neftune.alpha=0"],
     "masked+neftune": ["prune.sparsity=0.5", "finetune.neftune.alpha=5"],
 }
-STAGES = (2, 3)
+STAGES = (0, 2, 3)
 PARITY = ["prune.exclude=['*norm*','*.bias']"]  # llm-compressor's Wanda targets (lm_head too)
 QUALITY_ARMS = {
     "wanda50 + tune, alpha 0": ["prune.method=wanda", *PARITY, "finetune.neftune.alpha=0"],
@@ -92,8 +92,10 @@ def speed(args) -> None:
     base = ["prune.method=magnitude", "prune.scope=layer", f"finetune.steps={args.steps}",
             f"finetune.data.seq_len={args.seq_len}", "finetune.log_interval=1", "finetune.lr=1e-4",
             "eval.num_windows=0", "eval.dense=false"]
-    arms = {f"dist-prune {name}, ZeRO {stage}": [*overrides, f"finetune.zero_stage={stage}"]
-            for stage in STAGES for name, overrides in SPEED_ARMS.items()}
+    stages = [int(x) for x in args.stages.split(",")]
+    chosen = [a for a in SPEED_ARMS if not args.arms or a in args.arms.split(",")]
+    arms = {f"dist-prune {name}, ZeRO {stage}": [*SPEED_ARMS[name], f"finetune.zero_stage={stage}"]
+            for stage in stages for name in chosen}
     steps: dict[str, list[float]] = {PLAIN: [], DDP: [], **{name: [] for name in arms}}
     loads = []
     for round_index in range(args.rounds):
@@ -115,7 +117,8 @@ def speed(args) -> None:
               "load_average_1min_per_round": loads, "matmul_gflops_2_threads": gflops,
               "flop_floor_seconds": floor, "arms": table,
               "command": f"python benchmarks/finetune.py speed --steps {args.steps} --rounds {args.rounds} "
-                         f"--seq-len {args.seq_len}"}
+                         f"--seq-len {args.seq_len} --stages {args.stages}"
+                         + (f" --arms {args.arms}" if args.arms else "") + f" --name {args.name}"}
     lines = [f"Machine: {report['machine']}; 1-minute load average at each round's start: "
              f"{', '.join(f'{x:.2f}' for x in loads)}. {report['model']}, {WORLD} windows x {args.seq_len} tokens "
              f"per step, AdamW, gradient clipping 1.0; {args.rounds} interleaved rounds x {args.steps} steps, "
@@ -127,7 +130,7 @@ def speed(args) -> None:
               f"{row['ratio_to_plain_pytorch']:.3f} | {row['ratio_to_flop_floor']:.2f} |"
               for name, row in table.items()]
     lines += ["", f"Command: `{report['command']}`"]
-    _write("finetune_speed", report, lines)
+    _write(args.name, report, lines)
 
 
 def _profile_main(rank: int, overrides: list[str], data: dict, rows: int) -> dict:
@@ -271,6 +274,9 @@ def main() -> None:
     s.add_argument("--steps", type=int, default=8)
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--stages", default=",".join(map(str, STAGES)), help="ZeRO stages (0 = plain data parallelism)")
+    s.add_argument("--arms", default="", help=f"comma-separated among {', '.join(SPEED_ARMS)} (default: all)")
+    s.add_argument("--name", default="finetune_speed", help="results file name")
     pr = sub.add_parser("profile")
     pr.add_argument("--steps", type=int, default=4)
     pr.add_argument("--seq-len", type=int, default=256)

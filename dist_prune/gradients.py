@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from dist_prune.collectives import all_reduce_, any_rank, rank_and_world
 from dist_prune.errors import UserError
-from dist_prune.sharding.training import Training, open_training
+from dist_prune.sharding.stages import open_training
+from dist_prune.sharding.training import Training
 
 if TYPE_CHECKING:
     from dist_prune.masking import Target

@@ -26,6 +26,7 @@ BASE = ["eval.num_windows=4", f"eval.seq_len={SEQ}", f"finetune.data.seq_len={SE
 CASES = {  # name -> overrides
     "oneshot-zero3": ["finetune.steps=20", "prune.sparsity=0.5", "finetune.zero_stage=3"],
     "oneshot-zero2": ["finetune.steps=20", "prune.sparsity=0.5", "finetune.zero_stage=2"],
+    "oneshot-zero0": ["finetune.steps=20", "prune.sparsity=0.5", "finetune.zero_stage=0"],
     "cubic-movement": ["finetune.steps=12", "prune.schedule=cubic", "prune.method=movement",
                        "prune.sparsity=0.6", "prune.interval=4", "prune.end_step=8",
                        "finetune.neftune.dynamic=true"],
@@ -76,7 +77,7 @@ def _magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return pruned.view(weight.shape)
 
 
-@pytest.mark.parametrize("case", ["oneshot-zero3", "oneshot-zero2"])
+@pytest.mark.parametrize("case", ["oneshot-zero3", "oneshot-zero2", "oneshot-zero0"])
 def test_exported_zeros_are_exactly_the_oneshot_mask(tuned, tiny_llama, case):
     """After 20 steps the exported weights are zero exactly on the mask chosen before
     training, and every other weight moved (embeddings and norms are trained too)."""
@@ -107,17 +108,18 @@ def test_gradual_masks_are_exact_in_the_export(tuned, case):
 
 def test_oneshot_sparsity_is_exact_and_kept(tuned):
     _, results = tuned
-    for case in ("oneshot-zero3", "oneshot-zero2"):
+    for case in ("oneshot-zero3", "oneshot-zero2", "oneshot-zero0"):
         m = results[case]["metrics"]
         assert m["pruned"] == m["prunable"] // 2
         assert m["perplexity_sparse"] < m["perplexity_pruned"], "fine-tuning lowers perplexity"
 
 
-def test_stages_2_and_3_train_the_same_model(tuned):
-    """Same data, same noise, same optimizer: ZeRO stage 2 and 3 differ only in what they
-    partition, so they end at (float-)equal weights."""
+@pytest.mark.parametrize("other", ["oneshot-zero2", "oneshot-zero0"])
+def test_every_stage_trains_the_same_model(tuned, other):
+    """Same data, same noise, same optimizer: ZeRO stages 2 and 3 and plain data parallelism
+    (stage 0) differ only in what they partition, so they end at (float-)equal weights."""
     out, _ = tuned
-    a, b = _weights(out / "oneshot-zero3"), _weights(out / "oneshot-zero2")
+    a, b = _weights(out / "oneshot-zero3"), _weights(out / other)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
@@ -161,7 +163,7 @@ def _interrupted_and_resumed(model_dir: str, out_dir: str, train, evalw, stage: 
     run_worker(job, Hooks(resume=Path(out_dir) / f"ckpt-{stage}-5"))
 
 
-@pytest.mark.parametrize("stage", [3, 2])
+@pytest.mark.parametrize("stage", [3, 2, 0])
 def test_resumed_run_equals_uninterrupted_run(tiny_llama, text_file, tmp_path, stage):
     """Resuming at step 5 restores masters, moments, masks, scores, data position, noise and
     dynamic alpha: the result is bit-identical to the run that never stopped."""

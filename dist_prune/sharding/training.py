@@ -3,13 +3,15 @@
 Fine-tuning (train/loop.py), its mask keeping (train/masks.py), its checkpoints (train/resume.py)
 and gradient calibration (gradients.py) ask a `Training` for what they need and never look at
 DeepSpeed's attributes. `open_training(model, stage, ...)` puts an engine on the ZeRO-3 partitioned
-model for the block and yields one of:
+model for the block (sharding/stages.py) and yields one of:
 
-  Zero3Training  the partitioned model itself: weights, gradients and optimizer state in 1/W flat
+  Zero3Training  (sharding/zero.py) the partitioned model itself: weights, gradients and optimizer state in 1/W flat
                  slices, which is the pruning layout, so masks and scores apply to them as they are;
-  Zero2Training  a whole copy of the weights on every rank (gathered once, written back into the
+  Zero2Training  (sharding/zero.py) a whole copy of the weights on every rank (gathered once, written back into the
                  partitions when the block ends); DeepSpeed partitions the gradients and optimizer
-                 state in its own flat layout, onto which the masks are mapped.
+                 state in its own flat layout, onto which the masks are mapped;
+  DataParallelTraining  (stage 0, sharding/whole.py) a whole fp32 copy on every rank, torch
+                 DDP, no engine.
 
 At this interface everything is in the pruning layout: `local_weight(t)` and `local_grad(t)` are
 this rank's ZeRO-3 slice of target t (padding cut off), and a mask is a bool tensor over that slice.
@@ -23,16 +25,11 @@ training/_distributed.py does. It is not built.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from dist_prune.collectives import all_reduce_
-from dist_prune.masking import Target, local_start
-from dist_prune.sharding.engine import temporary_engine
-from dist_prune.sharding.partition import (gathered, local_range, local_weight, partition_dtype,
-                                           zero3_config)
+from dist_prune.masking import Target
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state; other optimizers: whatever tensors they keep
 
@@ -138,205 +135,3 @@ class Training:
             if meta["adam_steps"][i] is not None:
                 self._optimizer.state[flat] = {"step": torch.tensor(meta["adam_steps"][i]),
                                                **{k: tensors[f"{k}.{i}"].to(flat.device) for k in MOMENTS}}
-
-
-class Zero3Training(Training):
-    """ZeRO-3 on the partitioned model, through DeepSpeed's local-partition API."""
-
-    stage, collective_forward = 3, True
-    _grads_alias: bool | None = None
-
-    def local_weight(self, target: Target) -> torch.Tensor:
-        return local_weight(target.param)
-
-    def local_grad(self, target: Target) -> torch.Tensor:
-        from deepspeed.utils import safe_get_local_grad  # lazy: sharding/__init__.py
-
-        start, stop = local_range(target.param)
-        # the gradient partition has the padded length of the weight partition; it may be
-        # DeepSpeed's own buffer, hence the copy
-        return safe_get_local_grad(target.param)[: stop - start].to(torch.float32, copy=True)
-
-    @torch.no_grad()
-    def mask_gradients(self) -> None:
-        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad  # lazy: sharding/__init__.py
-
-        for t in self.targets:
-            grad = safe_get_local_grad(t.param)  # padded to the partition length
-            grad[: self.masks[t.name].numel()].masked_fill_(self.masks[t.name], 0.0)
-            if not self._grad_is_the_partition(t.param, grad):
-                safe_set_local_grad(t.param, grad)
-
-    def _grad_is_the_partition(self, param, grad: torch.Tensor) -> bool:
-        """Whether safe_get_local_grad handed out the gradient partition itself (fp32 partitions:
-        `.float()` of an fp32 tensor is that tensor) rather than a copy. Then writing it back is a
-        copy onto itself, 67M elements a step for SmolLM2-135M on 2 ranks."""
-        if self._grads_alias is None:
-            from deepspeed.utils import safe_get_local_grad  # lazy: sharding/__init__.py
-
-            self._grads_alias = safe_get_local_grad(param).data_ptr() == grad.data_ptr()
-        return self._grads_alias
-
-    @torch.no_grad()
-    def zero_pruned(self, *, moments: bool) -> None:
-        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state  # lazy: sharding/__init__.py
-
-        moments = moments and self.has_optimizer_state()
-        for t in self.targets:
-            mask = self.masks[t.name]
-            safe_get_local_fp32_param(t.param)[: mask.numel()].masked_fill_(mask, 0.0)
-            local_weight(t.param).masked_fill_(mask, 0.0)
-            for key in MOMENTS if moments else ():
-                safe_get_local_optimizer_state(t.param, key)[: mask.numel()].masked_fill_(mask, 0.0)
-
-    def _flats(self) -> list[torch.Tensor]:
-        return list(self.engine.optimizer.fp32_partitioned_groups_flat)
-
-    def load_state_dict(self, tensors, meta, rank0) -> None:
-        from deepspeed.utils import safe_get_local_fp32_param  # lazy: sharding/__init__.py
-
-        super().load_state_dict(tensors, meta, rank0)
-        for p in self.module.parameters():  # the 16-bit partitions from the restored masters
-            p.ds_tensor.data.copy_(safe_get_local_fp32_param(p))
-
-
-class Zero2Training(Training):
-    """ZeRO-2 on a whole copy of the weights (every rank holds them all). Each whole mask is
-    assembled once per mask change and mapped onto the optimizer's partition."""
-
-    stage, collective_forward = 2, False
-
-    def __init__(self, engine, targets: list[Target]):
-        super().__init__(engine, targets)
-        params = dict(self.module.named_parameters())
-        self.params = {t.name: params[t.name] for t in targets}
-        self.whole: dict[str, torch.Tensor] = {}
-        # a tensor hook runs before DeepSpeed's gradient reduction hooks: the reduced,
-        # partitioned and accumulated gradients of pruned weights are exactly zero. The hooks go
-        # with the engine (temporary_engine takes off every hook added while it lived).
-        for name, p in self.params.items():
-            p.register_hook(self._grad_hook(name))
-
-    def _grad_hook(self, name: str):
-        def hook(grad):
-            whole = self.whole.get(name)
-            return grad if whole is None else grad.masked_fill(whole.to(grad.device), 0.0)
-        return hook
-
-    def local_weight(self, target: Target) -> torch.Tensor:
-        start, stop = local_range(target.param)
-        return self.params[target.name].data.reshape(-1)[start:stop]
-
-    def local_grad(self, target: Target) -> torch.Tensor:
-        # config validation refuses methods that need it (Method.reads_gradient_partitions)
-        raise NotImplementedError("training-time scores need finetune.zero_stage 3")
-
-    def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
-        super().set_masks(masks)
-        self.whole = {t.name: whole_mask(t, masks[t.name]) for t in self.targets}
-
-    def mask_gradients(self) -> None:
-        """Done by the gradient hooks, before DeepSpeed's reduction."""
-
-    @torch.no_grad()
-    def zero_pruned(self, *, moments: bool) -> None:
-        moments = moments and self.has_optimizer_state()
-        for name, p in self.params.items():
-            whole = self.whole[name].to(p.device)
-            p.data.masked_fill_(whole, 0.0)
-            flat = whole.view(-1)
-            for key in (None, *MOMENTS) if moments else (None,):
-                fragment = self._fragment(p, key)
-                if fragment is not None:
-                    view, start = fragment
-                    view.masked_fill_(flat[start: start + view.numel()].to(view.device), 0.0)
-
-    def _fragment(self, param: torch.nn.Parameter, key: str | None):
-        """(view, start): the part of the fp32 master (`key` None) or of optimizer state `key`
-        that this rank's partition holds for `param`, and where it starts in the flat param."""
-        mapping = getattr(param, "_hp_mapping", None)
-        if mapping is None:
-            return None
-        start = mapping.lp_fragment_address.start
-        if key is None:
-            return mapping.hp_fragment, start
-        flat = self._flats()[mapping.param_group_index]
-        state = self._optimizer.state.get(flat, {})
-        if key not in state:
-            return None
-        address = mapping.hp_fragment_address
-        return state[key].narrow(0, address.start, address.numel), start
-
-    def _flats(self) -> list[torch.Tensor]:
-        return list(self.engine.optimizer.single_partition_of_fp32_groups)
-
-    def state_dict(self, rank: int) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors, meta = super().state_dict(rank)
-        if rank == 0:  # every rank holds the same whole weights: one copy is enough
-            tensors.update({f"weight.{n}": p.detach().cpu() for n, p in self.module.named_parameters()})
-        return tensors, meta
-
-    def load_state_dict(self, tensors, meta, rank0) -> None:
-        super().load_state_dict(tensors, meta, rank0)
-        weights = rank0()
-        for name, p in self.module.named_parameters():
-            p.data.copy_(weights[f"weight.{name}"])
-
-    def finish(self, partitioned: torch.nn.Module) -> None:
-        """The trained whole weights into this rank's slices."""
-        params = dict(self.module.named_parameters())
-        for name, p in partitioned.named_parameters():
-            start, stop = local_range(p)
-            local_weight(p).copy_(params[name].data.reshape(-1)[start:stop])
-
-
-STAGES: dict[int, type[Training]] = {3: Zero3Training, 2: Zero2Training}
-
-
-@contextlib.contextmanager
-def open_training(model: torch.nn.Module, stage: int, targets: list[Target],
-                  optimizer_for: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], *,
-                  trainable: Callable[[torch.nn.Parameter], bool] = lambda p: True,
-                  micro_batch: int = 1, accumulation: int = 1, max_grad_norm: float = 0.0,
-                  static_loss_scale: float | None = None) -> Iterator[Training]:
-    """Train `model` (ZeRO-3 partitioned) at ZeRO `stage` for the length of the block; the
-    partitions hold the trained weights afterwards. `optimizer_for(params)` builds the client
-    optimizer over the trainable parameters; `static_loss_scale`: fp16's, when no optimizer
-    steps would adapt a dynamic one. Collective."""
-    dtype = partition_dtype(model)
-    config = zero3_config(dtype)
-    config["zero_optimization"]["stage"] = stage
-    config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=accumulation,
-                  gradient_clipping=max_grad_norm, steps_per_print=2**31 - 1, wall_clock_breakdown=False)
-    if dtype == torch.float16 and static_loss_scale is not None:
-        config["fp16"] = {"enabled": True, "loss_scale": static_loss_scale}
-    trained = model if stage == 3 else whole_copy(model)
-    optimizer = optimizer_for([p for p in trained.parameters() if trainable(p)])
-    with temporary_engine(trained, optimizer, config, trainable=trainable) as engine:
-        training = STAGES[stage](engine, targets)
-        yield training
-        training.finish(model)
-
-
-def whole_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A plain (unpartitioned) copy of a ZeRO-3 partitioned model, gathered one parameter at a
-    time, for ZeRO stage 2 (which partitions gradients and optimizer state only)."""
-    from transformers import AutoModelForCausalLM  # lazy: heavy, and only stage 2 needs it
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():
-        whole = AutoModelForCausalLM.from_config(model.config, dtype=partition_dtype(model))
-    params = dict(whole.named_parameters())
-    for name, p in model.named_parameters():
-        with gathered([p]):
-            params[name].data.copy_(p.data.reshape(params[name].shape))
-    whole.train(model.training)
-    return whole
-
-
-def whole_mask(target: Target, local: torch.Tensor) -> torch.Tensor:
-    """The full bool mask of a target, assembled from every rank's slice (collective)."""
-    full = torch.zeros(target.numel, dtype=torch.uint8)
-    start = local_start(target)
-    full[start: start + local.numel()] = local.to(torch.uint8)
-    return all_reduce_(full).bool().view(target.shape)

@@ -27,7 +27,8 @@ from dist_prune.layerwise import LayerRunner
 from dist_prune.masking import Target
 from dist_prune.methods import METHODS
 from dist_prune.report import progress
-from dist_prune.sharding.training import Training, open_training
+from dist_prune.sharding.stages import open_training
+from dist_prune.sharding.training import Training
 from dist_prune.train.masks import KeptMasks, NoMasks
 from dist_prune.train.neftune import NEFTune, DynamicAlpha
 from dist_prune.train.resume import load_train_state
