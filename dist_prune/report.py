@@ -71,6 +71,8 @@ def summary_table(metrics: dict, model_uri: str | None, export_dir: str) -> str:
     if "model_bytes_per_worker" in metrics:  # ZeRO-3: each worker holds about 1/W of the model
         rows.append(("model bytes per worker", f"{metrics['model_bytes_per_worker'] / 2**20:,.1f} MiB "
                                                f"({metrics['world_size']} workers)"))
+    if metrics.get("finetune_sharding"):  # finetune.zero_stage auto, resolved
+        rows.append(("fine-tuning sharding", metrics["finetune_sharding"]))
     if "resumed_at_step" in metrics:  # a worker failed; Ray restarted the group from a checkpoint
         rows.append(("fine-tuning resumed at step", str(metrics["resumed_at_step"])))
     rows += [(f"seconds: {k.removeprefix('seconds_')}", f"{v:.1f}")

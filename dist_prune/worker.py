@@ -132,6 +132,8 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
         del teacher
         masks = state.masks
         metrics["finetune_history"] = state.history
+        metrics["finetune_zero_stage"] = state.zero_stage
+        metrics["finetune_sharding"] = state.sharding
     plan, report = None, {}
     if structure.removes_parameters:  # what the masks removed, to be cut out in the export
         plan = shrink_plan(structure.kind, Geometry.of(model.config), targets, masks)

@@ -218,7 +218,7 @@ def test_learning_rates_in_exponent_notation_are_floats():
     (["prune.schedule=cubic", "finetune.steps=10", "prune.method=wanda"], "re-scores during training"),
     (["prune.schedule=cubic", "finetune.steps=10", "prune.method=magnitude", "prune.end_step=20"],
      "prune.end_step=20"),
-    (["finetune.steps=10", "finetune.zero_stage=1"], "finetune.zero_stage must be one of 0, 2, 3"),
+    (["finetune.steps=10", "finetune.zero_stage=1"], "finetune.zero_stage must be one of auto, 0, 2, 3, got 1"),
     (["finetune.steps=10", "finetune.zero_stage=0", "model.dtype=bfloat16"],
      "finetune.zero_stage 0 trains the weights in their own dtype, with no fp32 master copy: it needs "
      "model.dtype float32 (this job computes in bfloat16)"),

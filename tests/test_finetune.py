@@ -219,3 +219,23 @@ def test_teacher_logits_equal_plain_transformers(tiny_llama, text_file):
         want = AutoModelForCausalLM.from_pretrained(tiny_llama)(input_ids=evalw[:3]).logits
     for logits in got:
         torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_stage_is_data_parallel_only_when_the_model_fits_and_computes_in_float32():
+    from dist_prune.sharding.stages import BYTES_PER_PARAMETER, MEMORY_SHARE, choose_stage
+
+    n = 135_000_000
+    fits = int(n * BYTES_PER_PARAMETER / MEMORY_SHARE)  # exactly enough
+    assert choose_stage("auto", parameters=n, dtype=torch.float32, free_bytes=fits) == 0
+    assert choose_stage("auto", parameters=n, dtype=torch.float32, free_bytes=fits - 1) == 3
+    assert choose_stage("auto", parameters=n, dtype=torch.bfloat16, free_bytes=10 * fits) == 3
+    assert choose_stage("2", parameters=n, dtype=torch.float32, free_bytes=fits) == 2
+
+
+def test_the_auto_stage_is_reported(tuned):
+    """cubic-movement leaves finetune.zero_stage at auto: a tiny fp32 model on CPU trains data
+    parallel; the cases that name a stage train at it."""
+    _, results = tuned
+    assert results["cubic-movement"]["metrics"]["finetune_zero_stage"] == 0
+    assert results["oneshot-zero2"]["metrics"]["finetune_zero_stage"] == 2
+    assert results["oneshot-zero3"]["metrics"]["finetune_zero_stage"] == 3

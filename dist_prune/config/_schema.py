@@ -132,10 +132,11 @@ class FinetuneConfig:
     gradient_accumulation_steps: int = doc(1, "micro-batches per optimizer step; the global batch is "
                                               "micro_batch_size x num_workers x this")
     max_grad_norm: float = doc(1.0, "gradient clipping norm; 0 = no clipping")
-    zero_stage: int = doc(3, "DeepSpeed ZeRO stage of the training engine: 3 (weights, gradients and "
-                             "optimizer state partitioned) | 2 (gradients and optimizer state only) | 0 "
-                             "(no ZeRO: plain data parallelism on a whole fp32 copy per worker, for models "
-                             "whose weights, gradients and AdamW state, 16 bytes a parameter, fit a worker)")
+    zero_stage: str = doc("auto", "how the training engine shards: auto (0 when the whole model, 16 bytes a "
+                                  "parameter, fits in half of a worker's free memory and it computes in "
+                                  "float32; else 3) | 3 (DeepSpeed ZeRO-3: weights, gradients and optimizer "
+                                  "state partitioned) | 2 (ZeRO-2: gradients and optimizer state only) | 0 "
+                                  "(no ZeRO: torch DDP on a whole fp32 copy per worker)")
     eval_interval: int = doc(0, "measure eval perplexity every this many steps (and at the end); 0 = at "
                                 "the end only")
     log_interval: int = doc(10, "log loss, learning rate, sparsity and alpha every this many steps")

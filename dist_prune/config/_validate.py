@@ -144,7 +144,7 @@ def validate_layer_choices(cfg: JobConfig) -> None:
 
 SCHEDULES = ("oneshot", "cubic")
 LR_SCHEDULES = ("cosine", "linear", "constant")
-ZERO_STAGES = (0, 2, 3)
+ZERO_STAGES = ("auto", "0", "2", "3")
 
 
 def validate_finetune(cfg: JobConfig, *, check_paths: bool = True) -> None:
@@ -171,14 +171,15 @@ def validate_finetune(cfg: JobConfig, *, check_paths: bool = True) -> None:
         _require(0 <= p.start_step <= end <= ft.steps, f"prune.start_step={p.start_step} <= "
                  f"prune.end_step={end} <= finetune.steps={ft.steps} must hold")
         _require(p.interval >= 1, f"prune.interval must be >= 1, got {p.interval}")
-        _require(ft.zero_stage != 2 or not method.reads_gradient_partitions,
+        _require(ft.zero_stage != "2" or not method.reads_gradient_partitions,
                  f"prune.method {p.method} reads gradient partitions during training: use "
                  "finetune.zero_stage 3 or 0")
     if ft.steps == 0:
         return
-    _require(ft.zero_stage in ZERO_STAGES, f"finetune.zero_stage must be one of 0, 2, 3, got {ft.zero_stage}")
+    _require(ft.zero_stage in ZERO_STAGES, f"finetune.zero_stage must be one of {', '.join(ZERO_STAGES)}, "
+             f"got {ft.zero_stage}")
     low_precision = cfg.model.dtype in ("bfloat16", "float16") or (cfg.model.dtype == "auto" and cfg.cluster.use_gpu)
-    _require(ft.zero_stage != 0 or not low_precision,
+    _require(ft.zero_stage != "0" or not low_precision,
              f"finetune.zero_stage 0 trains the weights in their own dtype, with no fp32 master copy: it needs "
              f"model.dtype float32 (this job computes in {cfg.model.dtype}); use stage 2 or 3")
     _require(ft.lr_schedule in LR_SCHEDULES, f"finetune.lr_schedule '{ft.lr_schedule}' is unknown "

@@ -1,15 +1,18 @@
-"""`open_training`: one ZeRO stage's `Training` on the partitioned model for the length of a block."""
+"""`open_training`: one ZeRO stage's `Training` on the partitioned model for the length of a block,
+and `agreed_stage`: which stage `finetune.zero_stage: auto` means for this model on these workers."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterator
 
 import torch
 
+from dist_prune.collectives import all_reduce_
 from dist_prune.masking import Target
 from dist_prune.sharding.engine import temporary_engine
-from dist_prune.sharding.partition import partition_dtype, zero3_config
+from dist_prune.sharding.partition import full_numel, model_device, partition_dtype, zero3_config
 from dist_prune.sharding.training import Training
 from dist_prune.sharding.whole import DataParallelTraining, whole_copy
 from dist_prune.sharding.zero import Zero2Training, Zero3Training
@@ -48,3 +51,43 @@ def open_training(model: torch.nn.Module, stage: int, targets: list[Target],
         training = STAGES[stage](engine, targets)
         yield training
         training.finish(model)
+
+
+# Stage 0 holds, whole on every worker: fp32 weights, gradients and AdamW's two moments.
+BYTES_PER_PARAMETER = 16
+# ... in at most this share of what a worker can count on: the rest is for activations, the
+# partitioned model the job keeps, the token windows and the interpreter.
+MEMORY_SHARE = 0.5
+
+
+def choose_stage(requested: str, *, parameters: int, dtype: torch.dtype, free_bytes: int) -> int:
+    """The stage `finetune.zero_stage` names; for "auto": plain data parallelism (0) when the model
+    computes in float32 and its training state fits, ZeRO-3 otherwise. Stage 0 ran a masked
+    SmolLM2-135M step in 3.45 s against 5.48 s at ZeRO-3 on 2 CPU workers
+    (benchmarks/results/finetune_speed_stages.md); ZeRO-3 is the one whose memory per worker
+    shrinks with the number of workers."""
+    if requested != "auto":
+        return int(requested)
+    fits = parameters * BYTES_PER_PARAMETER <= MEMORY_SHARE * free_bytes
+    return 0 if dtype == torch.float32 and fits else 3
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """What one worker can count on: free GPU memory, or the node's available RAM shared by the
+    workers on it (LOCAL_WORLD_SIZE, which Ray Train and torchrun set)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines())
+        available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: the physical memory, less a margin
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def agreed_stage(requested: str, model: torch.nn.Module) -> int:
+    """`choose_stage` on every rank, and the largest answer for all (one rank short of memory
+    makes it ZeRO-3 everywhere). Collective."""
+    stage = choose_stage(requested, parameters=sum(full_numel(p) for p in model.parameters()),
+                         dtype=partition_dtype(model), free_bytes=free_memory_bytes(model_device(model)))
+    return int(all_reduce_(torch.tensor([stage]), op=torch.distributed.ReduceOp.MAX).item())

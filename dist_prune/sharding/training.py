@@ -39,6 +39,7 @@ class Training:
     and the optimizer's flat fp32 partitions for checkpoints."""
 
     stage: int
+    description: str  # for the job's summary
     collective_forward: bool  # a forward gathers weights: every rank must run as many as the others
 
     def __init__(self, engine, targets: list[Target]):

@@ -59,7 +59,7 @@ class DataParallelTraining(WholeWeights, Training):
     (benchmarks/results/finetune_speed_profile.md). No DeepSpeed engine: the fp32 weights are
     the masters, so there is no 16-bit copy to keep in step."""
 
-    stage, collective_forward = 0, False
+    stage, collective_forward, description = 0, False, "data parallel (a whole copy per worker)"
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, targets: list[Target], *,
                  accumulation: int, max_grad_norm: float):

@@ -14,7 +14,7 @@ from dist_prune.sharding.whole import WholeWeights
 class Zero3Training(Training):
     """ZeRO-3 on the partitioned model, through DeepSpeed's local-partition API."""
 
-    stage, collective_forward = 3, True
+    stage, collective_forward, description = 3, True, "ZeRO-3"
     _grads_alias: bool | None = None
 
     def local_weight(self, target: Target) -> torch.Tensor:
@@ -75,7 +75,7 @@ class Zero2Training(WholeWeights, Training):
     """ZeRO-2 on a whole copy of the weights (every rank holds them all); DeepSpeed partitions
     the gradients and the optimizer state, onto which the whole masks are mapped."""
 
-    stage, collective_forward = 2, False
+    stage, collective_forward, description = 2, False, "ZeRO-2"
 
     def __init__(self, engine, targets: list[Target]):
         super().__init__(engine, targets)

@@ -27,11 +27,11 @@ from dist_prune.layerwise import LayerRunner
 from dist_prune.masking import Target
 from dist_prune.methods import METHODS
 from dist_prune.report import progress
-from dist_prune.sharding.stages import open_training
+from dist_prune.sharding.stages import agreed_stage, open_training
 from dist_prune.sharding.training import Training
 from dist_prune.train.masks import KeptMasks, NoMasks
 from dist_prune.train.neftune import NEFTune, DynamicAlpha
-from dist_prune.train.resume import load_train_state
+from dist_prune.train.resume import load_train_state, read_meta
 from dist_prune.train.schedule import cubic_sparsity, is_pruning_step, lr_factor, rank_share, step_windows
 from dist_prune.train.state import Hooks, TrainState
 
@@ -55,8 +55,11 @@ def finetune(model: torch.nn.Module, targets: list[Target], masks: dict[str, tor
         return torch.optim.AdamW(params, lr=ft.lr, betas=tuple(ft.betas), weight_decay=ft.weight_decay,
                                  fused=True)
 
-    state = TrainState(masks=dict(masks))
-    with open_training(model, ft.zero_stage, targets, adamw, micro_batch=ft.micro_batch_size,
+    # a resumed run goes on at the stage its checkpoint was written at
+    stage = agreed_stage(ft.zero_stage, model) if hooks.resume is None or ft.zero_stage != "auto" \
+        else read_meta(hooks.resume)["zero_stage"]
+    state = TrainState(masks=dict(masks), zero_stage=stage)
+    with open_training(model, stage, targets, adamw, micro_batch=ft.micro_batch_size,
                        accumulation=ft.gradient_accumulation_steps, max_grad_norm=ft.max_grad_norm) as training:
         pruned_any = all_reduce_(torch.tensor([sum(int(m.sum()) for m in state.masks.values())]))
         if cfg.prune.schedule == "oneshot" and hooks.resume is None and int(pruned_any) == 0:
@@ -65,7 +68,9 @@ def finetune(model: torch.nn.Module, targets: list[Target], masks: dict[str, tor
             keeper = KeptMasks(training, state.masks)
         if hooks.resume is not None:
             state = load_train_state(hooks.resume, training, targets)
+            state.zero_stage = stage
             keeper.update(state.masks)
+        state.sharding = training.description
         noise = NEFTune(training.module.get_input_embeddings(), ft.neftune.alpha, cfg.seed, rank)
         try:
             _loop(training, targets, keeper, noise, cfg, windows, eval_windows, hooks, state,

@@ -19,6 +19,8 @@ class TrainState:
     stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     alpha: dict = field(default_factory=dict)  # DynamicAlpha state
     history: list[dict] = field(default_factory=list)  # logged metrics, step by step
+    zero_stage: int | None = None  # the stage the run trained at (finetune.zero_stage auto resolved)
+    sharding: str = ""  # that stage, in words
 
 
 @dataclass
