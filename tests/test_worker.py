@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dist_prune.config import load_config, to_dict
-from dist_prune.data import calibration_windows, eval_windows, tokenize
+from dist_prune.data import calibration_windows, eval_windows, read_text, tokenize
 from dist_prune.worker import WorkerJob, run_worker
 from multirank import run_on_ranks
 
@@ -272,7 +272,9 @@ def test_an_extra_eval_text_is_measured_exactly_as_the_main_one(tiny_llama, text
     text = text_file.read_text()
     ids = tokenize(text, tokenizer)
     first = eval_windows(ids, 3, SEQ, source="t")
-    second = eval_windows(tokenize(text[len(text) // 2:], tokenizer), 3, SEQ, source="t2")
+    # another text indeed: the held-out part of the built-in corpus (Python docstrings), whatever
+    # text_file holds (WikiText-2 where ../shared/data has it, a fixed paragraph elsewhere)
+    second = eval_windows(tokenize(read_text(None, role="eval"), tokenizer), 3, SEQ, source="t2")
     train = training_windows(ids, SEQ, source="t")[:16]
     both, alone = run_on_ranks(_two_texts, 2, str(tiny_llama), str(tmp_path), train, first, second)[0]
     for stage in ("dense", "pruned", "sparse"):
