@@ -73,6 +73,20 @@ def _run(arms: dict, base: list[str], rounds: int, data: dict) -> dict:
     return run_ranks(_rank_main, arms, base, rounds, data, world=WORLD)
 
 
+def _timed_training(args) -> tuple[dict, list[str]]:
+    """The windows and the config overrides of a run in which only the training is timed:
+    magnitude (no calibration), no evaluation, every step logged."""
+    from dist_prune.io.checkpoint import resolve_model
+
+    data = tokens(resolve_model(None), training_seq_len=args.seq_len)
+    data["calibration"] = data["evaluation"] = None
+    data["more_evaluation"] = {}
+    base = ["prune.method=magnitude", "prune.scope=layer", f"finetune.steps={args.steps}",
+            f"finetune.data.seq_len={args.seq_len}", "finetune.log_interval=1", "finetune.lr=1e-4",
+            "eval.num_windows=0", "eval.dense=false"]
+    return data, base
+
+
 def _ddp_main(rank: int, model_dir: str, windows, steps: int) -> list[float]:
     return ddp_steps(rank, model_dir, windows, steps)
 
@@ -85,13 +99,8 @@ def speed(args) -> None:
     from dist_prune.io.checkpoint import resolve_model
 
     model_dir = str(resolve_model(None))
-    data = tokens(resolve_model(None), training_seq_len=args.seq_len)
-    data["calibration"] = data["evaluation"] = None  # magnitude, no evaluation: only the training is timed
-    data["more_evaluation"] = {}
+    data, base = _timed_training(args)
     windows = data["training"]
-    base = ["prune.method=magnitude", "prune.scope=layer", f"finetune.steps={args.steps}",
-            f"finetune.data.seq_len={args.seq_len}", "finetune.log_interval=1", "finetune.lr=1e-4",
-            "eval.num_windows=0", "eval.dense=false"]
     stages = [int(x) for x in args.stages.split(",")]
     chosen = [a for a in SPEED_ARMS if not args.arms or a in args.arms.split(",")]
     arms = {f"dist-prune {name}, ZeRO {stage}": [*SPEED_ARMS[name], f"finetune.zero_stage={stage}"]
@@ -163,21 +172,16 @@ def _profile_main(rank: int, overrides: list[str], data: dict, rows: int) -> dic
 
 def profile_step(args) -> None:
     """Where a step's time goes: rank 0's CPU time per operator over --steps steps of
-    masked+NEFTune training at each ZeRO stage, written to finetune_speed_profile.md."""
-    from dist_prune.io.checkpoint import resolve_model
-
-    data = tokens(resolve_model(None), training_seq_len=args.seq_len)
-    data["calibration"] = data["evaluation"] = None
-    data["more_evaluation"] = {}
-    base = ["prune.method=magnitude", "prune.scope=layer", f"finetune.steps={args.steps}",
-            f"finetune.data.seq_len={args.seq_len}", "finetune.log_interval=1", "finetune.lr=1e-4",
-            "eval.num_windows=0", "eval.dense=false", *SPEED_ARMS["masked+neftune"]]
+    masked+NEFTune training at each of --stages, written to finetune_speed_profile.md."""
+    data, base = _timed_training(args)
+    base += SPEED_ARMS["masked+neftune"]
     report = {"machine": machine(WORLD), "steps": args.steps, "seq_len": args.seq_len, "stages": {},
-              "command": f"python benchmarks/finetune.py profile --steps {args.steps} --seq-len {args.seq_len}"}
+              "command": f"python benchmarks/finetune.py profile --steps {args.steps} --seq-len {args.seq_len}"
+                         + (f" --stages {args.stages}" if args.stages != "2,3" else "")}
     lines = [f"Machine: {report['machine']}. Rank 0's self CPU time per operator (torch.profiler) over "
              f"{args.steps} steps of masked+NEFTune training of SmolLM2-135M, {WORLD} windows x {args.seq_len} "
              "tokens per step, the first (warm-up) step included.", ""]
-    for stage in STAGES:
+    for stage in (int(x) for x in args.stages.split(",")):
         result = run_ranks(_profile_main, [*base, f"finetune.zero_stage={stage}"], data, 20, world=WORLD)
         report["stages"][stage] = result
         lines += [f"## ZeRO {stage}: {result['self_cpu_s']:.1f} s of CPU over the steps; seconds per step "
@@ -280,6 +284,7 @@ def main() -> None:
     pr = sub.add_parser("profile")
     pr.add_argument("--steps", type=int, default=4)
     pr.add_argument("--seq-len", type=int, default=256)
+    pr.add_argument("--stages", default="2,3", help="ZeRO stages to profile (0 = plain data parallelism)")
     q = sub.add_parser("quality")
     q.add_argument("--steps", type=int, default=60)
     q.add_argument("--seq-len", type=int, default=512)

@@ -30,28 +30,33 @@ def open_training(model: torch.nn.Module, stage: int, targets: list[Target],
     partitions hold the trained weights afterwards. `optimizer_for(params)` builds the client
     optimizer over the trainable parameters; `static_loss_scale`: fp16's, when no optimizer
     steps would adapt a dynamic one. Collective."""
-    dtype = partition_dtype(model)
+    trained = model if stage == 3 else whole_copy(model)
+    optimizer = optimizer_for([p for p in trained.parameters() if trainable(p)])
+    if stage == 0:  # no engine: plain data parallelism on the whole copy
+        for p in trained.parameters():
+            p.requires_grad_(bool(trainable(p)))
+        training = DataParallelTraining(trained, optimizer, targets, accumulation=accumulation,
+                                        max_grad_norm=max_grad_norm)
+        yield training
+        training.finish(model)
+        return
+    config = _deepspeed_config(partition_dtype(model), stage, micro_batch, accumulation, max_grad_norm,
+                               static_loss_scale)
+    with temporary_engine(trained, optimizer, config, trainable=trainable) as engine:
+        training = STAGES[stage](engine, targets)
+        yield training
+        training.finish(model)
+
+
+def _deepspeed_config(dtype: torch.dtype, stage: int, micro_batch: int, accumulation: int,
+                      max_grad_norm: float, static_loss_scale: float | None) -> dict:
     config = zero3_config(dtype)
     config["zero_optimization"]["stage"] = stage
     config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=accumulation,
                   gradient_clipping=max_grad_norm, steps_per_print=2**31 - 1, wall_clock_breakdown=False)
     if dtype == torch.float16 and static_loss_scale is not None:
         config["fp16"] = {"enabled": True, "loss_scale": static_loss_scale}
-    trained = model if stage == 3 else whole_copy(model)
-    if stage == 0:  # no engine: plain data parallelism on the whole copy
-        for p in trained.parameters():
-            p.requires_grad_(bool(trainable(p)))
-        training = DataParallelTraining(trained, optimizer_for([p for p in trained.parameters() if trainable(p)]),
-                                        targets, accumulation=accumulation, max_grad_norm=max_grad_norm)
-        yield training
-        training.finish(model)
-        return
-    optimizer = optimizer_for([p for p in trained.parameters() if trainable(p)])
-    with temporary_engine(trained, optimizer, config, trainable=trainable) as engine:
-        training = STAGES[stage](engine, targets)
-        yield training
-        training.finish(model)
-
+    return config
 
 # Stage 0 holds, whole on every worker: fp32 weights, gradients and AdamW's two moments.
 BYTES_PER_PARAMETER = 16
