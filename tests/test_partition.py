@@ -111,3 +111,31 @@ def test_partitioned_build_in_a_fresh_process(arch, tiny_llama, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "built" in proc.stdout
+
+
+def _whole_copy_logits(model_dir: str) -> dict:
+    from dist_prune.io.checkpoint import open_checkpoint
+    from dist_prune.sharding.partition import build_partitioned_model
+    from dist_prune.sharding.whole import whole_copy
+
+    model = build_partitioned_model(Path(model_dir), open_checkpoint(Path(model_dir)), torch.float32)
+    whole = whole_copy(model)
+    ids = torch.arange(24).reshape(2, 12) % whole.config.vocab_size
+    with torch.no_grad():
+        logits = whole(input_ids=ids, use_cache=False).logits
+    return {"logits": logits, "ids": ids,
+            "tied": whole.get_output_embeddings().weight is whole.get_input_embeddings().weight}
+
+
+def test_whole_copy_of_a_tied_model_computes_what_the_checkpoint_does(sharded_tied_llama):
+    """The whole copy that stage 0 (data parallel) and ZeRO 2 train: with tied embeddings
+    (SmolLM2) transformers' from_config under no_init_weights left lm_head untied and
+    uninitialised, so every step trained against garbage logits (loss 10.8 = ln(vocab))."""
+    from transformers import AutoModelForCausalLM
+
+    result = run_on_ranks(_whole_copy_logits, 2, str(sharded_tied_llama))[0]
+    reference = AutoModelForCausalLM.from_pretrained(sharded_tied_llama)
+    with torch.no_grad():
+        expected = reference(input_ids=result["ids"], use_cache=False).logits
+    assert result["tied"]
+    torch.testing.assert_close(result["logits"], expected)

@@ -156,8 +156,15 @@ def whole_copy(model: torch.nn.Module) -> torch.nn.Module:
 
     with no_init_weights():
         whole = AutoModelForCausalLM.from_config(model.config, dtype=partition_dtype(model))
+    # from_config under no_init_weights leaves tied embeddings untied (transformers 5.25): lm_head
+    # stayed uninitialised, absent from the partitioned model's parameters, and SmolLM2 trained at
+    # stage 0 against garbage logits (loss 10.8 = ln(vocab) on a model whose own loss is 3.4)
+    whole.tie_weights()
     whole.to(model_device(model))
     params = dict(whole.named_parameters())
+    if params.keys() != dict(model.named_parameters()).keys():  # a parameter nothing would copy into
+        missing = sorted(params.keys() ^ dict(model.named_parameters()).keys())
+        raise RuntimeError(f"the whole copy's parameters differ from the model's: {', '.join(missing[:5])}")
     for name, p in model.named_parameters():
         with gathered([p]):
             params[name].data.copy_(p.data.reshape(params[name].shape))
