@@ -53,9 +53,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(overrides: list[str], data: dict, hooks=None) -> dict:
+def run_job(overrides: list[str], data: dict, hooks=None, inspect=None) -> dict:
     """One job of the worker recipe on the current ranks, exported to a temporary directory;
-    its metrics plus `seconds_total` (the whole recipe: load to export)."""
+    its metrics plus `seconds_total` (the whole recipe: load to export). `inspect(export_dir)`
+    runs on rank 0 before the export is deleted."""
     from dist_prune.config import load_config, to_dict
     from dist_prune.worker import WorkerJob, run_worker
 
@@ -67,6 +68,8 @@ def run_job(overrides: list[str], data: dict, hooks=None) -> dict:
         started = time.perf_counter()
         metrics = run_worker(job, hooks)
         metrics["seconds_total"] = time.perf_counter() - started
+        if inspect is not None and int(os.environ.get("RANK", "0")) == 0:
+            inspect(Path(tmp) / "export")
     return metrics
 
 

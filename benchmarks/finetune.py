@@ -2,17 +2,17 @@
 
     python benchmarks/finetune.py speed    [--steps 8 --rounds 3 --seq-len 256]
     python benchmarks/finetune.py profile  [--steps 4 --seq-len 256]
-    python benchmarks/finetune.py quality  [--steps 60 --arms wanda-a0,wanda-a5,...]
+    python benchmarks/finetune.py quality  [--steps 120 --arms 'wanda 50%, alpha 0|...']
 
 speed:   seconds per optimizer step of plain PyTorch (one process; DDP) and of dist-prune's
          dense, masked and masked+NEFTune training of SmolLM2-135M at each ZeRO stage, on the
          same tokens per step, side by side in one run: the arms are interleaved round by
          round, the first step of each run is dropped (warm-up), medians reported.
-quality: one-shot Wanda 50% (llm-compressor's targets: every Linear, lm_head and the tied
-         embeddings included) then Sparse-NEFT fine-tuning on WikiText-2 valid for a fixed
-         number of steps; perplexity on the 16 x 512 test windows before and after; gradual
-         cubic pruning from dense with movement and SEVENdyn; the dense model tuned alike.
-Results go to benchmarks/results/finetune_{speed,quality}.{json,md}.
+quality: the recovery benchmark (benchmarks/_recovery.py): one-shot Wanda and SparseGPT 50%,
+         gradual cubic pruning from dense, with and without NEFTune noise and distillation, the
+         dense model tuned alike, all with the same budget; perplexity on WikiText-2 test and on
+         the out-of-domain fortunes text before, during and after tuning.
+Results go to benchmarks/results/finetune_speed.{json,md} and recovery.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import json
 import os
 import statistics
 
+import _recovery as recovery
 from _plain_torch import ddp_steps, matmul_gflops, plain_steps
 from _ranks import RESULTS, machine, run_job, run_ranks, tokens
 
@@ -36,23 +37,6 @@ SPEED_ARMS = {  # dist-prune's arms, each at every ZeRO stage it supports (STAGE
     "masked+neftune": ["prune.sparsity=0.5", "finetune.neftune.alpha=5"],
 }
 STAGES = (0, 2, 3)
-PARITY = ["prune.exclude=['*norm*','*.bias']"]  # llm-compressor's Wanda targets (lm_head too)
-QUALITY_ARMS = {
-    "wanda50 + tune, alpha 0": ["prune.method=wanda", *PARITY, "finetune.neftune.alpha=0"],
-    "wanda50 + tune, alpha 5": ["prune.method=wanda", *PARITY, "finetune.neftune.alpha=5"],
-    "wanda50 + tune, dynamic alpha 5": ["prune.method=wanda", *PARITY, "finetune.neftune.alpha=5",
-                                        "finetune.neftune.dynamic=true"],
-    # The cubic arms re-select from scores gathered over a few steps. With llm-compressor's targets
-    # they prune the tied embedding/lm_head too, and rows of tokens not yet seen score 0: that arm
-    # collapsed (kept as measured). The others keep dist-prune's default targets.
-    "cubic movement 0 -> 50%, embedding and lm_head pruned too": [
-        "prune.method=movement", "prune.schedule=cubic", *PARITY, "finetune.neftune.alpha=5"],
-    "cubic movement 0 -> 50%": ["prune.method=movement", "prune.schedule=cubic", "finetune.neftune.alpha=5"],
-    "cubic SEVENdyn 0 -> 50%": ["prune.method=seven", "prune.schedule=cubic", "finetune.neftune.alpha=5"],
-    "dense + tune (reference)": ["prune.method=magnitude", "prune.sparsity=0.0", "finetune.neftune.alpha=5"],
-}
-
-
 def _rank_main(rank: int, arms: dict, base: list[str], rounds: int, data: dict) -> dict:
     from dist_prune.train.state import Hooks
 
@@ -193,77 +177,6 @@ def profile_step(args) -> None:
     _write("finetune_speed_profile", report, lines)
 
 
-def quality(args) -> None:
-    """One arm per call of the recipe, each saved as soon as it ends (a long run can be
-    continued: arms already measured with the same settings are skipped), then the table
-    of every arm measured with these settings."""
-    from dist_prune.io.checkpoint import resolve_model
-
-    settings = {"steps": args.steps, "seq_len": args.seq_len, "lr": args.lr, "accumulation": args.accumulation}
-    tag = "_".join(f"{k}{v}" for k, v in settings.items())
-    arm_dir = RESULTS / "finetune_quality" / tag
-    chosen = {k: v for k, v in QUALITY_ARMS.items() if not args.arms or k in args.arms.split("|")}
-    # The dense model's perplexity is the reference arm's "after pruning" (its sparsity is 0),
-    # so the other arms skip the dense evaluation (3 minutes each here).
-    base = ["prune.sparsity=0.5", f"finetune.steps={args.steps}", f"finetune.data.seq_len={args.seq_len}",
-            f"finetune.lr={args.lr}", "finetune.warmup_steps=5", "finetune.log_interval=5",
-            f"finetune.gradient_accumulation_steps={args.accumulation}",
-            f"prune.end_step={int(args.steps * 0.75)}", f"prune.interval={max(1, args.steps // 8)}",
-            "eval.num_windows=16", "eval.seq_len=512", "eval.dense=false"]
-    data = None
-    for name, overrides in chosen.items():
-        if args.table:
-            break
-        path = arm_dir / f"{_slug(name)}.json"
-        if path.exists():
-            print(f"{name}: already measured ({path.relative_to(RESULTS)})")
-            continue
-        data = data or tokens(resolve_model(None), training_seq_len=args.seq_len)
-        run = _run({name: overrides}, base, 1, data)[name][0]
-        arm_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"arm": name, "overrides": [*base, *overrides], **settings,
-                                    "metrics": run["metrics"], "rows": run["rows"]}, indent=2, default=str))
-    _quality_table(arm_dir, settings, args.name)
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
-
-
-def _quality_table(arm_dir, settings: dict, name: str) -> None:
-    arms = {a["arm"]: a for a in (json.loads(p.read_text()) for p in sorted(arm_dir.glob("*.json")))}
-    arms = {k: arms[k] for k in QUALITY_ARMS if k in arms}  # the order of QUALITY_ARMS
-    reference_arm = arms.get("dense + tune (reference)", {})
-    reference = reference_arm.get("metrics", {})
-    dense = reference.get("perplexity_pruned", float("nan"))
-    tuned = reference.get("perplexity_sparse", float("nan"))  # the dense model, tuned alike
-    report = {"machine": machine(WORLD), "model": "SmolLM2-135M-Instruct (fp32)", **settings,
-              "perplexity_dense": dense, "arms": arms}
-    lines = [f"Machine: {report['machine']}. Budget: {settings['steps']} steps x "
-             f"{WORLD * settings['accumulation']} windows x {settings['seq_len']} tokens of WikiText-2 valid, "
-             f"lr {settings['lr']}; perplexity on 16 x 512 test windows. Dense model: {dense:.2f}.",
-             "", "| arm | after pruning | after tuning | gap recovered | of the gap to dense tuned | sparsity | "
-                 "tune seconds |", "|---|---|---|---|---|---|---|"]
-    for arm, a in arms.items():
-        m = a["metrics"]
-        before, after = m.get("perplexity_pruned", dense), m["perplexity_sparse"]  # cubic: starts dense
-        shares = [(before - after) / (before - ref) if before - ref > 1e-6 and a is not reference_arm and "perplexity_pruned" in m
-                  else float("nan") for ref in (dense, tuned)]
-        lines.append(f"| {arm} | {before:.2f} | {after:.2f} | "
-                     + " | ".join("—" if x != x else f"{x:.0%}" for x in shares) + " | "
-                     f"{m['sparsity']:.4f} | {m.get('seconds_finetune', 0):.0f} |")
-    report["command"] = (f"python benchmarks/finetune.py quality --steps {settings['steps']} "
-                         f"--seq-len {settings['seq_len']} --lr {settings['lr']} "
-                         f"--accumulation {settings['accumulation']}")
-    lines += ["", "\"Gap recovered\" is (after pruning − after tuning) / (after pruning − dense); \"of the gap to "
-              "dense tuned\" divides by (after pruning − the dense model tuned with the same budget) instead, "
-              "since tuning on WikiText-2 also adapts the instruct model to WikiText. The cubic arms start "
-              "dense, so neither applies to them. Tune seconds include the machine's other load at the time "
-              "(this 2-core machine was shared with other jobs during some arms).",
-              "", f"Command (repeat until every arm is measured): `{report['command']}`"]
-    _write(name, report, lines)
-
-
 def _write(name: str, report: dict, lines: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
@@ -286,15 +199,18 @@ def main() -> None:
     pr.add_argument("--seq-len", type=int, default=256)
     pr.add_argument("--stages", default="2,3", help="ZeRO stages to profile (0 = plain data parallelism)")
     q = sub.add_parser("quality")
-    q.add_argument("--steps", type=int, default=60)
-    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--steps", type=int, default=120)
+    q.add_argument("--seq-len", type=int, default=256)
     q.add_argument("--lr", type=float, default=1e-4)
     q.add_argument("--accumulation", type=int, default=1)
-    q.add_argument("--arms", default="", help="'|'-separated arm names (default: all)")
-    q.add_argument("--name", default="finetune_quality", help="results file name")
+    q.add_argument("--eval-interval", type=int, default=20, help="perplexity on both texts every this many steps")
+    q.add_argument("--arms", default="", help="'|'-separated arm names (default: all, in order)")
+    q.add_argument("--name", default="recovery", help="results file name")
     q.add_argument("--table", action="store_true", help="only rebuild the table of the arms measured so far")
+    q.add_argument("--tracking-uri", help="log the arms to this MLflow store (default: $MLFLOW_TRACKING_URI, "
+                                          "if set)")
     args = parser.parse_args()
-    {"speed": speed, "profile": profile_step, "quality": quality}[args.part](args)
+    {"speed": speed, "profile": profile_step, "quality": recovery.run}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,249 @@
+"""The recovery benchmark (`python benchmarks/finetune.py quality`): one-shot and gradual pruning
+of SmolLM2-135M to 50%, then Sparse-NEFT tuning with the same budget in every arm, perplexity on
+WikiText-2 test AND on the out-of-domain fortunes text (nothing is calibrated or tuned on it)
+before tuning, every --eval-interval steps and after.
+
+Every arm is one job of the worker recipe on 2 spawned gloo ranks (benchmarks/_ranks.py, no Ray)
+with dist-prune's default targets (embeddings and lm_head dense), saved as soon as it ends, so a
+long run can be continued: arms already measured with the same settings are skipped. Then the
+table, the curves (one panel per text, one line per arm) and, with --tracking-uri or
+$MLFLOW_TRACKING_URI, an MLflow run per arm (the curves as step metrics) under one parent run
+holding the table and the plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from _ranks import RESULTS, SECOND_TEXT, machine, run_job, run_ranks, tokens
+
+WORLD = 2
+SECOND = SECOND_TEXT.stem  # the metric suffix of the second text: perplexity_sparse.fortunes
+TEXTS = {"": "WikiText-2 test", f".{SECOND}": "fortunes (out of domain)"}
+REFERENCE = "dense, alpha 5 (reference)"
+ARMS = {  # name -> overrides; the reference first: every other arm is judged against it
+    REFERENCE: ["prune.method=magnitude", "prune.sparsity=0.0", "finetune.neftune.alpha=5"],
+    "wanda 50%, alpha 0": ["prune.method=wanda", "finetune.neftune.alpha=0"],
+    "wanda 50%, alpha 5": ["prune.method=wanda", "finetune.neftune.alpha=5"],
+    "wanda 50%, dynamic alpha 5": ["prune.method=wanda", "finetune.neftune.alpha=5", "finetune.neftune.dynamic=true"],
+    "sparsegpt 50%, alpha 5": ["prune.method=sparsegpt", "finetune.neftune.alpha=5"],
+    "sparsegpt 50%, alpha 5, distilled (beta 0.5)": ["prune.method=sparsegpt", "finetune.neftune.alpha=5",
+                                                     "finetune.distill.beta=0.5"],
+    "cubic magnitude 0 -> 50%, alpha 5": ["prune.method=magnitude", "prune.schedule=cubic",
+                                          "finetune.neftune.alpha=5"],
+    "cubic SEVENdyn 0 -> 50%, alpha 5": ["prune.method=seven", "prune.schedule=cubic", "finetune.neftune.alpha=5"],
+    "cubic movement 0 -> 50%, alpha 5": ["prune.method=movement", "prune.schedule=cubic",
+                                         "finetune.neftune.alpha=5"],
+}
+
+
+def settings_of(args) -> dict:
+    return {"steps": args.steps, "seq_len": args.seq_len, "lr": args.lr, "accumulation": args.accumulation,
+            "eval_interval": args.eval_interval}
+
+
+def base_overrides(s: dict) -> list[str]:
+    """The budget every arm shares: steps x 2 windows x seq_len tokens of WikiText-2 valid in the
+    same order, the same learning rate; cubic arms reach 50% at 3/4 of the steps, re-selecting 8
+    times on the way."""
+    return ["prune.sparsity=0.5", f"finetune.steps={s['steps']}", f"finetune.data.seq_len={s['seq_len']}",
+            f"finetune.lr={s['lr']}", "finetune.warmup_steps=5", "finetune.log_interval=5",
+            f"finetune.gradient_accumulation_steps={s['accumulation']}", f"finetune.eval_interval={s['eval_interval']}",
+            f"prune.end_step={int(s['steps'] * 0.75)}", f"prune.interval={max(1, s['steps'] // 8)}",
+            "eval.num_windows=16", "eval.seq_len=512", "eval.dense=false"]
+
+
+def _rank_main(rank: int, overrides: list[str], data: dict) -> dict:
+    from dist_prune.train.state import Hooks
+
+    rows, zeros = [], {}
+    metrics = run_job(overrides, data, Hooks(log=lambda step, row: rows.append({"step": step, **row})),
+                      inspect=lambda export: zeros.update(exported_zeros(export)))
+    metrics.pop("finetune_history", None)
+    return {"metrics": metrics, "rows": rows, "export": zeros}
+
+
+def exported_zeros(export: Path) -> dict:
+    """Zeros in the exported target tensors against the pruned count sparsity.json states: every
+    pruned weight must still be exactly 0 after tuning (zeros >= pruned; a kept weight that is
+    exactly 0 in fp32 after training is possible but has not been seen)."""
+    from safetensors import safe_open
+
+    manifest = json.loads((export / "sparsity.json").read_text())
+    counts = manifest["pruned_counts"]
+    zeros = 0
+    for shard in sorted(export.glob("model*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                if name in counts:
+                    zeros += int((f.get_tensor(name) == 0).sum())
+    return {"zeros_in_targets": zeros, "pruned": sum(counts.values())}
+
+
+def run(args) -> None:
+    from dist_prune.io.checkpoint import resolve_model
+
+    settings = settings_of(args)
+    tag = "_".join(f"{k}{v}" for k, v in settings.items())
+    arm_dir = RESULTS / "recovery" / tag
+    chosen = {k: v for k, v in ARMS.items() if not args.arms or k in args.arms.split("|")}
+    data = None
+    for name, overrides in chosen.items():
+        if args.table:
+            break
+        path = arm_dir / f"{_slug(name)}.json"
+        if path.exists():
+            print(f"{name}: already measured ({path.relative_to(RESULTS)})")
+            continue
+        data = data or tokens(resolve_model(None), training_seq_len=args.seq_len)
+        every = [*base_overrides(settings), *overrides]
+        result = run_ranks(_rank_main, every, data, world=WORLD)
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"arm": name, "overrides": every, **settings, **result}, indent=2, default=str))
+        print(f"{name}: {json.dumps(_ends(result['metrics']))}", flush=True)
+    arms = load_arms(arm_dir)
+    lines = table(arms, settings)
+    plot(arms, settings, RESULTS / f"{args.name}.png")
+    report = {"machine": machine(WORLD), "model": "SmolLM2-135M-Instruct (fp32)", **settings, "arms": arms,
+              "command": command(settings)}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2, default=str))
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if tracking_uri:
+        log_to_mlflow(tracking_uri, arms, settings, RESULTS / f"{args.name}.md", RESULTS / f"{args.name}.png")
+
+
+def _ends(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k.startswith("perplexity") or k in ("sparsity", "seconds_finetune")}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def load_arms(arm_dir: Path) -> dict:
+    found = {a["arm"]: a for a in (json.loads(p.read_text()) for p in sorted(arm_dir.glob("*.json")))}
+    return {k: found[k] for k in ARMS if k in found}  # the order of ARMS
+
+
+def command(s: dict) -> str:
+    return (f"python benchmarks/finetune.py quality --steps {s['steps']} --seq-len {s['seq_len']} --lr {s['lr']} "
+            f"--accumulation {s['accumulation']} --eval-interval {s['eval_interval']}")
+
+
+def reference_values(arms: dict, stage: str) -> dict[str, float]:
+    """The reference arm's perplexity per text: "pruned" = the dense model before tuning (its
+    sparsity is 0), "sparse" = the dense model tuned with the same budget."""
+    m = arms.get(REFERENCE, {}).get("metrics", {})
+    return {suffix: m.get(f"perplexity_{stage}{suffix}", float("nan")) for suffix in TEXTS}
+
+
+def curve(arm: dict, suffix: str, dense: dict[str, float]) -> list[tuple[int, float]]:
+    """(step, perplexity) on one text: the start (the pruned model; the dense one for the arms
+    that start dense), every evaluation while tuning, the end."""
+    m = arm["metrics"]
+    start = m.get(f"perplexity_pruned{suffix}", dense[suffix])
+    points = [(0, start)] if start is not None else []
+    points += [(r["step"], r[f"eval/perplexity{suffix}"]) for r in arm["rows"] if f"eval/perplexity{suffix}" in r]
+    return points
+
+
+def table(arms: dict, s: dict) -> list[str]:
+    dense, tuned = reference_values(arms, "pruned"), reference_values(arms, "sparse")
+    tokens_total = s["steps"] * WORLD * s["accumulation"] * s["seq_len"]
+    lines = [f"Machine: {machine(WORLD)}. SmolLM2-135M-Instruct (fp32), dist-prune's default targets (embeddings "
+             "and lm_head dense), 50% of the targets pruned. Budget, the same for every arm: "
+             f"{s['steps']} steps x {WORLD * s['accumulation']} windows x {s['seq_len']} tokens = {tokens_total:,} "
+             f"tokens of WikiText-2 valid in the same order, lr {s['lr']}, AdamW; one-shot arms calibrate on 32 x 512 "
+             "tokens of WikiText-2 valid. Perplexity on the first 16 x 512 tokens of WikiText-2 test and of the "
+             "fortunes text (benchmarks/data/fortunes.txt, Debian fortunes: quotations and verse; nothing is "
+             "calibrated or tuned on it).",
+             "", f"Dense model: {dense[''] :.2f} (WikiText-2), {dense['.' + SECOND]:.2f} (fortunes); tuned alike "
+             f"(the reference arm): {tuned['']:.2f}, {tuned['.' + SECOND]:.2f}.", "",
+             "| arm | WikiText-2: before | after | × dense tuned | fortunes: before | after | half-gap target | "
+             "exported zeros = pruned | sparsity | tune s | s/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, arm in arms.items():
+        m = arm["metrics"]
+        before = {suffix: curve(arm, suffix, dense)[0][1] for suffix in TEXTS}
+        after = {suffix: m[f"perplexity_sparse{suffix}"] for suffix in TEXTS}
+        second = "." + SECOND
+        half = dense[second] + 0.5 * (before[second] - dense[second])  # closes half of the one-shot gap
+        met = "—" if name == REFERENCE or before[second] <= dense[second] * 1.0001 else (
+            f"{half:.2f} {'met' if after[second] <= half else 'missed'}")
+        zeros = arm.get("export", {})
+        exact = "—" if not zeros else ("yes" if zeros["zeros_in_targets"] >= zeros["pruned"] else "NO") + \
+            f" ({zeros['zeros_in_targets']:,} / {zeros['pruned']:,})"
+        step_s = [r["train/step_seconds"] for r in arm["rows"] if "train/step_seconds" in r]
+        lines.append(f"| {name} | {before['']:.2f} | {after['']:.2f} | {after[''] / tuned['']:.3f} | "
+                     f"{before[second]:.2f} | {after[second]:.2f} | {met} | {exact} | {m['sparsity']:.4f} | "
+                     f"{m.get('seconds_finetune', 0):.0f} | {_median(step_s):.2f} |")
+    lines += ["", "Targets for the best 50% arm: WikiText-2 ≤ 1.25 × the dense model tuned alike; fortunes ≤ dense + "
+              "½ (before − dense), i.e. tuning closes at least half of the one-shot model's gap on a text it never "
+              "saw (cubic arms start dense: no gap to close). Tune seconds include the evaluations every "
+              f"{s['eval_interval']} steps and whatever else ran on this 2-core machine at the time; s/step is the "
+              "median of the logged step times.", "", f"Command (repeat until every arm is measured): "
+              f"`{command(s)}`; curves: `{Path(RESULTS.name) / 'recovery.png'}`"]
+    return lines
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return float("nan") if not xs else (xs[len(xs) // 2] + xs[(len(xs) - 1) // 2]) / 2
+
+
+def plot(arms: dict, s: dict, path: Path) -> None:
+    import matplotlib  # lazy: only the plot needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = reference_values(arms, "pruned")
+    fig, axes = plt.subplots(1, len(TEXTS), figsize=(13, 4.8))
+    for ax, (suffix, title) in zip(axes, TEXTS.items()):
+        for name, arm in arms.items():
+            points = curve(arm, suffix, dense)
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=name,
+                    linestyle="--" if name == REFERENCE else "-")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"optimizer step ({WORLD * s['accumulation']} x {s['seq_len']} tokens)")
+        ax.set_ylabel("perplexity (16 x 512 tokens)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M at 50%: recovery by Sparse-NEFT, the same budget per arm")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def log_to_mlflow(tracking_uri: str, arms: dict, s: dict, table_path: Path, plot_path: Path) -> None:
+    """A parent run with the table and the plot, a child run per arm with its curves as step
+    metrics (MLflow's chart view overlays them) and its final metrics."""
+    import mlflow
+
+    from dist_prune.registry import artifacts_next_to, resolved_tracking_uri
+
+    uri = resolved_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    name = "dist-prune-recovery"
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=artifacts_next_to(uri))
+    mlflow.set_experiment(name)
+    dense = reference_values(arms, "pruned")
+    with mlflow.start_run(run_name=f"recovery {s['steps']} steps") as parent:
+        mlflow.log_params(s)
+        mlflow.log_artifact(str(table_path))
+        mlflow.log_artifact(str(plot_path))
+        for arm_name, arm in arms.items():
+            with mlflow.start_run(run_name=arm_name, nested=True):
+                mlflow.log_param("overrides", " ".join(arm["overrides"])[:6000])
+                for suffix, _ in TEXTS.items():
+                    for step, value in curve(arm, suffix, dense):
+                        mlflow.log_metric(f"eval/perplexity{suffix}", value, step=step)
+                mlflow.log_metrics({k: v for k, v in _ends(arm["metrics"]).items() if isinstance(v, (int, float))})
+        print(f"logged to MLflow: experiment {name}, run {parent.info.run_id}")
+
