@@ -20,23 +20,23 @@ RESULTS = ROOT / "benchmarks" / "results"
 SECOND_TEXT = ROOT / "benchmarks" / "data" / "fortunes.txt"  # benchmarks/second_text.py
 
 
-def run_ranks(fn, *args, world: int = 2):
-    """fn(rank, *args) on `world` spawned gloo ranks; returns what rank 0's fn returned (as JSON).
-    `fn` must be a module-level function (spawn pickles it by name)."""
+def run_ranks(fn, *args, world: int = 2, threads: int = 1):
+    """fn(rank, *args) on `world` spawned gloo ranks of `threads` torch threads each; returns what
+    rank 0's fn returned (as JSON). `fn` must be a module-level function (spawn pickles it by name)."""
     from dist_prune.io.checkpoint import configure_jit_builds
 
     configure_jit_builds()  # DeepSpeed compiles once, with one ninja
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/results.json"
-        mp.start_processes(_rank_entry, args=(world, _free_port(), out, fn, args),
+        mp.start_processes(_rank_entry, args=(world, threads, _free_port(), out, fn, args),
                            nprocs=world, join=True, start_method="spawn")
         return json.loads(Path(out).read_text())
 
 
-def _rank_entry(rank: int, world: int, port: int, out: str, fn, args: tuple) -> None:
+def _rank_entry(rank: int, world: int, threads: int, port: int, out: str, fn, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)  # one core per rank, as a Ray worker with cpus_per_worker=1
+    torch.set_num_threads(threads)  # as a Ray worker with cpus_per_worker=threads
     from dist_prune.sharding.engine import init_distributed
 
     init_distributed("gloo")

@@ -89,13 +89,20 @@ def speed(args) -> None:
     chosen = [a for a in SPEED_ARMS if not args.arms or a in args.arms.split(",")]
     arms = {f"dist-prune {name}, ZeRO {stage}": [*SPEED_ARMS[name], f"finetune.zero_stage={stage}"]
             for stage in stages for name in chosen}
-    steps: dict[str, list[float]] = {PLAIN: [], DDP: [], **{name: [] for name in arms}}
+    # one worker with both cores: no gradient all-reduce at all; its 2 windows go in one forward
+    single = {f"dist-prune {name}, 1 worker x {WORLD} threads, ZeRO 0": [
+        *SPEED_ARMS[name], "finetune.zero_stage=0", f"finetune.micro_batch_size={WORLD}"]
+        for name in chosen} if args.single_worker else {}
+    steps: dict[str, list[float]] = {PLAIN: [], DDP: [], **{name: [] for name in [*arms, *single]}}
     loads = []
     for round_index in range(args.rounds):
         loads.append(os.getloadavg()[0])
         steps[PLAIN] += plain_steps(model_dir, windows, args.steps, WORLD, threads=WORLD)[1:]
         steps[DDP] += run_ranks(_ddp_main, model_dir, windows, args.steps, world=WORLD)[1:]
-        for name, runs in _run(arms, base, 1, data).items():
+        measured = _run(arms, base, 1, data)
+        if single:
+            measured.update(run_ranks(_rank_main, single, base, 1, data, world=1, threads=WORLD))
+        for name, runs in measured.items():
             steps[name] += [row["train/step_seconds"] for run in runs for row in run["rows"][1:]]
         print(f"round {round_index}: " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in steps.items()),
               flush=True)
@@ -111,7 +118,8 @@ def speed(args) -> None:
               "flop_floor_seconds": floor, "arms": table,
               "command": f"python benchmarks/finetune.py speed --steps {args.steps} --rounds {args.rounds} "
                          f"--seq-len {args.seq_len} --stages {args.stages}"
-                         + (f" --arms {args.arms}" if args.arms else "") + f" --name {args.name}"}
+                         + (f" --arms {args.arms}" if args.arms else "")
+                         + (" --single-worker" if args.single_worker else "") + f" --name {args.name}"}
     lines = [f"Machine: {report['machine']}; 1-minute load average at each round's start: "
              f"{', '.join(f'{x:.2f}' for x in loads)}. {report['model']}, {WORLD} windows x {args.seq_len} tokens "
              f"per step, AdamW, gradient clipping 1.0; {args.rounds} interleaved rounds x {args.steps} steps, "
@@ -193,6 +201,8 @@ def main() -> None:
     s.add_argument("--seq-len", type=int, default=256)
     s.add_argument("--stages", default=",".join(map(str, STAGES)), help="ZeRO stages (0 = plain data parallelism)")
     s.add_argument("--arms", default="", help=f"comma-separated among {', '.join(SPEED_ARMS)} (default: all)")
+    s.add_argument("--single-worker", action="store_true",
+                   help=f"also dist-prune on 1 worker x {WORLD} threads (stage 0, no all-reduce)")
     s.add_argument("--name", default="finetune_speed", help="results file name")
     pr = sub.add_parser("profile")
     pr.add_argument("--steps", type=int, default=4)

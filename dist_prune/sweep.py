@@ -27,8 +27,12 @@ from dist_prune.job import find_user_error, init_ray, run
 from dist_prune.registry import end_run, resolved_tracking_uri, start_run
 
 TRIAL_CPU = 0.01
-# what the comparison table shows, in this order, when the trials report it
+# what the comparison table shows, in this order, when the trials report it; each perplexity is
+# followed by the same perplexity on every eval.extra_paths text (perplexity_sparse.<stem>)
 COLUMNS = ("perplexity_dense", "perplexity_pruned", "perplexity_sparse", "sparsity", "seconds_finetune")
+# the grid axis of a sweep over job files (a sweep file's `base: [a.yaml, b.yaml]`): each trial
+# starts from its own file, as the experiment design's four arms (configs/sweeps/experiment_design.yaml)
+CONFIG_AXIS = "config"
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Trial:
     name: str
     grid_values: dict  # key -> value of this trial
     overrides: list[str]
+    config: Path | None = None  # its own job file, on the config axis
 
 
 def split_axes(items: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -53,17 +58,36 @@ def split_axes(items: list[str]) -> tuple[dict[str, list[str]], list[str]]:
 
 
 def read_sweep_file(path: Path) -> tuple[Path | None, dict[str, list], list[str]]:
-    """A sweep file: `base` (a job config, relative to the file), `grid` (key -> values),
-    optional `overrides` (list of key=value)."""
+    """A sweep file: `base` (a job config, relative to the file, or a list of them: the config
+    axis), `grid` (key -> values; optional with several bases), optional `overrides` (list of
+    key=value)."""
     raw = yaml.safe_load(path.read_text()) or {}
     unknown = set(raw) - {"base", "grid", "overrides"}
     if unknown:
         raise UserError(f"sweep file {path}: unknown keys {sorted(unknown)} (allowed: base, grid, overrides)")
-    grid = raw.get("grid")
-    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+    bases = raw.get("base")
+    if isinstance(bases, list):
+        if not bases or not all(isinstance(b, str) for b in bases):
+            raise UserError(f"sweep file {path}: base must be a job file or a non-empty list of job files")
+        files = [(path.parent / b).resolve() for b in bases]
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"sweep file {path}: base {f} is not a file")
+        base, config_axis = None, {CONFIG_AXIS: [str(f) for f in files]}
+    else:
+        base, config_axis = ((path.parent / bases).resolve() if bases else None), {}
+    grid = raw.get("grid", {} if config_axis else None)
+    if not isinstance(grid, dict) or not (grid or config_axis) or not all(isinstance(v, list) and v for v in grid.values()):
         raise UserError(f"sweep file {path}: grid must map config keys to non-empty lists of values")
-    base = (path.parent / raw["base"]).resolve() if raw.get("base") else None
-    return base, {k: [_text(v) for v in vs] for k, vs in grid.items()}, list(raw.get("overrides") or [])
+    if CONFIG_AXIS in grid:
+        raise UserError(f"sweep file {path}: list the job files under base, not grid.{CONFIG_AXIS}")
+    axes = {**config_axis, **{k: [_text(v) for v in vs] for k, vs in grid.items()}}
+    return base, axes, list(raw.get("overrides") or [])
+
+
+def is_sweep_file(raw) -> bool:
+    """A grid, or a list of job files to compare, rather than a job config."""
+    return isinstance(raw, dict) and ("grid" in raw or isinstance(raw.get("base"), list))
 
 
 def _text(value) -> str:
@@ -71,11 +95,16 @@ def _text(value) -> str:
 
 
 def trials_of(axes: dict[str, list[str]], plain: list[str]) -> list[Trial]:
+    """Every combination of the axes, in order; on the config axis a trial gets its job file
+    (shown by its stem) instead of an override."""
     keys = list(axes)
     trials = []
     for index, values in enumerate(itertools.product(*(axes[k] for k in keys))):
         chosen = dict(zip(keys, values))
-        trials.append(Trial(f"trial{index}", chosen, [*plain, *(f"{k}={v}" for k, v in chosen.items())]))
+        config = chosen.pop(CONFIG_AXIS, None)
+        shown = {CONFIG_AXIS: Path(config).stem, **chosen} if config is not None else chosen
+        trials.append(Trial(f"trial{index}", shown, [*plain, *(f"{k}={v}" for k, v in chosen.items())],
+                            Path(config) if config is not None else None))
     return trials
 
 
@@ -83,7 +112,7 @@ def configure(config_path: Path | None, trial: Trial, stamp: str) -> JobConfig:
     """The job config of one trial: its own export directory and alias, and every path made
     absolute (Ray Tune runs each trial in a directory of its own)."""
 
-    cfg = load_config(config_path, trial.overrides)
+    cfg = load_config(trial.config or config_path, trial.overrides)
     base_dir = cfg.export.dir or f"exports/{cfg.registry.model_name}-sweep-{stamp}"
     cfg.export.dir = str(Path(base_dir).resolve() / trial.name)
     cfg.registry.alias = f"{cfg.registry.alias}-{trial.name}"
@@ -95,6 +124,7 @@ def configure(config_path: Path | None, trial: Trial, stamp: str) -> JobConfig:
     for holder in (cfg.data.calibration, cfg.finetune.data):
         if holder.path is not None:
             holder.path = str(Path(holder.path).resolve())
+    cfg.eval.extra_paths = [str(Path(p).resolve()) for p in cfg.eval.extra_paths]
     if cfg.registry.enabled:
         cfg.registry.tracking_uri = resolved_tracking_uri(cfg.registry.tracking_uri)
     return cfg
@@ -107,7 +137,7 @@ def run_sweep(config: str | None, items: list[str]) -> list[dict]:
     if path is not None and not path.is_file():
         raise UserError(f"config file {path} does not exist")
     axes, plain = split_axes(items)
-    if path is not None and path.suffix in (".yaml", ".yml") and "grid" in (yaml.safe_load(path.read_text()) or {}):
+    if path is not None and path.suffix in (".yaml", ".yml") and is_sweep_file(yaml.safe_load(path.read_text())):
         path, file_axes, file_plain = read_sweep_file(path)
         axes, plain = {**file_axes, **axes}, [*file_plain, *plain]
     if not axes:
@@ -177,7 +207,10 @@ def _tune(trials: list[Trial], configs: list[JobConfig], parent: str | None, sta
 
 def comparison_table(rows: list[dict], keys: list[str]) -> str:
     """Markdown table: one row per trial, its grid values and the headline metrics."""
-    columns = ["trial", *keys, *[c for c in COLUMNS if any(c in r for r in rows)]]
+    present = {k for r in rows for k in r}
+    texts = sorted({k.split(".", 1)[1] for k in present if k.startswith("perplexity_") and "." in k})
+    wanted = [c for base in COLUMNS for c in [base, *(f"{base}.{t}" for t in texts if base.startswith("perplexity_"))]]
+    columns = ["trial", *keys, *[c for c in wanted if c in present]]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in columns]

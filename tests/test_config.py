@@ -26,6 +26,9 @@ def data_root(monkeypatch, tmp_path):
     for name in ("valid.txt", "test.txt"):
         (data / name).write_text("some text\n")
     monkeypatch.setenv("DIST_PRUNE_DATA", str(tmp_path))
+    # the out-of-domain text the experiment configs name relative to the repository root
+    (tmp_path / "benchmarks" / "data").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "data" / "fortunes.txt").write_text("other text\n")
     return tmp_path
 
 

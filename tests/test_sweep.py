@@ -42,17 +42,44 @@ def test_a_bad_trial_stops_the_sweep_before_it_starts(tiny_llama, tmp_path):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "exports").exists()
 
 
+def test_a_sweep_over_job_files_is_one_axis(tmp_path):
+    from dist_prune.sweep import CONFIG_AXIS, read_sweep_file
+
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text("prune: {method: magnitude}\n")
+    (tmp_path / "design.yaml").write_text("base: [a.yaml, b.yaml]\ngrid: {prune.sparsity: [0.3, 0.5]}\n")
+    base, axes, plain = read_sweep_file(tmp_path / "design.yaml")
+    trials = trials_of(axes, plain)
+    assert base is None and list(axes) == [CONFIG_AXIS, "prune.sparsity"]
+    assert [(t.config.name, t.grid_values) for t in trials] == [
+        ("a.yaml", {"config": "a", "prune.sparsity": "0.3"}), ("a.yaml", {"config": "a", "prune.sparsity": "0.5"}),
+        ("b.yaml", {"config": "b", "prune.sparsity": "0.3"}), ("b.yaml", {"config": "b", "prune.sparsity": "0.5"})]
+    assert trials[1].overrides == ["prune.sparsity=0.5"]  # the file is no override
+    for bad, says in (("base: [a.yaml, missing.yaml]\n", "missing.yaml is not a file"),
+                      ("base: []\n", "non-empty list"),
+                      ("base: [a.yaml]\ngrid: {config: [b.yaml]}\n", "not grid.config")):
+        (tmp_path / "bad.yaml").write_text(bad)
+        with pytest.raises(UserError, match=says):
+            read_sweep_file(tmp_path / "bad.yaml")
+
+
 def test_sweep_runs_trials_as_child_runs(tiny_llama, text_file, tmp_path):
+    """Two job files compared in one sweep (the experiment design's form); each measures a second
+    text named relative to where the sweep starts (trials run in directories of their own)."""
     from mlflow import MlflowClient
 
+    (tmp_path / "other.txt").write_text(text_file.read_text()[::-1])
+    for name, sparsity in (("sparse30.yaml", 0.3), ("sparse50.yaml", 0.5)):
+        (tmp_path / name).write_text(f"prune: {{sparsity: {sparsity}}}\neval: {{extra_paths: [other.txt]}}\n")
     (tmp_path / "sweep.yaml").write_text(
-        "grid:\n  prune.sparsity: [0.3, 0.5]\n"
+        "base: [sparse30.yaml, sparse50.yaml]\n"
         f"overrides: ['model.path={tiny_llama}', 'prune.method=magnitude', 'eval.path={text_file}',"
         " 'eval.seq_len=64', 'eval.num_windows=2', 'eval.dense=false', 'registry.model_name=tiny-sweep',"
         " 'cluster.num_workers=1']\n")  # 1 worker each: the two trials run side by side
     proc = _cli(["sweep", "sweep.yaml", "registry.experiment=sweeps"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| trial0 | 0.3 |" in proc.stdout and "| trial1 | 0.5 |" in proc.stdout
+    assert "| trial0 | sparse30 |" in proc.stdout and "| trial1 | sparse50 |" in proc.stdout
+    assert "perplexity_sparse | perplexity_sparse.other |" in proc.stdout
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri, uri)
     experiment = client.get_experiment_by_name("sweeps")
