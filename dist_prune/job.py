@@ -24,6 +24,7 @@ from dist_prune.data import (calibration_windows, eval_windows, read_text, read_
                              tokenize, training_windows)
 from dist_prune.errors import UserError
 from dist_prune.io.export import check_destination
+from dist_prune.io.model_files import check_contained, read_side_file
 from dist_prune.io.formats import format_of
 from dist_prune.io.verify import verify_export
 from dist_prune.report import StageTimer, layer_sparsity_plot, summary_table
@@ -44,6 +45,8 @@ class JobResult:
 def prepare(cfg: JobConfig) -> WorkerJob:
     """Resolve the model, tokenize the data and fix the export directory."""
     source = None if cfg.model.path is None else Path(cfg.model.path)
+    if source is not None and source.is_dir():
+        check_contained(source)  # before any file in it is read
     if source is not None and (source / "sparsity.json").is_file():  # a dist-prune export: its manifest must hold
         fmt = format_of(verify_export(source))
         if not fmt.loadable:  # its pruned weights are stored as bitmask + values, not as tensors
@@ -53,6 +56,8 @@ def prepare(cfg: JobConfig) -> WorkerJob:
                               trust_remote_code=cfg.model.trust_remote_code)
     check_remote_code(model_dir, cfg.model.trust_remote_code)
     checkpoint = open_checkpoint(model_dir)
+    for path in checkpoint.tokenizer_files().values():
+        read_side_file(path)  # parsed here, before a worker copies it into the export
     checkpoint.check_finite()  # seconds here, not a cluster start, for a NaN in the weights
     from transformers import AutoTokenizer  # lazy: only prepare() needs transformers on the driver
 

@@ -30,6 +30,7 @@ import torch
 from dist_prune import __version__
 from dist_prune.errors import UserError
 from dist_prune.io.formats import DENSE, FORMAT_VERSION, HF_LAYOUT, ExportFormat, compressed_names
+from dist_prune.io.model_files import read_side_file
 from dist_prune.io.shards import SPARSITY_FILE, ShardWriter, TensorSpec, fsync_dir, plan_shards, write_json
 
 PRODUCER = f"dist-prune {__version__}"
@@ -177,9 +178,10 @@ class StreamingExport:
         self._writers = []
 
     @_disk_full_is_user_error
-    def finish(self, config: dict, extra_files: Sequence[Path], report: dict) -> Path:
+    def finish(self, config: dict, extra_files: Sequence[Path] | Mapping[str, Path], report: dict) -> Path:
         """Write the config, extra files, index, sparsity.json (and the format's notice); fsync;
-        rename into place.
+        rename into place. `extra_files`: paths, or {name in the export: path}; each is read
+        without following a link and checked by its format (io/model_files.read_side_file).
 
         The config gets a top-level "sparsity_config" block: dist-prune's summary of the pruning,
         shaped as compressed-tensors' SparsityCompressionConfig but read by no loader (compressed-
@@ -233,15 +235,13 @@ class StreamingExport:
         if layout.notice:
             (self.tmp_dir / layout.notice).write_text(self.fmt.notice())
 
-        for src in extra_files:
-            src = Path(src)
-            if not src.is_file():
-                raise UserError(f"extra file {src} does not exist or is not a file")
-            if src.name in {*self.files, *self.dense_files} | layout.own_files() | HF_LAYOUT.own_files():
-                raise UserError(f"extra file {src} would overwrite the export's own {src.name}")
-            dst = self.tmp_dir / src.name
-            shutil.copyfile(src, dst)
-            with open(dst, "rb") as f:
+        named = extra_files.items() if isinstance(extra_files, Mapping) else ((Path(p).name, p) for p in extra_files)
+        for name, src in named:
+            if name in {*self.files, *self.dense_files} | layout.own_files() | HF_LAYOUT.own_files():
+                raise UserError(f"extra file {src} would overwrite the export's own {name}")
+            with open(self.tmp_dir / name, "wb") as f:
+                f.write(read_side_file(Path(src)))
+                f.flush()
                 os.fsync(f.fileno())
 
         total_size = sum(s.nbytes for s in self.specs)
