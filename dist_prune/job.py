@@ -23,7 +23,7 @@ from dist_prune.config import JobConfig, config_sha256, scope_of, to_dict
 from dist_prune.data import (calibration_windows, eval_windows, read_text, read_training_text,
                              tokenize, training_windows)
 from dist_prune.errors import UserError
-from dist_prune.io.export import check_destination
+from dist_prune.io.destination import check_destination, check_not_an_input, exclusive
 from dist_prune.io.model_files import check_contained, read_side_file
 from dist_prune.io.formats import format_of
 from dist_prune.io.verify import verify_export
@@ -55,6 +55,13 @@ def prepare(cfg: JobConfig) -> WorkerJob:
     model_dir = resolve_model(cfg.model.path, allow_pickle=cfg.model.allow_pickle,
                               trust_remote_code=cfg.model.trust_remote_code)
     check_remote_code(model_dir, cfg.model.trust_remote_code)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    export_dir = Path(cfg.export.dir or f"exports/{cfg.registry.model_name}-{stamp}").resolve()
+    check_not_an_input(export_dir, {"model.path": source, "the converted model": model_dir,
+                                    "data.calibration.path": cfg.data.calibration.path, "eval.path": cfg.eval.path,
+                                    **{f"eval.extra_paths[{i}]": p for i, p in enumerate(cfg.eval.extra_paths)},
+                                    "finetune.data.path": cfg.finetune.data.path})
+    check_destination(export_dir, cfg.export.overwrite)
     checkpoint = open_checkpoint(model_dir)
     for path in checkpoint.tokenizer_files().values():
         read_side_file(path)  # parsed here, before a worker copies it into the export
@@ -90,9 +97,6 @@ def prepare(cfg: JobConfig) -> WorkerJob:
         ids = tokenize(read_training_text(data.path, text_column=data.text_column, split=data.split),
                        tokenizer)
         training = training_windows(ids, data.seq_len, source=data.path or "(built-in corpus)")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    export_dir = Path(cfg.export.dir or f"exports/{cfg.registry.model_name}-{stamp}").resolve()
-    check_destination(export_dir)
     report = {"method": cfg.prune.method, "structure": cfg.prune.structure,
               "scope": scope_of(cfg.prune), "target_sparsity": cfg.prune.sparsity,
               "config_sha256": config_sha256(cfg), "source_model": str(cfg.model.path or model_dir),
@@ -267,8 +271,12 @@ def run(cfg: JobConfig, *, parent_run_id: str | None = None) -> JobResult:
     with timer("prepare"):
         job = prepare(cfg)
         if cfg.registry.enabled:  # before the workers: a finished model needs somewhere to go
-
             check_registry(cfg.registry.tracking_uri)
+    with exclusive(Path(job.export_dir)):  # a second job into the same export.dir stops here
+        return _run_prepared(cfg, job, timer, parent_run_id)
+
+
+def _run_prepared(cfg: JobConfig, job: WorkerJob, timer: StageTimer, parent_run_id: str | None) -> JobResult:
     init_ray(cfg)
     check_placement(cfg)  # before the MLflow run: an impossible job leaves no trace there
     run_id = None

@@ -179,6 +179,9 @@ class ExportConfig:
                                "bitmask + non-zero values) | sparse-24-bitmask (2 of every 4, needs "
                                "prune.structure 2:4): smaller, for storage and transfer only, no loader "
                                "reads them; `dist-prune pull` gives the dense export back")
+    overwrite: bool = doc(False, "replace a dist-prune export already at export.dir (in one atomic swap; "
+                                 "the old one is deleted only once the new one is in place); otherwise "
+                                 "a job refuses such an export.dir")
 
 
 @dataclass

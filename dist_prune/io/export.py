@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import os
 import shutil
 import sys
@@ -29,6 +28,7 @@ import torch
 
 from dist_prune import __version__
 from dist_prune.errors import UserError
+from dist_prune.io.destination import check_destination, publish
 from dist_prune.io.formats import DENSE, FORMAT_VERSION, HF_LAYOUT, ExportFormat, compressed_names
 from dist_prune.io.model_files import read_side_file
 from dist_prune.io.shards import SPARSITY_FILE, ShardWriter, TensorSpec, fsync_dir, plan_shards, write_json
@@ -36,25 +36,6 @@ from dist_prune.io.shards import SPARSITY_FILE, ShardWriter, TensorSpec, fsync_d
 PRODUCER = f"dist-prune {__version__}"
 _RESERVED = {"producer", "format_version", "format", "tensors", "overall_sparsity", "shards", "total_size",
              "dense_shards"}
-
-
-def _is_dist_prune_export(path: Path) -> bool:
-    try:
-        meta = json.loads((path / SPARSITY_FILE).read_text())
-        return str(meta.get("producer", "")).startswith("dist-prune")
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def check_destination(final_dir: Path) -> None:
-    """Refuse an existing destination that is not empty and not a dist-prune export."""
-    if not final_dir.exists():
-        return
-    if not final_dir.is_dir():
-        raise UserError(f"export target {final_dir} exists and is not a directory")
-    if any(final_dir.iterdir()) and not _is_dist_prune_export(final_dir):
-        raise UserError(f"export target {final_dir} exists and is not a dist-prune export; "
-                        "choose another directory or remove it")
 
 
 def _module_name(tensor_name: str) -> str:
@@ -84,13 +65,14 @@ class StreamingExport:
 
     `pruned`: the names of the pruned tensors; `nonzero`: for each tensor `fmt` compresses (io/
     formats.compressed_names), its number of non-zero bit patterns (formats.stored_nonzero), which
-    sizes its stored tensors. An existing `final_dir` is accepted if it is empty or a previous
-    dist-prune export (it is replaced only at the final rename); anything else is refused with
-    UserError.
+    sizes its stored tensors. An existing `final_dir` is accepted if it is empty, or a previous
+    dist-prune export and `overwrite` (it is replaced at the final rename, atomically); anything
+    else is refused with UserError.
     """
 
     def __init__(self, final_dir: Path, specs: Sequence[TensorSpec], max_shard_size: int,
-                 fmt: ExportFormat = DENSE, pruned: Iterable[str] = (), nonzero: Mapping[str, int] | None = None):
+                 fmt: ExportFormat = DENSE, pruned: Iterable[str] = (), nonzero: Mapping[str, int] | None = None,
+                 overwrite: bool = False):
         if sys.byteorder != "little":
             raise RuntimeError("safetensors export needs a little-endian host")
         self.final_dir = Path(final_dir).absolute()
@@ -111,7 +93,8 @@ class StreamingExport:
         stored_names = [p.name for parts in self.stored.values() for p in parts]
         if len(set(stored_names)) != len(stored_names):
             raise ValueError(f"export.format {fmt.name}: stored tensor names clash with tensor names")
-        check_destination(self.final_dir)
+        self.overwrite = overwrite
+        check_destination(self.final_dir, overwrite)
         # Shard i of every format holds the tensors of dense shard i: each decompresses on its own.
         self.shards = plan_shards(self.specs, max_shard_size)
         self.files = fmt.layout.shard_names(len(self.shards))
@@ -264,20 +247,7 @@ class StreamingExport:
         return self.final_dir
 
     def _publish(self) -> None:
-        check_destination(self.final_dir)  # re-check: something may have appeared meanwhile
-        old = None
-        if self.final_dir.exists():
-            old = self.final_dir.parent / f".{self.final_dir.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(self.final_dir, old)
-        try:
-            os.rename(self.tmp_dir, self.final_dir)
-        except BaseException:
-            if old is not None:
-                os.rename(old, self.final_dir)
-            raise
-        fsync_dir(self.final_dir.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(self.tmp_dir, self.final_dir, self.overwrite)
 
     def abort(self) -> None:
         """Remove the temporary directory; nothing appears at final_dir."""
@@ -287,5 +257,3 @@ class StreamingExport:
         if not self._done:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self._done = True
-
-
