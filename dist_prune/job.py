@@ -28,6 +28,7 @@ from dist_prune.io.model_files import check_contained, read_side_file
 from dist_prune.io.formats import format_of
 from dist_prune.io.verify import verify_export
 from dist_prune.report import StageTimer, layer_sparsity_plot, summary_table
+from dist_prune.masking import find_targets
 from dist_prune.methods import METHODS
 from dist_prune.structural import check_model
 from dist_prune.structures import check_shape, parse_structure
@@ -66,6 +67,7 @@ def prepare(cfg: JobConfig) -> WorkerJob:
     for path in checkpoint.tokenizer_files().values():
         read_side_file(path)  # parsed here, before a worker copies it into the export
     checkpoint.check_finite()  # seconds here, not a cluster start, for a NaN in the weights
+    check_targets(cfg, model_dir)
     from transformers import AutoTokenizer  # lazy: only prepare() needs transformers on the driver
 
     try:
@@ -113,6 +115,18 @@ def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
     if "auto_map" in config and not trust_remote_code:
         raise UserError(f"model.path {model_dir} ships its own model code (auto_map in config.json); "
                         "review it, then set model.trust_remote_code=true")
+
+
+def check_targets(cfg: JobConfig, model_dir: Path) -> None:
+    """The workers' targets (masking.find_targets), found on the model built on the meta device
+    (no memory, no weights read): prune.exclude matching every one is refused before Ray starts."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM  # lazy, as AutoTokenizer in prepare
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    find_targets(model, cfg.prune.exclude)
 
 
 def check_target_shapes(cfg: JobConfig, checkpoint) -> None:

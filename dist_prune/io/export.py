@@ -145,6 +145,7 @@ class StreamingExport:
         except (RuntimeError, NotImplementedError):  # e.g. float8 on older torch
             nonzero = int(torch.count_nonzero(t.float()))
         self.zeros[name] = spec.numel - nonzero
+        _refuse_non_finite(name, t)
         for part in (self.fmt.encode(name, t) if name in self.compressed else {name: t}).values():
             self._writers[0].append(part)
         if len(self._writers) > 1:
@@ -257,3 +258,18 @@ class StreamingExport:
         if not self._done:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self._done = True
+
+
+def _refuse_non_finite(name: str, tensor: torch.Tensor, chunk: int = 1 << 22) -> None:
+    """A NaN or Inf in what is about to be exported (a diverged fine-tuning, an overflow in a
+    narrower export dtype) is refused: nothing broken is published or registered. In runs of
+    `chunk` elements, so the check adds at most 4 MB of flags to the tensor in memory."""
+    if not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    bad = 0
+    for part in flat.split(chunk):
+        bad += part.numel() - int(torch.isfinite(part if part.element_size() > 1 else part.float()).sum())
+    if bad:
+        raise UserError(f"the exported tensor {name} holds {bad:,} NaN or Inf values (of {flat.numel():,}): "
+                        "nothing is exported or registered; did fine-tuning diverge (finetune.lr)?")
