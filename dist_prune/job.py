@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dist_prune import __version__, git_commit
 from dist_prune.io.checkpoint import configure_jit_builds, open_checkpoint, resolve_model
@@ -61,7 +62,7 @@ def prepare(cfg: JobConfig) -> WorkerJob:
     check_not_an_input(export_dir, {"model.path": source, "the converted model": model_dir,
                                     "data.calibration.path": cfg.data.calibration.path, "eval.path": cfg.eval.path,
                                     **{f"eval.extra_paths[{i}]": p for i, p in enumerate(cfg.eval.extra_paths)},
-                                    "finetune.data.path": cfg.finetune.data.path})
+                                    "finetune.data.path": cfg.finetune.data.path, **registry_files(cfg)})
     check_destination(export_dir, cfg.export.overwrite)
     checkpoint = open_checkpoint(model_dir)
     for path in checkpoint.tokenizer_files().values():
@@ -107,6 +108,26 @@ def prepare(cfg: JobConfig) -> WorkerJob:
     # absolute: Ray Train workers run in a directory of their own
     return WorkerJob(to_dict(cfg), str(model_dir.resolve()), calibration, evaluation, str(export_dir), report,
                      training=training, more_evaluation=more_evaluation)
+
+
+def registry_files(cfg: JobConfig) -> dict[str, Path]:
+    """The local files of the MLflow store a job registers into (a sqlite database or file store,
+    its artifact folder): the only copy of every registered version's files, which replacing an
+    export.dir around them would delete."""
+    if not cfg.registry.enabled:
+        return {}
+    from dist_prune.registry import artifacts_next_to, resolved_tracking_uri  # lazy: imports mlflow
+
+    uri = resolved_tracking_uri(cfg.registry.tracking_uri)
+    files = {}
+    if uri.startswith("sqlite:///"):
+        files["registry.tracking_uri"] = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    elif uri.startswith("file:") or "://" not in uri:  # a file store: runs and artifacts inside
+        files["registry.tracking_uri"] = Path(urlsplit(uri).path if uri.startswith("file:") else uri)
+    artifacts = cfg.registry.artifact_location or artifacts_next_to(uri)
+    if artifacts and artifacts.startswith("file:"):
+        files["registry.artifact_location"] = Path(urlsplit(artifacts).path)
+    return files
 
 
 def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:

@@ -183,3 +183,16 @@ def test_a_lock_that_cannot_be_made_is_one_line(tmp_path):
         with exclusive(tmp_path / "out"):
             pass
     assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("store", ["sqlite:///{root}/exports/mlflow.db", "file://{root}/exports/mlruns",
+                                   "{root}/exports/mlruns"])
+def test_export_dir_around_the_registry_store_is_refused(store, case, capsys):
+    """Replacing an export.dir that holds the MLflow store (its database, its artifacts) would
+    delete the only copy of every registered version."""
+    store = store.format(root=case["root"])
+    (case["root"] / "exports").mkdir()
+    err = refused(["run", *small(case), f"export.dir={case['root'] / 'exports'}", f"registry.tracking_uri={store}"],
+                  capsys)
+    assert f"export.dir {case['root'] / 'exports'} overlaps registry." in err
+    assert sorted(p.name for p in (case["root"] / "exports").iterdir()) == []
