@@ -263,7 +263,8 @@ class StreamingExport:
 def _refuse_non_finite(name: str, tensor: torch.Tensor, chunk: int = 1 << 22) -> None:
     """A NaN or Inf in what is about to be exported (a diverged fine-tuning, an overflow in a
     narrower export dtype) is refused: nothing broken is published or registered. In runs of
-    `chunk` elements, so the check adds at most 4 MB of flags to the tensor in memory."""
+    `chunk` elements, so the check adds at most 4 MB of flags to the tensor in memory (and a
+    16 MB float32 copy of the run for 1-byte floats, which torch cannot test directly)."""
     if not tensor.is_floating_point():
         return
     flat = tensor.reshape(-1)

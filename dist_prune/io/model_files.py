@@ -121,16 +121,18 @@ def _chat_templates(value) -> list[str]:
     return [] if value is None else [value]
 
 
-def _check_jinja(path: Path, text, what: str = "it") -> None:
+def _check_jinja(path: Path, text, part: str | None = None) -> None:
+    """`text` (the file, or `part` of it) must parse as a Jinja template."""
     from jinja2 import TemplateSyntaxError  # lazy: only a model with a chat template needs Jinja
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    what = f"side file {path}" + (f": {part}" if part else "")
     if not isinstance(text, str):
-        raise UserError(f"side file {path}: {what} is not a Jinja template (a {type(text).__name__})")
+        raise UserError(f"{what} is not a Jinja template (a {type(text).__name__})")
     try:
         ImmutableSandboxedEnvironment().parse(text)  # parsed only: nothing of it runs here
     except TemplateSyntaxError as e:
-        raise UserError(f"side file {path}: {what} is not a valid Jinja template (line {e.lineno}: "
-                        f"{e.message})") from None
+        raise UserError(f"{what} is not a valid Jinja template (line {e.lineno}: "
+                        f"{str(e.message).splitlines()[0] if e.message else 'syntax error'})") from None
     except RecursionError:
-        raise UserError(f"side file {path}: {what} nests Jinja blocks too deeply") from None
+        raise UserError(f"{what} nests Jinja blocks too deeply") from None
