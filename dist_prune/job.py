@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dist_prune import __version__, git_commit
 from dist_prune.io.checkpoint import configure_jit_builds, open_checkpoint, resolve_model
@@ -23,10 +24,12 @@ from dist_prune.config import JobConfig, config_sha256, scope_of, to_dict
 from dist_prune.data import (calibration_windows, eval_windows, read_text, read_training_text,
                              tokenize, training_windows)
 from dist_prune.errors import UserError
-from dist_prune.io.export import check_destination
+from dist_prune.io.destination import check_destination, check_not_an_input, exclusive
+from dist_prune.io.model_files import check_contained, read_side_file
 from dist_prune.io.formats import format_of
 from dist_prune.io.verify import verify_export
 from dist_prune.report import StageTimer, layer_sparsity_plot, summary_table
+from dist_prune.masking import find_targets
 from dist_prune.methods import METHODS
 from dist_prune.structural import check_model
 from dist_prune.structures import check_shape, parse_structure
@@ -44,6 +47,8 @@ class JobResult:
 def prepare(cfg: JobConfig) -> WorkerJob:
     """Resolve the model, tokenize the data and fix the export directory."""
     source = None if cfg.model.path is None else Path(cfg.model.path)
+    if source is not None and source.is_dir():
+        check_contained(source)  # before any file in it is read
     if source is not None and (source / "sparsity.json").is_file():  # a dist-prune export: its manifest must hold
         fmt = format_of(verify_export(source))
         if not fmt.loadable:  # its pruned weights are stored as bitmask + values, not as tensors
@@ -52,8 +57,18 @@ def prepare(cfg: JobConfig) -> WorkerJob:
     model_dir = resolve_model(cfg.model.path, allow_pickle=cfg.model.allow_pickle,
                               trust_remote_code=cfg.model.trust_remote_code)
     check_remote_code(model_dir, cfg.model.trust_remote_code)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    export_dir = Path(cfg.export.dir or f"exports/{cfg.registry.model_name}-{stamp}").resolve()
+    check_not_an_input(export_dir, {"model.path": source, "the converted model": model_dir,
+                                    "data.calibration.path": cfg.data.calibration.path, "eval.path": cfg.eval.path,
+                                    **{f"eval.extra_paths[{i}]": p for i, p in enumerate(cfg.eval.extra_paths)},
+                                    "finetune.data.path": cfg.finetune.data.path, **registry_files(cfg)})
+    check_destination(export_dir, cfg.export.overwrite)
     checkpoint = open_checkpoint(model_dir)
+    for path in checkpoint.tokenizer_files().values():
+        read_side_file(path)  # parsed here, before a worker copies it into the export
     checkpoint.check_finite()  # seconds here, not a cluster start, for a NaN in the weights
+    check_targets(cfg, model_dir)
     from transformers import AutoTokenizer  # lazy: only prepare() needs transformers on the driver
 
     try:
@@ -85,9 +100,6 @@ def prepare(cfg: JobConfig) -> WorkerJob:
         ids = tokenize(read_training_text(data.path, text_column=data.text_column, split=data.split),
                        tokenizer)
         training = training_windows(ids, data.seq_len, source=data.path or "(built-in corpus)")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    export_dir = Path(cfg.export.dir or f"exports/{cfg.registry.model_name}-{stamp}").resolve()
-    check_destination(export_dir)
     report = {"method": cfg.prune.method, "structure": cfg.prune.structure,
               "scope": scope_of(cfg.prune), "target_sparsity": cfg.prune.sparsity,
               "config_sha256": config_sha256(cfg), "source_model": str(cfg.model.path or model_dir),
@@ -98,12 +110,44 @@ def prepare(cfg: JobConfig) -> WorkerJob:
                      training=training, more_evaluation=more_evaluation)
 
 
+def registry_files(cfg: JobConfig) -> dict[str, Path]:
+    """The local files of the MLflow store a job registers into (a sqlite database or file store,
+    its artifact folder): the only copy of every registered version's files, which replacing an
+    export.dir around them would delete."""
+    if not cfg.registry.enabled:
+        return {}
+    from dist_prune.registry import artifacts_next_to, resolved_tracking_uri  # lazy: imports mlflow
+
+    uri = resolved_tracking_uri(cfg.registry.tracking_uri)
+    files = {}
+    if uri.startswith("sqlite:///"):
+        files["registry.tracking_uri"] = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    elif uri.startswith("file:") or "://" not in uri:  # a file store: runs and artifacts inside
+        files["registry.tracking_uri"] = Path(urlsplit(uri).path if uri.startswith("file:") else uri)
+    artifacts = cfg.registry.artifact_location or artifacts_next_to(uri)
+    if artifacts and artifacts.startswith("file:"):
+        files["registry.artifact_location"] = Path(urlsplit(artifacts).path)
+    return files
+
+
 def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
     """A checkpoint whose config.json maps to its own Python code runs that code on load."""
     config = json.loads((model_dir / "config.json").read_text())
     if "auto_map" in config and not trust_remote_code:
         raise UserError(f"model.path {model_dir} ships its own model code (auto_map in config.json); "
                         "review it, then set model.trust_remote_code=true")
+
+
+def check_targets(cfg: JobConfig, model_dir: Path) -> None:
+    """The workers' targets (masking.find_targets), found on the model built on the meta device
+    (no memory, no weights read): prune.exclude matching every one is refused before Ray starts."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM  # lazy, as AutoTokenizer in prepare
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    find_targets(model, cfg.prune.exclude)
 
 
 def check_target_shapes(cfg: JobConfig, checkpoint) -> None:
@@ -262,8 +306,12 @@ def run(cfg: JobConfig, *, parent_run_id: str | None = None) -> JobResult:
     with timer("prepare"):
         job = prepare(cfg)
         if cfg.registry.enabled:  # before the workers: a finished model needs somewhere to go
-
             check_registry(cfg.registry.tracking_uri)
+    with exclusive(Path(job.export_dir)):  # a second job into the same export.dir stops here
+        return _run_prepared(cfg, job, timer, parent_run_id)
+
+
+def _run_prepared(cfg: JobConfig, job: WorkerJob, timer: StageTimer, parent_run_id: str | None) -> JobResult:
     init_ray(cfg)
     check_placement(cfg)  # before the MLflow run: an impossible job leaves no trace there
     run_id = None

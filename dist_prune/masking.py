@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_prune.collectives import all_reduce_
+from dist_prune.errors import UserError
 from dist_prune.sharding.partition import full_numel, full_shape, local_range, local_weight
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -41,7 +42,8 @@ def find_targets(model: torch.nn.Module, exclude: list[str]) -> list[Target]:
 
     A tied weight has two names (lm_head.weight is model.embed_tokens.weight): it is a
     target only if neither is excluded, and it is known by its parameter name, the one
-    the exported checkpoint uses. Pruning a tied lm_head prunes the input embeddings.
+    the exported checkpoint uses. Pruning a tied lm_head prunes the input embeddings. No target
+    at all is a UserError: the job would export and register the dense model as a pruned one.
     """
     canonical = {id(p): name for name, p in model.named_parameters()}
     targets = []
@@ -54,6 +56,9 @@ def find_targets(model: torch.nn.Module, exclude: list[str]) -> list[Target]:
         name = canonical[id(module.weight)]
         match = _LAYER_INDEX.search(f".{module_name}.")
         targets.append(Target(name, module.weight, module, int(match.group(1)) if match else None))
+    if not targets:
+        raise UserError(f"prune.exclude {exclude} leaves no Linear weight of the model to prune; the "
+                        "job would register the dense model unchanged")
     return targets
 
 

@@ -19,9 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from dist_prune.config import JobConfig, config_from_dict, load_config, parse_overrides, to_dict
+from dist_prune.config import JobConfig, config_from_dict, load_config, parse_overrides, read_yaml, to_dict
 from dist_prune.errors import UserError
 from dist_prune.job import find_user_error, init_ray, run
 from dist_prune.registry import end_run, resolved_tracking_uri, start_run
@@ -61,7 +59,7 @@ def read_sweep_file(path: Path) -> tuple[Path | None, dict[str, list], list[str]
     """A sweep file: `base` (a job config, relative to the file, or a list of them: the config
     axis), `grid` (key -> values; optional with several bases), optional `overrides` (list of
     key=value)."""
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, "sweep file") or {}
     unknown = set(raw) - {"base", "grid", "overrides"}
     if unknown:
         raise UserError(f"sweep file {path}: unknown keys {sorted(unknown)} (allowed: base, grid, overrides)")
@@ -137,7 +135,8 @@ def run_sweep(config: str | None, items: list[str]) -> list[dict]:
     if path is not None and not path.is_file():
         raise UserError(f"config file {path} does not exist")
     axes, plain = split_axes(items)
-    if path is not None and path.suffix in (".yaml", ".yml") and is_sweep_file(yaml.safe_load(path.read_text())):
+    raw = read_yaml(path) if path is not None and path.suffix in (".yaml", ".yml") else None
+    if is_sweep_file(raw):
         path, file_axes, file_plain = read_sweep_file(path)
         axes, plain = {**file_axes, **axes}, [*file_plain, *plain]
     if not axes:

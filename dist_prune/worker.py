@@ -179,7 +179,8 @@ def export_model(model: torch.nn.Module, checkpoint, cfg: JobConfig, export_dir:
     bar = progress(len(params), "export", enabled=rank == 0)
     if rank == 0:
         try:
-            writer = StreamingExport(export_dir, specs, parse_size(cfg.export.max_shard_size), fmt, pruned, nonzero)
+            writer = StreamingExport(export_dir, specs, parse_size(cfg.export.max_shard_size), fmt, pruned, nonzero,
+                                     overwrite=cfg.export.overwrite)
         except Exception as e:  # noqa: BLE001 - reported collectively below
             failure = e
     for (name, param), spec in zip(params, specs):

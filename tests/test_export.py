@@ -35,10 +35,10 @@ def sparse_state_dict(model) -> tuple[dict[str, torch.Tensor], list[str]]:
     return sd, pruned
 
 
-def export(sd, out: Path, max_shard_size: int, model=None, pruned=(), extra=()) -> Path:
+def export(sd, out: Path, max_shard_size: int, model=None, pruned=(), extra=(), overwrite=False) -> Path:
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
     config = model.config.to_dict() if model is not None else {"model_type": "llama"}
-    with StreamingExport(out, specs, max_shard_size) as ex:
+    with StreamingExport(out, specs, max_shard_size, overwrite=overwrite) as ex:
         for k, v in sd.items():
             ex.write(k, v)
         return ex.finish(config, list(extra),
@@ -195,7 +195,10 @@ def test_refuses_foreign_dir_and_replaces_old_export(tmp_path):
     out = tmp_path / "out"
     export({"a": torch.ones(3), "b": torch.ones(30)}, out, 100)  # two shards
     assert (out / INDEX_FILE).exists()
-    export({"a": torch.zeros(3)}, out, 100, pruned=["a"])        # replaces it with a single shard
+    with pytest.raises(UserError, match="set export.overwrite=true to replace it"):
+        export({"a": torch.zeros(3)}, out, 100, pruned=["a"])
+    assert verify_export(out)["tensors"]["a"]["zeros"] == 0
+    export({"a": torch.zeros(3)}, out, 100, pruned=["a"], overwrite=True)  # replaces it with a single shard
     assert not (out / INDEX_FILE).exists() and not list(out.glob("model-*"))
     assert verify_export(out)["tensors"]["a"]["zeros"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "out"]  # no .old / .tmp left

@@ -15,12 +15,13 @@ from dist_prune.config._schema import (
     describe_keys, doc, scope_of, to_dict,
 )
 from dist_prune.config._validate import validate
+from dist_prune.config._yaml import read_file as read_yaml
 
 __all__ = [
     "CalibrationConfig", "ClusterConfig", "DataConfig", "DistillConfig", "EvalConfig", "ExportConfig",
     "FinetuneConfig", "FinetuneDataConfig", "JobConfig", "ModelConfig", "NeftuneConfig", "PruneConfig",
     "RegistryConfig", "config_from_dict", "config_sha256", "describe_keys", "doc", "load_config",
-    "parse_overrides", "scope_of", "to_dict", "validate",
+    "parse_overrides", "read_yaml", "scope_of", "to_dict", "validate",
 ]
 
 

@@ -14,28 +14,9 @@ from typing import Any
 import yaml
 
 from dist_prune.config._schema import JobConfig, PruneConfig
+from dist_prune.config._yaml import parse as _yaml
+from dist_prune.config._yaml import read_file
 from dist_prune.errors import UserError
-
-class _Loader(yaml.SafeLoader):
-    """YAML without 1.1's base-60 integers, so `structure: 2:4` is the string "2:4", not 124."""
-
-
-_INT = "tag:yaml.org,2002:int"
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != _INT]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver(
-    _INT, re.compile(r"^(?:[-+]?0b[01_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*))$"),
-    list("-+0123456789"))
-# YAML 1.1 reads 3e-4 (no dot) as a string; every ML config writes learning rates that way.
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
 
 _ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
@@ -136,15 +117,7 @@ def read_raw(path: str | Path | None, overrides: list[str] | None = None) -> dic
     """The YAML file (or nothing) merged with the overrides and the method's defaults."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
-        try:
-            raw = _yaml(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise UserError(f"config file {path}{where}: not valid YAML") from None
+        raw = read_file(Path(path)) or {}
         if not isinstance(raw, dict):
             raise UserError(f"config file {path}: the top level must be a mapping of sections")
     return _expand_env(_with_method_defaults(_merge(raw, parse_overrides(overrides or []))))

@@ -1,6 +1,7 @@
-"""The job config's schema: one dataclass per YAML section, every field with its default and its
-documentation (`metadata["help"]`, printed by `dist-prune keys`). Imports nothing heavy: the
-driver, `dist-prune keys` and the config tests run without torch.
+"""The job config's schema: one dataclass per YAML section, every field with its default, its
+documentation (`metadata["help"]`, printed by `dist-prune keys`) and, for a number, the interval
+it must lie in (`metadata["valid"]`, checked for every key by _validate.check_ranges). Imports
+nothing heavy: the driver, `dist-prune keys` and the config tests run without torch.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def doc(default: Any, help: str) -> Any:
-    """A dataclass field with a default and its documentation."""
+def doc(default: Any, help: str, valid: str | None = None) -> Any:
+    """A dataclass field with a default and its documentation. `valid`: the interval a number (each
+    number of a list) must lie in, as printed in errors: "[0, 1)", "(0, 1]", "[1, inf)". Every
+    float must be finite and every int fit in 64 bits, with or without one."""
+    metadata = {"help": help, **({"valid": valid} if valid else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -35,7 +39,7 @@ class PruneConfig:
                                "defaults it gives keys the config leaves unset, are listed below")
     sparsity: float = doc(0.5, "fraction of the weights in each selection scope to prune, in [0, 1); "
                                "heads/channels: of the KV head groups / MLP channels of every layer; "
-                               "layers: of the decoder layers")
+                               "layers: of the decoder layers", valid="[0, 1)")
     scope: str | None = doc(None, "where one threshold applies: global | layer | row; empty = the "
                                   "method's default scope (listed below)")
     structure: str = doc("unstructured", "pattern of pruned weights: unstructured | N:M (N of every "
@@ -44,34 +48,40 @@ class PruneConfig:
                                           "channels | layers (removed from the export: smaller "
                                           "shapes and config.json)")
     epsilon: float | None = doc(None, "threshold method: prune every weight with |w| < epsilon "
-                                      "(prune.sparsity and prune.scope do not apply)")
+                                      "(prune.sparsity and prune.scope do not apply)", valid="[0, inf)")
     norm: str = doc("l1", "pooling of element scores into a block, head, channel or layer score: "
                           "l1 (sum) | l2 (L2 norm)")
     layer_sparsity: str = doc("uniform", "uniform (prune.sparsity in every layer) | owl (Outlier "
                                          "Weighed Layerwise sparsity, Yin et al. 2023: layers with "
                                          "more wanda-score outliers are pruned less; the model total "
                                          "stays round(sparsity * prunable))")
-    owl_threshold: float = doc(5.0, "owl: a score is an outlier above this many times its layer's mean (M)")
-    owl_lambda: float = doc(0.08, "owl: layer sparsities lie within prune.sparsity +- this (lambda)")
+    owl_threshold: float = doc(5.0, "owl: a score is an outlier above this many times its layer's mean (M)",
+                               valid="(0, inf)")
+    owl_lambda: float = doc(0.08, "owl: layer sparsities lie within prune.sparsity +- this (lambda)",
+                            valid="[0, 0.5]")
     exclude: list[str] = doc(["*embed_tokens*", "*lm_head*", "*norm*", "*.bias"],
                              "glob patterns of parameter names never pruned; only 2-D weights are pruned")
     schedule: str = doc("oneshot", "oneshot (prune once, before fine-tuning) | cubic (prune gradually "
                                    "during fine-tuning, Zhu & Gupta 2017; needs finetune.steps > 0)")
-    initial_sparsity: float = doc(0.0, "cubic: sparsity at prune.start_step (0 = start from the dense model)")
-    start_step: int = doc(0, "cubic: first optimizer step of the schedule")
-    end_step: int | None = doc(None, "cubic: step at which prune.sparsity is reached; empty = finetune.steps")
-    interval: int = doc(100, "cubic: re-score and re-select every this many steps (--pruning_interval)")
+    initial_sparsity: float = doc(0.0, "cubic: sparsity at prune.start_step (0 = start from the dense model)",
+                                  valid="[0, 1)")
+    start_step: int = doc(0, "cubic: first optimizer step of the schedule", valid="[0, inf)")
+    end_step: int | None = doc(None, "cubic: step at which prune.sparsity is reached; empty = finetune.steps",
+                               valid="[0, inf)")
+    interval: int = doc(100, "cubic: re-score and re-select every this many steps (--pruning_interval)",
+                        valid="[1, inf)")
 
 
 @dataclass
 class CalibrationConfig:
     path: str | None = doc(None, "text file of calibration text; empty = a built-in corpus (docstrings "
                                  "of the Python standard library), no download needed")
-    num_samples: int = doc(32, "number of calibration windows, split across workers")
-    seq_len: int = doc(512, "tokens per calibration window")
-    seed: int = doc(0, "seed of the random choice of calibration windows")
+    num_samples: int = doc(32, "number of calibration windows, split across workers", valid="[1, inf)")
+    seq_len: int = doc(512, "tokens per calibration window", valid="[2, inf)")
+    seed: int = doc(0, "seed of the random choice of calibration windows", valid="[0, 4294967295]")
     batch_size: int = doc(4, "windows per gradient step, over all workers (taylor, obd, seven); a "
-                             "multiple of cluster.num_workers, so every world size takes the same steps")
+                             "multiple of cluster.num_workers, so every world size takes the same steps",
+                             valid="[1, inf)")
     sequential: bool = doc(True, "calibrate layer by layer on the outputs of the already-pruned layers "
                                  "(as in the Wanda and SparseGPT reference code); only with scope "
                                  "layer or row, since a global threshold needs every layer's scores")
@@ -89,15 +99,16 @@ class EvalConfig:
     extra_paths: list[str] = doc([], "more text files measured the same way (another domain, to see "
                                      "whether a gain is general); each reported as perplexity_<stage>."
                                      "<file stem>, and eval/perplexity.<file stem> while fine-tuning")
-    seq_len: int = doc(512, "tokens per evaluation window")
-    num_windows: int = doc(16, "number of consecutive non-overlapping windows from the start of the text")
+    seq_len: int = doc(512, "tokens per evaluation window", valid="[2, inf)")
+    num_windows: int = doc(16, "number of consecutive non-overlapping windows from the start of the text",
+                           valid="[0, inf)")
     dense: bool = doc(True, "also measure the dense model's perplexity before pruning")
 
 
 @dataclass
 class NeftuneConfig:
     alpha: float = doc(5.0, "NEFTune noise scale: Uniform(-1,1) * alpha / sqrt(L * d) added to the input "
-                            "embeddings in training mode (Jain et al. 2023); 0 = no noise")
+                            "embeddings in training mode (Jain et al. 2023); 0 = no noise", valid="[0, 100]")
     dynamic: bool = doc(False, "adapt alpha during training: alpha_t = alpha * min(1, EMA(loss_t) / loss_0), "
                                "less noise as the sparse model recovers (docs: README, Sparse-NEFT)")
 
@@ -105,8 +116,8 @@ class NeftuneConfig:
 @dataclass
 class DistillConfig:
     beta: float = doc(0.0, "weight of the distillation term: (1-beta)*CE + beta*T^2*KL(teacher || "
-                           "student), the dense model as teacher; 0 = no teacher")
-    temperature: float = doc(2.0, "distillation temperature T")
+                           "student), the dense model as teacher; 0 = no teacher", valid="[0, 1]")
+    temperature: float = doc(2.0, "distillation temperature T", valid="(0, 100]")
 
 
 @dataclass
@@ -115,42 +126,48 @@ class FinetuneDataConfig:
                                  "directory written by save_to_disk; empty = the built-in corpus")
     text_column: str = doc("text", "column of a `datasets` directory holding the text")
     split: str = doc("train", "split of a DatasetDict directory")
-    seq_len: int = doc(512, "tokens per training window (windows are consecutive, shuffled per epoch)")
+    seq_len: int = doc(512, "tokens per training window (windows are consecutive, shuffled per epoch)",
+                       valid="[2, inf)")
 
 
 @dataclass
 class FinetuneConfig:
-    steps: int = doc(0, "optimizer steps of Sparse-NEFT fine-tuning after pruning; 0 = no fine-tuning")
+    steps: int = doc(0, "optimizer steps of Sparse-NEFT fine-tuning after pruning; 0 = no fine-tuning",
+                     valid="[0, inf)")
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig,
                                      metadata={"help": "training data"})
-    lr: float = doc(5e-5, "peak learning rate (AdamW)")
-    weight_decay: float = doc(0.0, "AdamW decoupled weight decay")
-    betas: list[float] = doc([0.9, 0.999], "AdamW betas")
-    warmup_steps: int = doc(0, "linear learning-rate warm-up steps")
+    lr: float = doc(5e-5, "peak learning rate (AdamW)", valid="(0, 1]")
+    weight_decay: float = doc(0.0, "AdamW decoupled weight decay", valid="[0, 1]")
+    betas: list[float] = doc([0.9, 0.999], "AdamW betas", valid="[0, 1)")
+    warmup_steps: int = doc(0, "linear learning-rate warm-up steps", valid="[0, inf)")
     lr_schedule: str = doc("cosine", "decay after warm-up: cosine | linear | constant")
-    micro_batch_size: int = doc(1, "windows per worker per forward/backward")
+    micro_batch_size: int = doc(1, "windows per worker per forward/backward", valid="[1, inf)")
     gradient_accumulation_steps: int = doc(1, "micro-batches per optimizer step; the global batch is "
-                                              "micro_batch_size x num_workers x this")
-    max_grad_norm: float = doc(1.0, "gradient clipping norm; 0 = no clipping")
+                                              "micro_batch_size x num_workers x this", valid="[1, inf)")
+    max_grad_norm: float = doc(1.0, "gradient clipping norm; 0 = no clipping", valid="[0, inf)")
     zero_stage: str = doc("auto", "how the training engine shards: auto (0 when the whole model, 16 bytes a "
                                   "parameter, fits in half of a worker's free memory and it computes in "
                                   "float32; else 3) | 3 (DeepSpeed ZeRO-3: weights, gradients and optimizer "
                                   "state partitioned) | 2 (ZeRO-2: gradients and optimizer state only) | 0 "
                                   "(no ZeRO: torch DDP on a whole fp32 copy per worker)")
     eval_interval: int = doc(0, "measure eval perplexity every this many steps (and at the end); 0 = at "
-                                "the end only")
-    log_interval: int = doc(10, "log loss, learning rate, sparsity and alpha every this many steps")
-    checkpoint_interval: int = doc(0, "save a Ray Train checkpoint every this many steps; 0 = none")
-    max_failures: int = doc(0, "restarts of the worker group from the last checkpoint after a failure")
+                                "the end only", valid="[0, inf)")
+    log_interval: int = doc(10, "log loss, learning rate, sparsity and alpha every this many steps",
+                            valid="[0, inf)")
+    checkpoint_interval: int = doc(0, "save a Ray Train checkpoint every this many steps; 0 = none",
+                                   valid="[0, inf)")
+    max_failures: int = doc(0, "restarts of the worker group from the last checkpoint after a failure",
+                            valid="[0, inf)")
     neftune: NeftuneConfig = field(default_factory=NeftuneConfig, metadata={"help": "NEFTune noise"})
     distill: DistillConfig = field(default_factory=DistillConfig, metadata={"help": "distillation"})
 
 
 @dataclass
 class ClusterConfig:
-    num_workers: int = doc(2, "Ray Train workers, each holding 1/num_workers of every weight (ZeRO-3)")
+    num_workers: int = doc(2, "Ray Train workers, each holding 1/num_workers of every weight (ZeRO-3)",
+                           valid="[1, inf)")
     use_gpu: bool = doc(False, "one GPU per worker and the nccl backend; otherwise CPU and gloo")
-    cpus_per_worker: int = doc(1, "CPUs Ray reserves for each worker")
+    cpus_per_worker: int = doc(1, "CPUs Ray reserves for each worker", valid="[1, inf)")
     storage_path: str | None = doc(None, "Ray Train storage: run state and fine-tuning checkpoints "
                                          "(shared by all nodes on a cluster); empty = Ray's "
                                          "default, ~/ray_results")
@@ -179,6 +196,9 @@ class ExportConfig:
                                "bitmask + non-zero values) | sparse-24-bitmask (2 of every 4, needs "
                                "prune.structure 2:4): smaller, for storage and transfer only, no loader "
                                "reads them; `dist-prune pull` gives the dense export back")
+    overwrite: bool = doc(False, "replace a dist-prune export already at export.dir (in one atomic swap; "
+                                 "the old one is deleted only once the new one is in place); otherwise "
+                                 "a job refuses such an export.dir")
 
 
 @dataclass
@@ -192,7 +212,7 @@ class JobConfig:
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "output"})
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig,
                                      metadata={"help": "Sparse-NEFT fine-tuning, masks kept"})
-    seed: int = doc(0, "seed for everything random in the job")
+    seed: int = doc(0, "seed for everything random in the job", valid="[0, 4294967295]")
 
 
 def scope_of(cfg: PruneConfig) -> str:

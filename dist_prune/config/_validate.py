@@ -9,6 +9,8 @@ that ask them: they import torch (about 1.5 s), and `dist_prune.config` must imp
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -26,14 +28,50 @@ def _require(ok: bool, message: str) -> None:
         raise UserError(f"config: {message}")
 
 
+INT64 = (-(2**63), 2**63 - 1)  # what torch, numpy and the MLflow store hold
+
+
+def _range_problem(value: int | float, valid: str | None) -> str | None:
+    """What is wrong with number `value` for the interval `valid` ("[0, 1)", "(0, inf)") of the
+    schema, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a finite number" + (f" in {valid}" if valid else "")
+    if valid is not None:
+        m = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", valid)
+        low, high = float(m.group(2)), float(m.group(3))
+        above = low < value or (m.group(1) == "[" and value == low)
+        below = value < high or (m.group(4) == "]" and value == high)
+        if not (above and below):
+            return f"{'>=' if m.group(1) == '[' else '>'} {m.group(2)}" if math.isinf(high) else f"in {valid}"
+    if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        return f"a 64-bit integer, in [{INT64[0]}, {INT64[1]}]"
+    return None
+
+
+def check_ranges(section, prefix: str = "") -> None:
+    """Every number of the config against its schema interval (`doc(valid=...)`): floats finite,
+    ints within 64 bits. One walk over the schema, so a key added later is checked too."""
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, key + ".")
+            continue
+        for i, number in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                continue
+            problem = _range_problem(number, f.metadata.get("valid"))
+            where = key if not isinstance(value, list) else f"{key}[{i}]"
+            _require(problem is None, f"{where} must be {problem}, got {number}")
+
+
 def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
     """Range and choice checks that types alone do not express."""
     from dist_prune.methods import METHODS  # lazy: imports torch (module docstring)
 
+    check_ranges(cfg)
     p = cfg.prune
     _require(p.method in METHODS, f"prune.method '{p.method}' is unknown (allowed: {', '.join(METHODS)})")
     method = METHODS[p.method]
-    _require(0.0 <= p.sparsity < 1.0, f"prune.sparsity must be in [0, 1), got {p.sparsity}")
     from dist_prune.selection import SCOPES  # lazy, as METHODS
     from dist_prune.structures import parse_structure
 
@@ -50,24 +88,15 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
              "prune.scope does not apply to N:M structures (every group of M is its own scope)")
     _validate_method(method, p, structure)
     cal = cfg.data.calibration
-    _require(cal.num_samples >= 1, f"data.calibration.num_samples must be >= 1, got {cal.num_samples}")
-    _require(cal.seq_len >= 2, f"data.calibration.seq_len must be >= 2, got {cal.seq_len}")
     _require(method.calibration != "gradients" or cal.batch_size % cfg.cluster.num_workers == 0,
              f"data.calibration.batch_size={cal.batch_size} must be a multiple of "
              f"cluster.num_workers={cfg.cluster.num_workers} for prune.method {p.method}")
-    _require(cal.batch_size >= 1, f"data.calibration.batch_size must be >= 1, got {cal.batch_size}")
-    _require(cfg.eval.seq_len >= 2, f"eval.seq_len must be >= 2, got {cfg.eval.seq_len}")
-    _require(cfg.eval.num_windows >= 0, f"eval.num_windows must be >= 0, got {cfg.eval.num_windows}")
     stems = [Path(path).stem for path in cfg.eval.extra_paths]
     _require(len(set(stems)) == len(stems), f"eval.extra_paths names two files with the same stem "
              f"({', '.join(stems)}): their metrics would collide")
     _require(all(re.fullmatch(r"[A-Za-z0-9_\-]+", stem) for stem in stems),
              f"eval.extra_paths: a file stem names its metrics, so it may hold only letters, digits, "
              f"_ and - (got {', '.join(stems)})")
-    _require(cfg.cluster.num_workers >= 1,
-             f"cluster.num_workers must be >= 1, got {cfg.cluster.num_workers}")
-    _require(cfg.cluster.cpus_per_worker >= 1,
-             f"cluster.cpus_per_worker must be >= 1, got {cfg.cluster.cpus_per_worker}")
     for key, value in (("model.dtype", cfg.model.dtype), ("export.dtype", cfg.export.dtype)):
         _require(value in DTYPES, f"{key} '{value}' is unknown (allowed: {', '.join(DTYPES)})")
     from dist_prune.io.formats import FORMATS  # lazy, as METHODS
@@ -136,7 +165,6 @@ def validate_layer_choices(cfg: JobConfig) -> None:
     _require(kind == "unstructured", "prune.layer_sparsity owl needs prune.structure unstructured")
     _require(scope_of(p) in ("layer", "row"), "prune.layer_sparsity owl sets one target per layer: "
              "prune.scope must be layer or row, not global")
-    _require(p.owl_threshold > 0, f"prune.owl_threshold must be > 0, got {p.owl_threshold}")
     _require(0 <= p.owl_lambda <= min(p.sparsity, 1 - p.sparsity),
              f"prune.owl_lambda must be in [0, {min(p.sparsity, 1 - p.sparsity):g}] (= min(sparsity, "
              f"1 - sparsity), so every layer's sparsity stays in [0, 1]), got {p.owl_lambda}")
@@ -150,7 +178,6 @@ ZERO_STAGES = ("auto", "0", "2", "3")
 def validate_finetune(cfg: JobConfig, *, check_paths: bool = True) -> None:
     """The fine-tuning section and the gradual-pruning keys of the prune section."""
     ft, p = cfg.finetune, cfg.prune
-    _require(ft.steps >= 0, f"finetune.steps must be >= 0, got {ft.steps}")
     _require(p.schedule in SCHEDULES, f"prune.schedule '{p.schedule}' is unknown (allowed: "
              f"{', '.join(SCHEDULES)})")
     from dist_prune.methods import METHODS  # lazy: imports torch (module docstring)
@@ -170,7 +197,6 @@ def validate_finetune(cfg: JobConfig, *, check_paths: bool = True) -> None:
         end = ft.steps if p.end_step is None else p.end_step
         _require(0 <= p.start_step <= end <= ft.steps, f"prune.start_step={p.start_step} <= "
                  f"prune.end_step={end} <= finetune.steps={ft.steps} must hold")
-        _require(p.interval >= 1, f"prune.interval must be >= 1, got {p.interval}")
         _require(ft.zero_stage != "2" or not method.reads_gradient_partitions,
                  f"prune.method {p.method} reads gradient partitions during training: use "
                  "finetune.zero_stage 3 or 0")
@@ -184,19 +210,7 @@ def validate_finetune(cfg: JobConfig, *, check_paths: bool = True) -> None:
              f"model.dtype float32 (this job computes in {cfg.model.dtype}); use stage 2 or 3")
     _require(ft.lr_schedule in LR_SCHEDULES, f"finetune.lr_schedule '{ft.lr_schedule}' is unknown "
              f"(allowed: {', '.join(LR_SCHEDULES)})")
-    _require(ft.lr > 0, f"finetune.lr must be > 0, got {ft.lr}")
-    _require(len(ft.betas) == 2 and all(0 <= b < 1 for b in ft.betas),
-             f"finetune.betas must be two numbers in [0, 1), got {ft.betas}")
-    for key in ("micro_batch_size", "gradient_accumulation_steps"):
-        _require(getattr(ft, key) >= 1, f"finetune.{key} must be >= 1, got {getattr(ft, key)}")
-    for key in ("warmup_steps", "eval_interval", "log_interval", "checkpoint_interval", "max_failures"):
-        _require(getattr(ft, key) >= 0, f"finetune.{key} must be >= 0, got {getattr(ft, key)}")
-    _require(ft.max_grad_norm >= 0, f"finetune.max_grad_norm must be >= 0, got {ft.max_grad_norm}")
-    _require(ft.data.seq_len >= 2, f"finetune.data.seq_len must be >= 2, got {ft.data.seq_len}")
-    _require(ft.neftune.alpha >= 0, f"finetune.neftune.alpha must be >= 0, got {ft.neftune.alpha}")
-    _require(0 <= ft.distill.beta <= 1, f"finetune.distill.beta must be in [0, 1], got {ft.distill.beta}")
-    _require(ft.distill.temperature > 0,
-             f"finetune.distill.temperature must be > 0, got {ft.distill.temperature}")
+    _require(len(ft.betas) == 2, f"finetune.betas must be two numbers in [0, 1), got {ft.betas}")
     _require(ft.max_failures == 0 or ft.checkpoint_interval > 0,
              "finetune.max_failures > 0 restarts from checkpoints: set finetune.checkpoint_interval > 0")
     if check_paths and ft.data.path is not None:

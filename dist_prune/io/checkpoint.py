@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dist_prune.errors import UserError
+from dist_prune.io.model_files import inside
 from dist_prune.io.shards import ShardHeader, read_header, sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -212,8 +213,9 @@ class Checkpoint:
 
         return {shard: sha256_file(self.directory / shard) for shard in sorted(set(self.weight_map.values()))}
 
-    def tokenizer_files(self) -> list[Path]:
-        return [self.directory / f for f in TOKENIZER_FILES if (self.directory / f).is_file()]
+    def tokenizer_files(self) -> dict[str, Path]:
+        """The side files the export copies: {name: where it resolves, inside the directory}."""
+        return {f: inside(self.directory, f) for f in TOKENIZER_FILES if (self.directory / f).is_file()}
 
 
 def open_checkpoint(directory: Path) -> Checkpoint:
@@ -233,6 +235,7 @@ def open_checkpoint(directory: Path) -> Checkpoint:
             for name in _header_names(f):
                 weight_map[name] = f.name
     for shard in sorted(set(weight_map.values())):
+        inside(directory, shard)  # a name like ../x or /x, or a link to elsewhere: never read
         if not (directory / shard).is_file():
             raise UserError(f"{directory / shard}: listed in the index but missing")
         missing = {n for n, s in weight_map.items() if s == shard} - set(_header_names(directory / shard))

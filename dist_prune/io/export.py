@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import os
 import shutil
 import sys
@@ -29,31 +28,14 @@ import torch
 
 from dist_prune import __version__
 from dist_prune.errors import UserError
+from dist_prune.io.destination import check_destination, publish
 from dist_prune.io.formats import DENSE, FORMAT_VERSION, HF_LAYOUT, ExportFormat, compressed_names
+from dist_prune.io.model_files import read_side_file
 from dist_prune.io.shards import SPARSITY_FILE, ShardWriter, TensorSpec, fsync_dir, plan_shards, write_json
 
 PRODUCER = f"dist-prune {__version__}"
 _RESERVED = {"producer", "format_version", "format", "tensors", "overall_sparsity", "shards", "total_size",
              "dense_shards"}
-
-
-def _is_dist_prune_export(path: Path) -> bool:
-    try:
-        meta = json.loads((path / SPARSITY_FILE).read_text())
-        return str(meta.get("producer", "")).startswith("dist-prune")
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def check_destination(final_dir: Path) -> None:
-    """Refuse an existing destination that is not empty and not a dist-prune export."""
-    if not final_dir.exists():
-        return
-    if not final_dir.is_dir():
-        raise UserError(f"export target {final_dir} exists and is not a directory")
-    if any(final_dir.iterdir()) and not _is_dist_prune_export(final_dir):
-        raise UserError(f"export target {final_dir} exists and is not a dist-prune export; "
-                        "choose another directory or remove it")
 
 
 def _module_name(tensor_name: str) -> str:
@@ -83,13 +65,14 @@ class StreamingExport:
 
     `pruned`: the names of the pruned tensors; `nonzero`: for each tensor `fmt` compresses (io/
     formats.compressed_names), its number of non-zero bit patterns (formats.stored_nonzero), which
-    sizes its stored tensors. An existing `final_dir` is accepted if it is empty or a previous
-    dist-prune export (it is replaced only at the final rename); anything else is refused with
-    UserError.
+    sizes its stored tensors. An existing `final_dir` is accepted if it is empty, or a previous
+    dist-prune export and `overwrite` (it is replaced at the final rename, atomically); anything
+    else is refused with UserError.
     """
 
     def __init__(self, final_dir: Path, specs: Sequence[TensorSpec], max_shard_size: int,
-                 fmt: ExportFormat = DENSE, pruned: Iterable[str] = (), nonzero: Mapping[str, int] | None = None):
+                 fmt: ExportFormat = DENSE, pruned: Iterable[str] = (), nonzero: Mapping[str, int] | None = None,
+                 overwrite: bool = False):
         if sys.byteorder != "little":
             raise RuntimeError("safetensors export needs a little-endian host")
         self.final_dir = Path(final_dir).absolute()
@@ -110,7 +93,8 @@ class StreamingExport:
         stored_names = [p.name for parts in self.stored.values() for p in parts]
         if len(set(stored_names)) != len(stored_names):
             raise ValueError(f"export.format {fmt.name}: stored tensor names clash with tensor names")
-        check_destination(self.final_dir)
+        self.overwrite = overwrite
+        check_destination(self.final_dir, overwrite)
         # Shard i of every format holds the tensors of dense shard i: each decompresses on its own.
         self.shards = plan_shards(self.specs, max_shard_size)
         self.files = fmt.layout.shard_names(len(self.shards))
@@ -161,6 +145,7 @@ class StreamingExport:
         except (RuntimeError, NotImplementedError):  # e.g. float8 on older torch
             nonzero = int(torch.count_nonzero(t.float()))
         self.zeros[name] = spec.numel - nonzero
+        _refuse_non_finite(name, t)
         for part in (self.fmt.encode(name, t) if name in self.compressed else {name: t}).values():
             self._writers[0].append(part)
         if len(self._writers) > 1:
@@ -177,9 +162,10 @@ class StreamingExport:
         self._writers = []
 
     @_disk_full_is_user_error
-    def finish(self, config: dict, extra_files: Sequence[Path], report: dict) -> Path:
+    def finish(self, config: dict, extra_files: Sequence[Path] | Mapping[str, Path], report: dict) -> Path:
         """Write the config, extra files, index, sparsity.json (and the format's notice); fsync;
-        rename into place.
+        rename into place. `extra_files`: paths, or {name in the export: path}; each is read
+        without following a link and checked by its format (io/model_files.read_side_file).
 
         The config gets a top-level "sparsity_config" block: dist-prune's summary of the pruning,
         shaped as compressed-tensors' SparsityCompressionConfig but read by no loader (compressed-
@@ -233,15 +219,13 @@ class StreamingExport:
         if layout.notice:
             (self.tmp_dir / layout.notice).write_text(self.fmt.notice())
 
-        for src in extra_files:
-            src = Path(src)
-            if not src.is_file():
-                raise UserError(f"extra file {src} does not exist or is not a file")
-            if src.name in {*self.files, *self.dense_files} | layout.own_files() | HF_LAYOUT.own_files():
-                raise UserError(f"extra file {src} would overwrite the export's own {src.name}")
-            dst = self.tmp_dir / src.name
-            shutil.copyfile(src, dst)
-            with open(dst, "rb") as f:
+        named = extra_files.items() if isinstance(extra_files, Mapping) else ((Path(p).name, p) for p in extra_files)
+        for name, src in named:
+            if name in {*self.files, *self.dense_files} | layout.own_files() | HF_LAYOUT.own_files():
+                raise UserError(f"extra file {src} would overwrite the export's own {name}")
+            with open(self.tmp_dir / name, "wb") as f:
+                f.write(read_side_file(Path(src)))
+                f.flush()
                 os.fsync(f.fileno())
 
         total_size = sum(s.nbytes for s in self.specs)
@@ -264,20 +248,7 @@ class StreamingExport:
         return self.final_dir
 
     def _publish(self) -> None:
-        check_destination(self.final_dir)  # re-check: something may have appeared meanwhile
-        old = None
-        if self.final_dir.exists():
-            old = self.final_dir.parent / f".{self.final_dir.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(self.final_dir, old)
-        try:
-            os.rename(self.tmp_dir, self.final_dir)
-        except BaseException:
-            if old is not None:
-                os.rename(old, self.final_dir)
-            raise
-        fsync_dir(self.final_dir.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(self.tmp_dir, self.final_dir, self.overwrite)
 
     def abort(self) -> None:
         """Remove the temporary directory; nothing appears at final_dir."""
@@ -289,3 +260,17 @@ class StreamingExport:
         self._done = True
 
 
+def _refuse_non_finite(name: str, tensor: torch.Tensor, chunk: int = 1 << 22) -> None:
+    """A NaN or Inf in what is about to be exported (a diverged fine-tuning, an overflow in a
+    narrower export dtype) is refused: nothing broken is published or registered. In runs of
+    `chunk` elements, so the check adds at most 4 MB of flags to the tensor in memory (and a
+    16 MB float32 copy of the run for 1-byte floats, which torch cannot test directly)."""
+    if not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    bad = 0
+    for part in flat.split(chunk):
+        bad += part.numel() - int(torch.isfinite(part if part.element_size() > 1 else part.float()).sum())
+    if bad:
+        raise UserError(f"the exported tensor {name} holds {bad:,} NaN or Inf values (of {flat.numel():,}): "
+                        "nothing is exported or registered; did fine-tuning diverge (finetune.lr)?")

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from dist_prune.errors import UserError
+from dist_prune.io.model_files import check_contained
 from dist_prune.io.formats import HF_LAYOUT, ExportFormat, compressed_names, format_of
 from dist_prune.io.shards import SPARSITY_FILE, read_header, sha256_file
 
@@ -20,6 +21,8 @@ def verify_export(directory: Path) -> dict:
     """Check sparsity.json, every listed shard (exists, complete, sha256), the index and the
     config; return the parsed sparsity.json. UserError naming the file on any mismatch."""
     directory = Path(directory)
+    if directory.is_dir():
+        check_contained(directory, "export")  # its files are registered, uploaded, pulled: none from elsewhere
     meta_path = directory / SPARSITY_FILE
     if not meta_path.is_file():
         raise UserError(f"{meta_path} is missing: {directory} is not a dist-prune export")
