@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from dist_prune.config import JobConfig, config_from_dict, load_config, parse_overrides, to_dict
+from dist_prune.config import JobConfig, apply_overrides, config_from_dict, load_config, to_dict
 from dist_prune.errors import UserError
 from dist_prune.job import find_user_error, init_ray, run
 from dist_prune.registry import end_run, resolved_tracking_uri, start_run
@@ -42,6 +42,9 @@ def split_axes(items: list[str]) -> tuple[dict[str, list[str]], list[str]]:
     """`key=a,b` -> an axis of the grid; `key=a` (or a YAML list `key=[a,b]`) -> a plain override."""
     axes, plain = {}, []
     for item in items:
+        if item.startswith("~"):  # a key reset to its default: never an axis
+            plain.append(item)
+            continue
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"sweep argument {item!r}: expected key.sub=value or key.sub=v1,v2")
@@ -112,7 +115,7 @@ def run_sweep(config: str | None, items: list[str]) -> list[dict]:
         axes, plain = {**file_axes, **axes}, [*file_plain, *plain]
     if not axes:
         raise UserError("sweep: give at least one key with several values, e.g. prune.sparsity=0.3,0.5")
-    parse_overrides(plain)  # syntax errors before anything starts
+    apply_overrides({}, plain)  # syntax errors before anything starts
     stamp = time.strftime("%Y%m%d-%H%M%S")
     trials = trials_of(axes, plain)
     configs = [configure(path, t, stamp) for t in trials]  # every mistake, before any trial runs

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dist_prune.config._parse import config_from_dict, parse_overrides, read_raw
+from dist_prune.config._inputs import InputPath, input_paths, reads_calibration_data, set_input_path
+from dist_prune.config._parse import apply_overrides, config_from_dict, parse_overrides, read_raw
 from dist_prune.config._schema import (
     CalibrationConfig, ClusterConfig, DataConfig, DistillConfig, EvalConfig, ExportConfig, FinetuneConfig,
-    FinetuneDataConfig, JobConfig, ModelConfig, NeftuneConfig, PruneConfig, RegistryConfig, config_sha256,
+    FinetuneDataConfig, JobConfig, ModelConfig, NeftuneConfig, PruneConfig, RegistryConfig, config_sha256, config_yaml,
     describe_keys, doc, scope_of, to_dict,
 )
 from dist_prune.config._validate import validate
 
 __all__ = [
     "CalibrationConfig", "ClusterConfig", "DataConfig", "DistillConfig", "EvalConfig", "ExportConfig",
-    "FinetuneConfig", "FinetuneDataConfig", "JobConfig", "ModelConfig", "NeftuneConfig", "PruneConfig",
-    "RegistryConfig", "config_from_dict", "config_sha256", "describe_keys", "doc", "load_config",
-    "parse_overrides", "scope_of", "to_dict", "validate",
+    "FinetuneConfig", "FinetuneDataConfig", "InputPath", "JobConfig", "ModelConfig", "NeftuneConfig", "PruneConfig",
+    "RegistryConfig", "apply_overrides", "config_from_dict", "config_sha256", "config_yaml", "describe_keys", "doc", "load_config",
+    "input_paths", "parse_overrides", "reads_calibration_data", "scope_of", "set_input_path", "to_dict",
+    "validate",
 ]
 
 
