@@ -1,15 +1,20 @@
 """`dist-prune`: the command line.
 
     dist-prune run CONFIG [key.sub=value ...]     prune on Ray workers, register in MLflow
+                                                  (--dry-run: check everything, start nothing)
+    dist-prune config CONFIG [key.sub=value ...]  the resolved config, as YAML
     dist-prune sweep CONFIG key=v1,v2 [...]       every combination, as Ray Tune trials
     dist-prune pull models:/NAME@ALIAS DIR        fetch a registered model, verified, in the dense
                                                   HF layout (--keep-compressed: as stored)
     dist-prune decompress EXPORT DIR              a compressed export's dense HF layout
     dist-prune register DIR --model-name NAME     register an export made earlier
     dist-prune keys                               every config key, its default and meaning
-    dist-prune submit CONFIG [key.sub=value ...] --address http://HEAD:8265 [--wait]
+    dist-prune submit CONFIG [key.sub=value ...] --address http://HEAD:8265 [--no-wait]
                                                   run the job on a Ray cluster (Ray Jobs API)
     dist-prune status|logs|stop JOB, dist-prune jobs   follow and control submitted jobs
+
+Overrides as Hydra / OmegaConf write them: `key.sub=value`, `key.sub=null`, `~key.sub` (back to
+its default; `~section` resets a section); `+key.sub=value` is refused (the schema is closed).
 
 A user mistake prints one line `dist-prune: error: ...` and exits with code 2.
 """
@@ -31,7 +36,11 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="prune a model as a config describes")
     run.add_argument("config", nargs="?", help="YAML job file (omit for the defaults)")
-    run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    run.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                     help="config overrides: key.sub=value, key.sub=null, ~key.sub (its default)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check the config, model, data, export directory and registry as the driver "
+                          "does, start nothing, and print what the job would run")
     seed = run.add_argument_group("Sparse-NEFT names (aliases of config keys)")
     seed.add_argument("--pruning_ratio", type=float, help="= prune.sparsity")
     seed.add_argument("--pruning_method", choices=("l1", "l2"),
@@ -41,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     seed.add_argument("--neftune_alpha", type=float, help="= finetune.neftune.alpha")
     seed.add_argument("--dynamic_alpha", action="store_true", default=None,
                       help="= finetune.neftune.dynamic=true")
+
+    config = commands.add_parser("config", help="print the resolved config as YAML (a job file)")
+    config.add_argument("config", nargs="?", help="YAML job file (omit for the defaults)")
+    config.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
     sweep = commands.add_parser("sweep", help="run every combination of config values (Ray Tune)")
     sweep.add_argument("config", nargs="?", help="YAML job file or sweep file (base + grid)")
@@ -79,12 +92,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _file_and_overrides(path: str | None, items: list[str]) -> tuple[str | None, list[str]]:
+    """`run a=b` or `run ~a` without a config file: the first positional is an override, not a path."""
+    if path is not None and ("=" in path or (path.startswith("~") and "/" not in path)):
+        return None, [path, *items]
+    return path, list(items)
+
+
 def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """`run a=b` without a config file: the first positional is an override, not a path.
-    Alias flags become overrides placed after the positional ones, so they win."""
-    path, overrides = args.config, list(args.overrides)
-    if path is not None and "=" in path:
-        path, overrides = None, [path, *overrides]
+    """The config file and overrides of `run`. Alias flags become overrides placed after the
+    positional ones, so they win."""
+    path, overrides = _file_and_overrides(args.config, args.overrides)
     if args.pruning_ratio is not None:
         overrides.append(f"prune.sparsity={args.pruning_ratio}")
     if args.pruning_method is not None:
@@ -108,14 +126,25 @@ def main(argv: list[str] | None = None) -> int:
             from dist_prune.job import run
 
             path, overrides = _split_config_and_overrides(args)
-            run(load_config(path, overrides))
+            if args.dry_run:
+                from dist_prune.job import dry_run
+
+                print(dry_run(load_config(path, overrides)))
+            else:
+                run(load_config(path, overrides))
+        elif args.command == "config":
+            from dist_prune.config import config_yaml, load_config
+            from dist_prune.redact import env_secrets, redact_uri, scrub
+
+            path, overrides = _file_and_overrides(args.config, args.overrides)
+            cfg = load_config(path, overrides, check_paths=False)  # the file may be a cluster's job
+            if cfg.registry.tracking_uri:
+                cfg.registry.tracking_uri = redact_uri(cfg.registry.tracking_uri)
+            print(scrub(config_yaml(cfg), env_secrets()), end="")
         elif args.command == "sweep":
             from dist_prune.sweep import run_sweep
 
-            config, items = args.config, list(args.items)
-            if config is not None and "=" in config:
-                config, items = None, [config, *items]
-            run_sweep(config, items)
+            run_sweep(*_file_and_overrides(args.config, args.items))
         elif args.command == "pull":
             from dist_prune.registry import pull
 

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from dist_prune import __version__, git_commit
 from dist_prune.io.checkpoint import configure_jit_builds, open_checkpoint, resolve_model
-from dist_prune.config import JobConfig, config_sha256, scope_of, to_dict
+from dist_prune.config import JobConfig, config_sha256, reads_calibration_data, scope_of, to_dict
 from dist_prune.data import (calibration_windows, eval_windows, read_text, read_training_text,
                              tokenize, training_windows)
 from dist_prune.errors import UserError
@@ -28,11 +28,13 @@ from dist_prune.io.destination import check_destination, check_not_an_input, exc
 from dist_prune.io.model_files import check_contained, read_side_file
 from dist_prune.io.formats import format_of
 from dist_prune.io.verify import verify_export
-from dist_prune.report import StageTimer, layer_sparsity_plot, summary_table
 from dist_prune.masking import find_targets
 from dist_prune.methods import METHODS
+from dist_prune.report import (StageTimer, bars_wanted, layer_sparsity_plot, library_bars_off, plan_table,
+                               summary_table)
 from dist_prune.structural import check_model
 from dist_prune.structures import check_shape, parse_structure
+from dist_prune.redact import redact_uri
 from dist_prune.registry import check_registry, end_run, register_export, resolved_tracking_uri, start_run
 from dist_prune.worker import WorkerJob, ray_train_loop
 
@@ -46,6 +48,8 @@ class JobResult:
 
 def prepare(cfg: JobConfig) -> WorkerJob:
     """Resolve the model, tokenize the data and fix the export directory."""
+    if not bars_wanted():
+        library_bars_off()
     source = None if cfg.model.path is None else Path(cfg.model.path)
     if source is not None and source.is_dir():
         check_contained(source)  # before any file in it is read
@@ -81,7 +85,7 @@ def prepare(cfg: JobConfig) -> WorkerJob:
         raise
     calibration, evaluation, more_evaluation = None, None, {}
     check_target_shapes(cfg, checkpoint)
-    if METHODS[cfg.prune.method].needs_calibration_data and cfg.prune.schedule == "oneshot":
+    if reads_calibration_data(cfg):
         cal = cfg.data.calibration
         ids = tokenize(read_text(cal.path, role="calibration"), tokenizer)
         calibration = calibration_windows(ids, cal.num_samples, cal.seq_len, cal.seed,
@@ -297,16 +301,49 @@ def _keep_export_on_failure(export_dir: Path, cfg: JobConfig):
                         f"`dist-prune register {export_dir} --model-name {cfg.registry.model_name}`") from None
 
 
+def check(cfg: JobConfig, *, dry_run: bool = False) -> WorkerJob:
+    """Everything the driver checks before Ray starts (`dist-prune run --dry-run` stops here):
+    the cluster address answers, the model and data (`prepare`), the registry. A dry run
+    creates no MLflow database: for a new sqlite file it checks that its directory is writable."""
+    if os.environ.get("RAY_ADDRESS"):
+        _probe(os.environ["RAY_ADDRESS"])
+    job = prepare(cfg)
+    if not cfg.registry.enabled:
+        return job
+    # before the workers: a finished model needs somewhere to go
+    database = new_sqlite_database(resolved_tracking_uri(cfg.registry.tracking_uri))
+    if dry_run and database is not None:
+        if not os.access(database.parent, os.W_OK):
+            raise UserError(f"registry: cannot create the MLflow database {database}: its directory "
+                            "does not exist or is not writable")
+    else:
+        check_registry(cfg.registry.tracking_uri)
+    return job
+
+
+def dry_run(cfg: JobConfig) -> str:
+    """`dist-prune run --dry-run`: every check of `check`, then what the job would run."""
+    job = check(cfg, dry_run=True)
+    registry = redact_uri(resolved_tracking_uri(cfg.registry.tracking_uri)) if cfg.registry.enabled else None
+    return ("dry run: config, model, data, export directory and registry check out; nothing was started. "
+            "The job would run:\n" + plan_table(cfg, job, cluster=os.environ.get("RAY_ADDRESS"), registry_uri=registry))
+
+
+def new_sqlite_database(tracking_uri: str) -> Path | None:
+    """The file of a sqlite tracking URI that does not exist yet (MLflow creates it)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    path = Path(tracking_uri[len(prefix):])
+    return None if path.exists() else path
+
+
 def run(cfg: JobConfig, *, parent_run_id: str | None = None) -> JobResult:
     """`dist-prune run`: the whole job, end to end. `parent_run_id`: the MLflow run of the
     sweep this job is a trial of."""
     timer = StageTimer()
-    if os.environ.get("RAY_ADDRESS"):
-        _probe(os.environ["RAY_ADDRESS"])
     with timer("prepare"):
-        job = prepare(cfg)
-        if cfg.registry.enabled:  # before the workers: a finished model needs somewhere to go
-            check_registry(cfg.registry.tracking_uri)
+        job = check(cfg)
     with exclusive(Path(job.export_dir)):  # a second job into the same export.dir stops here
         return _run_prepared(cfg, job, timer, parent_run_id)
 

@@ -22,13 +22,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from dist_prune import __version__
 from dist_prune.errors import UserError
 from dist_prune.io.decompress import decompress_export
 from dist_prune.io.formats import format_of
 from dist_prune.io.verify import verify_export
+from dist_prune.redact import env_secrets as _env_secrets, redact_uri as _redact_uri, scrub as _scrub
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,10 @@ BATCH = 100                 # MAX_PARAMS_TAGS_PER_BATCH
 READY_TIMEOUT_S = 300
 RETRY_PAUSES_S = tuple(float(x) for x in os.environ.get("DIST_PRUNE_MLFLOW_RETRY_PAUSES", "1,2,4").split(",") if x)
 # A param/tag key is dropped when its last dotted part names a credential (hf_token, db.password,
-# api_key; not max_tokens or pad_token); env vars whose names say so have their values masked.
+# api_key; not max_tokens or pad_token); env vars whose names say so have their values masked
+# (dist_prune/redact.py).
 _SECRET_KEY = re.compile(r"(?:.*[_\-])?(?:password|passwd|secret|secret_key|api_?key|access_?key|credentials?"
                          r"|private_?key|(?<!bos_)(?<!eos_)(?<!pad_)(?<!unk_)(?<!sep_)(?<!cls_)(?<!mask_)token)", re.I)
-_SECRET_ENV = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN(?!IZER)|API_?KEY|ACCESS_?KEY|CREDENTIAL|PRIVATE_?KEY", re.I)
 _MODEL_URI = (re.compile(r"models:/([^/@]+)@([\w\-]+)"), re.compile(r"models:/([^/@]+)/(\d+)"))
 
 
@@ -56,30 +57,8 @@ class RegisteredModel:
 
 # -- helpers -------------------------------------------------------------------------------------
 
-def _redact_uri(uri: str) -> str:
-    """Drop user:password@ from a URI so that it can be printed."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return uri
-    if parts.username or parts.password:
-        return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
-    return uri
-
-
-def _env_secrets() -> list[str]:
-    return [v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 6]
-
-
 def _is_secret(key: str) -> bool:
     return _SECRET_KEY.fullmatch(key.rsplit(".", 1)[-1]) is not None
-
-
-def _scrub(value: str, secrets: Sequence[str]) -> str:
-    """Mask secret env values and user:password@ in URIs."""
-    for s in secrets:
-        value = value.replace(s, "***")
-    return re.sub(r"(\w+://)[^/\s:@]+:[^/\s@]+@", r"\1***@", value)
 
 
 def _key(key: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -36,20 +37,60 @@ class _NoBar:
         pass
 
 
+class _StageLine(_NoBar):
+    """A stage where no terminal watches (a file, a Ray job's log): one line when it ends,
+    timed here, where the work runs."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.done, self.closed = total, desc, 0, False
+        self.start = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def close(self) -> None:
+        if not self.closed:  # where tqdm writes; not print(), which Ray Train tees into two log lines
+            sys.stderr.write(f"{self.desc}: {self.done}/{self.total} in {time.perf_counter() - self.start:.1f} s\n")
+            sys.stderr.flush()
+            self.closed = True
+
+
+# Bars or one line per stage; None: bars when this process's stderr is a terminal. Ray workers
+# always write lines (worker.py): their output is a file the driver relays line by line, and
+# Ray's own distributed tqdm does not work under Ray Train 2.60, which routes a worker's print()
+# through its logger: each bar update became an empty log line, and no bar was drawn on the
+# driver's terminal (tried under `script`); tqdm's frames in a file pile up in one line.
+_BARS: bool | None = None
+
+
+def show_bars(enabled: bool | None) -> None:
+    global _BARS
+    _BARS = enabled
+
+
+def bars_wanted() -> bool:
+    return sys.stderr.isatty() if _BARS is None else _BARS
+
+
+def library_bars_off() -> None:
+    """transformers' and huggingface_hub's own bars (a GGUF conversion, weight loading): off as
+    ours are where no terminal watches, or each redraw is one more line of the log."""
+    from transformers.utils import logging  # lazy: only the driver's preparation loads models
+
+    logging.disable_progress_bar()
+
+
 def progress(total: int, desc: str, *, enabled: bool):
-    """A progress bar on rank 0 only. Inside Ray workers, Ray's tqdm shows it on the driver."""
+    """A progress bar on a terminal, one line per stage elsewhere; nothing where not `enabled`
+    (ranks other than 0)."""
     if not enabled or total <= 0:
         return _NoBar()
-    try:
-        import ray  # lazy, and optional here: the bar is Ray's only inside a Ray job
-
-        if ray.is_initialized():
-            from ray.experimental.tqdm_ray import tqdm as ray_tqdm
-
-            return ray_tqdm(total=total, desc=desc)
-    except ImportError:
-        pass
-    from tqdm import tqdm  # lazy, as ray above
+    if not bars_wanted():
+        return _StageLine(total, desc)
+    from tqdm import tqdm  # lazy: only on a terminal
 
     return tqdm(total=total, desc=desc)
 
@@ -81,6 +122,31 @@ def summary_table(metrics: dict, model_uri: str | None, export_dir: str) -> str:
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 2 + max(len(v) for _, v in rows))
     return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
+
+
+def plan_table(cfg, job, *, cluster: str | None, registry_uri: str | None) -> str:
+    """What `dist-prune run --dry-run` would run (`cfg`: the JobConfig, `job`: the WorkerJob
+    that `job.check` prepared); `cluster`: RAY_ADDRESS or None for a local Ray."""
+    def windows(ids, source) -> str:
+        return "-" if ids is None else f"{ids.shape[0]} windows x {ids.shape[1]} tokens from {source or 'the built-in corpus'}"
+
+    p, c = cfg.prune, cfg.cluster
+    rows = [("model", f"{job.model_dir} ({job.report['tensors_in_checkpoint']} tensors)"),
+            ("prune", f"{p.method}, sparsity {p.sparsity}, {p.structure}, scope {job.report['scope']}, "
+                      f"schedule {p.schedule}"),
+            ("calibration", windows(job.calibration, cfg.data.calibration.path)),
+            ("evaluation", windows(job.evaluation, cfg.eval.path)),
+            *[(f"evaluation {stem}", windows(ids, path)) for (stem, ids), path
+              in zip(job.more_evaluation.items(), cfg.eval.extra_paths)],
+            ("fine-tuning", f"{cfg.finetune.steps} steps, " + windows(job.training, cfg.finetune.data.path)
+             if job.training is not None else "-"),
+            ("workers", f"{c.num_workers} x {c.cpus_per_worker} CPU{' + 1 GPU' if c.use_gpu else ''} on "
+                        + (f"the Ray cluster at {cluster}" if cluster else "a local Ray")),
+            ("export", f"{job.export_dir} ({cfg.export.format}, shards up to {cfg.export.max_shard_size})"),
+            ("registry", f"models:/{cfg.registry.model_name}@{cfg.registry.alias} in experiment "
+                         f"{cfg.registry.experiment!r} at {registry_uri}" if registry_uri else "-")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def _fmt(value) -> str:

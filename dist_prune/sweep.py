@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_prune.config import JobConfig, config_from_dict, load_config, parse_overrides, read_yaml, to_dict
+from dist_prune.config import (JobConfig, apply_overrides, config_from_dict, input_paths, load_config, read_yaml,
+                               set_input_path, to_dict)
 from dist_prune.errors import UserError
 from dist_prune.job import find_user_error, init_ray, run
 from dist_prune.registry import end_run, resolved_tracking_uri, start_run
@@ -45,6 +46,9 @@ def split_axes(items: list[str]) -> tuple[dict[str, list[str]], list[str]]:
     """`key=a,b` -> an axis of the grid; `key=a` (or a YAML list `key=[a,b]`) -> a plain override."""
     axes, plain = {}, []
     for item in items:
+        if item.startswith("~"):  # a key reset to its default: never an axis
+            plain.append(item)
+            continue
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"sweep argument {item!r}: expected key.sub=value or key.sub=v1,v2")
@@ -115,14 +119,8 @@ def configure(config_path: Path | None, trial: Trial, stamp: str) -> JobConfig:
     cfg.export.dir = str(Path(base_dir).resolve() / trial.name)
     cfg.registry.alias = f"{cfg.registry.alias}-{trial.name}"
     cfg.cluster.storage_path = str(Path(cfg.cluster.storage_path or "ray_results").resolve())
-    for section, key in (("model", "path"), ("eval", "path")):
-        value = getattr(getattr(cfg, section), key)
-        if value is not None:
-            setattr(getattr(cfg, section), key, str(Path(value).resolve()))
-    for holder in (cfg.data.calibration, cfg.finetune.data):
-        if holder.path is not None:
-            holder.path = str(Path(holder.path).resolve())
-    cfg.eval.extra_paths = [str(Path(p).resolve()) for p in cfg.eval.extra_paths]
+    for item in input_paths(cfg):
+        set_input_path(cfg, item.key, str(Path(item.path).resolve()))
     if cfg.registry.enabled:
         cfg.registry.tracking_uri = resolved_tracking_uri(cfg.registry.tracking_uri)
     return cfg
@@ -141,7 +139,7 @@ def run_sweep(config: str | None, items: list[str]) -> list[dict]:
         axes, plain = {**file_axes, **axes}, [*file_plain, *plain]
     if not axes:
         raise UserError("sweep: give at least one key with several values, e.g. prune.sparsity=0.3,0.5")
-    parse_overrides(plain)  # syntax errors before anything starts
+    apply_overrides({}, plain)  # syntax errors before anything starts
     stamp = time.strftime("%Y%m%d-%H%M%S")
     trials = trials_of(axes, plain)
     configs = [configure(path, t, stamp) for t in trials]  # every mistake, before any trial runs

@@ -36,7 +36,7 @@ from dist_prune.sharding.partition import (DTYPES, build_partitioned_model, comp
                                            held_bytes, local_range, local_weight, model_device)
 from dist_prune.pruning import Pruned, prune
 from dist_prune.registry import StepLogger
-from dist_prune.report import StageTimer, progress
+from dist_prune.report import StageTimer, progress, show_bars
 from dist_prune.train.resume import read_meta, save_train_state
 from dist_prune.structural import Geometry, ShrinkPlan, member_targets, shrink_plan
 from dist_prune.structures import parse_structure
@@ -68,6 +68,7 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
     rank). `hooks.resume`: a fine-tuning checkpoint to continue from (pruning is skipped:
     the masks and weights come from the checkpoint)."""
     return_large_frees_to_the_os()
+    show_bars(False)  # one line per stage: report.py says why
     cfg = config_from_dict(job.config)
     rank, world = rank_and_world()
     timer, metrics = StageTimer(), {}

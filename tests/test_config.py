@@ -125,16 +125,94 @@ def test_env_expansion_with_default(monkeypatch, tmp_path):
                                         "it needs prune.structure 2:4, not unstructured"),
     ("export.format=sparse-24-bitmask prune.structure=1:4", "needs prune.structure 2:4, not 1:4"),
     ("eval.path=/nope.txt", "eval.path /nope.txt is not a file"),
-    ("eval.extra_paths=['/nope.txt']", "eval.extra_paths /nope.txt is not a file"),
+    ("eval.extra_paths=['/nope.txt']", "eval.extra_paths[0] /nope.txt is not a file"),
     ("eval.extra_paths=['/a/t.txt','/b/t.txt']", "eval.extra_paths names two files with the same stem (t, t)"),
     ("eval.extra_paths=['/a/my.text.txt']", "may hold only letters, digits, _ and - (got my.text)"),
     ("prune", "expected key.sub=value"),
+    ("+prune.sparsity=0.3", "override '+prune.sparsity=0.3': 'prune.sparsity' already exists (the schema is "
+                            "closed, '+' adds nothing): write prune.sparsity=0.3"),
+    ("+prune.sparsty=0.3", "'prune.sparsty' is not a config key, and the schema is closed"),
+    ("+bogus=1", "'bogus' is not a config key"),
+    ("~prune.sparsty", "unknown key 'prune.sparsty' (allowed: method, sparsity,"),
+    ("~prune.exclude.x", "unknown key 'prune.exclude.x'"),
+    ("~prune.sparsity=0.5", "write ~prune.sparsity"),
+    ("~", "expected ~key.sub"),
+    ("prune.sparsity=null", "prune.sparsity cannot be null (only keys whose default is empty can); "
+                            "~prune.sparsity resets it to its default"),
+    ("prune.exclude=null", "prune.exclude cannot be null"),
 ])
 def test_rejections_name_the_key(override, message):
     with pytest.raises(UserError, match=None) as info:
         load_config(None, override.split())
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_hydra_overrides_remove_reset_and_null(tmp_path):
+    """`~key` takes the key out of the file (its default: the method's, else the schema's), `~section`
+    a whole section, `key=null` sets None; applied in order, like Hydra's; `++key=v` is `key=v`."""
+    (tmp_path / "m").mkdir()
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: {{path: {tmp_path / 'm'}}}\n"
+                   "prune: {method: movement, sparsity: 0.7, interval: 5}\n"
+                   "finetune: {steps: 7}\n"
+                   "data: {calibration: {num_samples: 8, seq_len: 64}}\n")
+    base = load_config(job)
+    assert (base.prune.sparsity, base.finetune.steps, base.data.calibration.num_samples) == (0.7, 7, 8)
+
+    cfg = load_config(job, ["~prune.sparsity", "~finetune.steps", "~data", "model.path=null"])
+    assert cfg.prune.sparsity == 0.5                    # the schema's default
+    assert cfg.finetune.steps == 100                    # movement's own default, not the schema's 0
+    assert (cfg.data.calibration.num_samples, cfg.data.calibration.seq_len) == (32, 512)
+    assert cfg.model.path is None and cfg.prune.interval == 5  # what was not named stays
+    assert load_config(job, ["prune.sparsity=0.3", "~prune.sparsity"]).prune.sparsity == 0.5
+    assert load_config(job, ["~prune.sparsity", "prune.sparsity=0.3"]).prune.sparsity == 0.3
+    reset = load_config(job, ["~prune"])  # the whole section, the method with it
+    assert (reset.prune.method, reset.prune.interval, reset.finetune.steps) == ("wanda", 100, 7)
+    assert load_config(job, ["++prune.sparsity=0.2"]).prune.sparsity == 0.2
+    assert load_config(None, ["~model.path", "~data.calibration.path"]).model.path is None
+    assert load_config(None, ["prune.scope=layer", "prune.scope=null"]).prune.scope is None
+
+    from dist_prune.cli import _parser, _split_config_and_overrides
+
+    args = _parser().parse_args(["run", "~prune.scope", "prune.sparsity=0.3"])
+    assert _split_config_and_overrides(args) == (None, ["~prune.scope", "prune.sparsity=0.3"])
+
+    from dist_prune.sweep import split_axes
+
+    assert split_axes(["~prune.scope", "prune.sparsity=0.3,0.5"]) == ({"prune.sparsity": ["0.3", "0.5"]},
+                                                                      ["~prune.scope"])
+
+
+@pytest.mark.parametrize("method", _methods())
+def test_config_command_prints_a_job_file_that_reads_back_the_same(method, data_root, tmp_path, capsys):
+    """`dist-prune config` (like Hydra's --cfg job) prints every key of the resolved config;
+    that YAML, read back as a job file, is the same config (submit ships it)."""
+    overrides = [f"prune.method={method}", "~data.calibration.seq_len", "eval.extra_paths=[a.txt]",
+                 "export.max_shard_size=1000", "finetune.lr=3e-4"]
+    assert main(["config", str(CONFIG_DIR / "quickstart.yaml"), *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("model:\n  path: null\n") and "  method: " + method in printed
+    (tmp_path / "job.yaml").write_text(printed)
+    assert load_config(tmp_path / "job.yaml", check_paths=False) == \
+        load_config(CONFIG_DIR / "quickstart.yaml", overrides, check_paths=False)
+
+
+def test_config_command_hides_credentials(capsys):
+    assert main(["config", "registry.tracking_uri=http://bob:Pw-9f8e7d@mlflow:5000"]) == 0
+    printed = capsys.readouterr().out
+    assert "Pw-9f8e7d" not in printed and "bob" not in printed
+    assert "  tracking_uri: http://mlflow:5000\n" in printed
+
+
+def test_only_files_the_job_reads_must_exist():
+    """magnitude needs no calibration text, no eval windows read no eval text: their paths are not
+    required to exist; the same paths are refused where the job reads them."""
+    load_config(None, ["prune.method=magnitude", "data.calibration.path=/nope.txt"])
+    load_config(None, ["eval.num_windows=0", "eval.path=/nope.txt", "eval.extra_paths=[/nope.txt]"])
+    load_config(None, ["finetune.data.path=/nope"])  # finetune.steps is 0
+    with pytest.raises(UserError, match=re.escape("data.calibration.path /nope.txt is not a file")):
+        load_config(None, ["prune.method=wanda", "data.calibration.path=/nope.txt"])
 
 
 def test_bad_yaml_file(tmp_path):

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dist_prune.config._parse import config_from_dict, parse_overrides, read_raw
+from dist_prune.config._inputs import InputPath, input_paths, reads_calibration_data, set_input_path
+from dist_prune.config._parse import apply_overrides, config_from_dict, parse_overrides, read_raw
 from dist_prune.config._schema import (
     CalibrationConfig, ClusterConfig, DataConfig, DistillConfig, EvalConfig, ExportConfig, FinetuneConfig,
-    FinetuneDataConfig, JobConfig, ModelConfig, NeftuneConfig, PruneConfig, RegistryConfig, config_sha256,
+    FinetuneDataConfig, JobConfig, ModelConfig, NeftuneConfig, PruneConfig, RegistryConfig, config_sha256, config_yaml,
     describe_keys, doc, scope_of, to_dict,
 )
 from dist_prune.config._validate import validate
@@ -19,9 +20,10 @@ from dist_prune.config._yaml import read_file as read_yaml
 
 __all__ = [
     "CalibrationConfig", "ClusterConfig", "DataConfig", "DistillConfig", "EvalConfig", "ExportConfig",
-    "FinetuneConfig", "FinetuneDataConfig", "JobConfig", "ModelConfig", "NeftuneConfig", "PruneConfig",
-    "RegistryConfig", "config_from_dict", "config_sha256", "describe_keys", "doc", "load_config",
-    "parse_overrides", "read_yaml", "scope_of", "to_dict", "validate",
+    "FinetuneConfig", "FinetuneDataConfig", "InputPath", "JobConfig", "ModelConfig", "NeftuneConfig", "PruneConfig",
+    "RegistryConfig", "apply_overrides", "config_from_dict", "config_sha256", "config_yaml", "describe_keys", "doc",
+    "input_paths", "load_config", "parse_overrides", "read_yaml", "reads_calibration_data", "scope_of",
+    "set_input_path", "to_dict", "validate",
 ]
 
 

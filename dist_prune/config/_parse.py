@@ -3,6 +3,7 @@ the chosen method's own defaults, and typed construction of the schema's datacla
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -60,6 +61,65 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return tree
 
 
+def apply_overrides(raw: dict, items: list[str]) -> dict:
+    """`raw` with the overrides applied in order, as Hydra / OmegaConf users type them:
+    `a.b=v` sets a key (`a.b=null`: None), `~a.b` removes it so that it takes its default (the
+    method's, else the schema's; `~a` resets a whole section), `++a.b=v` is `a.b=v`. `+a.b=v`
+    is refused: the schema is closed, every key exists already."""
+    for item in items:
+        if item.startswith("~"):
+            raw = _without(raw, item)
+        elif item.startswith("+") and not item.startswith("++"):
+            raise UserError(_plus_error(item))
+        else:
+            raw = _merge(raw, parse_overrides([item.removeprefix("++")]))
+    return raw
+
+
+def _without(raw: dict, item: str) -> dict:
+    """`~a.b`: `raw` without a.b (nothing to do when it is not set)."""
+    key = item[1:]
+    if "=" in key:
+        raise UserError(f"override {item!r}: write ~{key.partition('=')[0]} (it resets the key to its "
+                        "default, whatever its value)")
+    _schema_field(key, item)
+    out = copy.deepcopy(raw)
+    node = out
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.get(part)
+        if not isinstance(node, dict):
+            return out
+    node.pop(leaf, None)
+    return out
+
+
+def _plus_error(item: str) -> str:
+    key = item[1:].partition("=")[0]
+    try:
+        _schema_field(key, item)
+    except UserError:
+        return (f"override {item!r}: '{key}' is not a config key, and the schema is closed, so '+' "
+                "cannot add it (dist-prune keys lists every key)")
+    return (f"override {item!r}: '{key}' already exists (the schema is closed, '+' adds nothing): "
+            f"write {item[1:]}")
+
+
+def _schema_field(key: str, item: str) -> None:
+    """Refuse a dotted key the schema does not have, naming it and what is allowed there."""
+    cls: Any = JobConfig
+    parts = key.split(".")
+    if not all(parts):
+        raise UserError(f"override {item!r}: expected ~key.sub")
+    for depth, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+        if part not in names:
+            where = ".".join(parts[:depth + 1])
+            allowed = f" (allowed: {', '.join(names)})" if names else ""
+            raise UserError(f"config: unknown key '{where}'{allowed}")
+        cls = typing.get_type_hints(cls)[part]
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
@@ -79,6 +139,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return None
         (inner,) = [a for a in options if a is not type(None)]
         return _coerce(value, inner, key)
+    if value is None and not dataclasses.is_dataclass(annotation):  # `a.b=null` on a key that needs a value
+        raise UserError(f"config: {key} cannot be null (only keys whose default is empty can); "
+                        f"~{key} resets it to its default")
     if origin is list:
         (inner,) = typing.get_args(annotation)
         if isinstance(value, str):
@@ -120,7 +183,7 @@ def read_raw(path: str | Path | None, overrides: list[str] | None = None) -> dic
         raw = read_file(Path(path)) or {}
         if not isinstance(raw, dict):
             raise UserError(f"config file {path}: the top level must be a mapping of sections")
-    return _expand_env(_with_method_defaults(_merge(raw, parse_overrides(overrides or []))))
+    return _expand_env(_with_method_defaults(apply_overrides(raw, overrides or [])))
 
 
 def _with_method_defaults(raw: dict) -> dict:

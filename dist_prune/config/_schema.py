@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 
 def doc(default: Any, help: str, valid: str | None = None) -> Any:
     """A dataclass field with a default and its documentation. `valid`: the interval a number (each
@@ -227,6 +229,12 @@ def scope_of(cfg: PruneConfig) -> str:
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def config_yaml(cfg: JobConfig) -> str:
+    """The resolved config as a YAML job file, every key in schema order: `dist-prune config`
+    prints it, `dist-prune submit` ships it, and reading it back gives the same config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
 def config_sha256(cfg: JobConfig) -> str:

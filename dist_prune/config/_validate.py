@@ -14,6 +14,7 @@ import math
 import re
 from pathlib import Path
 
+from dist_prune.config._inputs import input_paths
 from dist_prune.config._schema import JobConfig, scope_of
 from dist_prune.errors import UserError
 
@@ -108,14 +109,14 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
     problem = FORMATS[cfg.export.format].check(structure)
     _require(problem is None, f"export.format {cfg.export.format} {problem}")
     if check_paths:
-        if cfg.model.path is not None:
-            _require(Path(cfg.model.path).exists(), f"model.path {cfg.model.path} does not exist")
-        for key, value in (("data.calibration.path", cal.path), ("eval.path", cfg.eval.path),
-                           *(("eval.extra_paths", path) for path in cfg.eval.extra_paths)):
-            _require(value is None or Path(value).is_file(), f"{key} {value} is not a file")
+        for item in input_paths(cfg):
+            if item.directory_ok:
+                _require(Path(item.path).exists(), f"{item.key} {item.path} does not exist")
+            else:
+                _require(Path(item.path).is_file(), f"{item.key} {item.path} is not a file")
     _require(bool(cfg.registry.model_name.strip()), "registry.model_name must not be empty")
     validate_layer_choices(cfg)
-    validate_finetune(cfg, check_paths=check_paths)
+    validate_finetune(cfg)
 
 
 LAYER_SPARSITIES = ("uniform", "owl")
@@ -175,7 +176,7 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 ZERO_STAGES = ("auto", "0", "2", "3")
 
 
-def validate_finetune(cfg: JobConfig, *, check_paths: bool = True) -> None:
+def validate_finetune(cfg: JobConfig) -> None:
     """The fine-tuning section and the gradual-pruning keys of the prune section."""
     ft, p = cfg.finetune, cfg.prune
     _require(p.schedule in SCHEDULES, f"prune.schedule '{p.schedule}' is unknown (allowed: "
@@ -213,5 +214,3 @@ def validate_finetune(cfg: JobConfig, *, check_paths: bool = True) -> None:
     _require(len(ft.betas) == 2, f"finetune.betas must be two numbers in [0, 1), got {ft.betas}")
     _require(ft.max_failures == 0 or ft.checkpoint_interval > 0,
              "finetune.max_failures > 0 restarts from checkpoints: set finetune.checkpoint_interval > 0")
-    if check_paths and ft.data.path is not None:
-        _require(Path(ft.data.path).exists(), f"finetune.data.path {ft.data.path} does not exist")

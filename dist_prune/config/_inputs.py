@@ -1,0 +1,52 @@
+"""The files and directories a job reads, by config key: one list for the checks of
+`validate`, for the driver (which reads only what the job uses) and for `dist-prune submit`
+(which ships the local ones with the job). A path the job will not read is not listed, so a
+method that needs no calibration (magnitude) never requires `data.calibration.path` to exist.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from dist_prune.config._schema import JobConfig
+
+
+@dataclass(frozen=True)
+class InputPath:
+    key: str              # config key, e.g. data.calibration.path or eval.extra_paths[1]
+    path: str
+    directory_ok: bool    # a directory is valid here (a model, a `datasets` directory)
+
+
+def reads_calibration_data(cfg: JobConfig) -> bool:
+    """The job tokenizes calibration text: a method that calibrates, pruning once up front."""
+    from dist_prune.methods import METHODS  # lazy: imports torch (config/_validate.py's docstring)
+
+    return METHODS[cfg.prune.method].needs_calibration_data and cfg.prune.schedule == "oneshot"
+
+
+def input_paths(cfg: JobConfig) -> list[InputPath]:
+    """Every path this job reads; None (a built-in default) is not a path."""
+    listed = [InputPath("model.path", cfg.model.path, True)]
+    if reads_calibration_data(cfg):
+        listed.append(InputPath("data.calibration.path", cfg.data.calibration.path, False))
+    if cfg.eval.num_windows > 0:
+        listed.append(InputPath("eval.path", cfg.eval.path, False))
+        listed += [InputPath(f"eval.extra_paths[{i}]", path, False) for i, path in enumerate(cfg.eval.extra_paths)]
+    if cfg.finetune.steps > 0:
+        listed.append(InputPath("finetune.data.path", cfg.finetune.data.path, True))
+    return [item for item in listed if item.path is not None]
+
+
+def set_input_path(cfg: JobConfig, key: str, path: str) -> None:
+    """Point the config key an `InputPath` names at another path."""
+    index = re.fullmatch(r"eval\.extra_paths\[(\d+)\]", key)
+    if index:
+        cfg.eval.extra_paths[int(index.group(1))] = path
+        return
+    *sections, leaf = key.split(".")
+    holder = cfg
+    for section in sections:
+        holder = getattr(holder, section)
+    setattr(holder, leaf, path)

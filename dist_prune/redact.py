@@ -1,0 +1,35 @@
+"""Credentials out of everything dist-prune prints or stores: `user:password@` in URIs and the
+values of environment variables whose names say they are secrets. Imports nothing heavy: the
+job commands (`dist-prune jobs`, `logs`) and `dist-prune config` use it without torch or mlflow.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+SECRET_ENV = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN(?!IZER)|API_?KEY|ACCESS_?KEY|CREDENTIAL|PRIVATE_?KEY", re.I)
+
+
+def redact_uri(uri: str) -> str:
+    """Drop user:password@ from a URI so that it can be printed."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.username or parts.password:
+        return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    return uri
+
+
+def env_secrets() -> list[str]:
+    return [v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 6]
+
+
+def scrub(value: str, secrets: Sequence[str]) -> str:
+    """Mask secret env values and user:password@ in URIs."""
+    for s in secrets:
+        value = value.replace(s, "***")
+    return re.sub(r"(\w+://)[^/\s:@]+:[^/\s@]+@", r"\1***@", value)
