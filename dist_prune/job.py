@@ -28,6 +28,7 @@ from dist_prune.io.formats import format_of
 from dist_prune.io.verify import verify_export
 from dist_prune.report import StageTimer, layer_sparsity_plot, summary_table
 from dist_prune.methods import METHODS
+from dist_prune.preflight import check_architecture, load_tokenizer, read_config
 from dist_prune.structural import check_model
 from dist_prune.structures import check_shape, parse_structure
 from dist_prune.registry import check_registry, end_run, register_export, resolved_tracking_uri, start_run
@@ -53,17 +54,9 @@ def prepare(cfg: JobConfig) -> WorkerJob:
                               trust_remote_code=cfg.model.trust_remote_code)
     check_remote_code(model_dir, cfg.model.trust_remote_code)
     checkpoint = open_checkpoint(model_dir)
+    check_architecture(checkpoint, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     checkpoint.check_finite()  # seconds here, not a cluster start, for a NaN in the weights
-    from transformers import AutoTokenizer  # lazy: only prepare() needs transformers on the driver
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir,
-                                                  trust_remote_code=cfg.model.trust_remote_code)
-    except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise UserError(f"{model_dir} needs its own code to load; review it, then set "
-                            "model.trust_remote_code=true") from None
-        raise
     calibration, evaluation, more_evaluation = None, None, {}
     check_target_shapes(cfg, checkpoint)
     if METHODS[cfg.prune.method].needs_calibration_data and cfg.prune.schedule == "oneshot":
@@ -100,7 +93,7 @@ def prepare(cfg: JobConfig) -> WorkerJob:
 
 def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
     """A checkpoint whose config.json maps to its own Python code runs that code on load."""
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir)
     if "auto_map" in config and not trust_remote_code:
         raise UserError(f"model.path {model_dir} ships its own model code (auto_map in config.json); "
                         "review it, then set model.trust_remote_code=true")
@@ -110,7 +103,7 @@ def check_target_shapes(cfg: JobConfig, checkpoint) -> None:
     """Refuse a structure that does not tile a weight, before any worker starts."""
     structure = parse_structure(cfg.prune.structure)
     if structure.removes_parameters:  # whole groups of every layer: checked on the model
-        config = json.loads((checkpoint.directory / "config.json").read_text())
+        config = read_config(checkpoint.directory)
         check_model(structure.kind, cfg.prune.sparsity, config, list(checkpoint.weight_map),
                     lambda name: any(fnmatch.fnmatchcase(name, p) for p in cfg.prune.exclude))
         return

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 from dist_prune import __version__
 from dist_prune.errors import UserError
 from dist_prune.io.decompress import decompress_export
+from dist_prune.io.destination import check_new_directory
 from dist_prune.io.formats import format_of
 from dist_prune.io.verify import verify_export
 
@@ -401,9 +402,7 @@ def pull(model_uri: str, dst: Path, *, tracking_uri: str | None = None, keep_com
     import mlflow.artifacts  # lazy: module docstring
 
     name, alias, version = parse_model_uri(model_uri)
-    dst = Path(dst).absolute()
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise UserError(f"destination {dst} already exists and is not empty")
+    dst = check_new_directory(dst, empty_dir_ok=True)
     client, uri, registry_uri = _client(tracking_uri)
     where = _redact_uri(uri)
     with _mlflow_errors(uri, f"resolving {model_uri}"):
