@@ -88,6 +88,11 @@ def bad(tiny_llama, tmp_path_factory) -> Path:
     # -- the tokenizer
     variant("no-tokenizer", tokenizer__json=None)
     variant("tokenizer-not-json", tokenizer__json="{\"version\": \"1.0\", \"model\": ")
+    tokenizer = json.loads((tiny_llama / "tokenizer.json").read_text())
+    variant("tokenizer-no-added-tokens", tokenizer__json=json.dumps({k: v for k, v in tokenizer.items()
+                                                                    if k != "added_tokens"}))
+    tokenizer["model"]["merges"] = [["zz", "qq"]]
+    variant("tokenizer-merges-unknown-tokens", tokenizer__json=json.dumps(tokenizer))
     # -- weights in a dtype that cannot be scored as floats
     for name, dtype in (("int8", torch.int8), ("fp8", torch.float8_e4m3fn), ("bool", torch.bool)):
         weights = load_file(tiny_llama / SHARD)
@@ -144,7 +149,9 @@ CASES = {  # model directory (or file) under the fixture's root -> what the one 
     "config-other-width": f"tensor model.layers.0.mlp.gate_proj.weight in {SHARD} has shape [96, 64], "
                           "config.json implies [128, 64]",
     "no-tokenizer": "has no tokenizer: expected tokenizer.json or vocab.json with merges.txt",
-    "tokenizer-not-json": "the tokenizer cannot be loaded",
+    "tokenizer-not-json": "the tokenizer cannot be loaded (JSONDecodeError: Expecting value",
+    "tokenizer-no-added-tokens": "the tokenizer cannot be loaded (KeyError: 'added_tokens')",
+    "tokenizer-merges-unknown-tokens": "the tokenizer cannot be loaded (Exception: Token `zz` out of vocabulary",
     "int8": f"tensor {WEIGHT} in {SHARD} is I8; dist-prune scores and prunes weights stored as F32, BF16",
     "fp8": f"tensor {WEIGHT} in {SHARD} is F8_E4M3;",
     "bool": f"tensor {WEIGHT} in {SHARD} is BOOL;",
