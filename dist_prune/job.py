@@ -29,6 +29,7 @@ from dist_prune.io.verify import verify_export
 from dist_prune.report import StageTimer, layer_sparsity_plot, summary_table
 from dist_prune.methods import METHODS
 from dist_prune.preflight import check_architecture, load_tokenizer, read_config
+from dist_prune.ray_driver import interruptible_trainer, ray_address, tracebacks_held
 from dist_prune.structural import check_model
 from dist_prune.structures import check_shape, parse_structure
 from dist_prune.registry import check_registry, end_run, register_export, resolved_tracking_uri, start_run
@@ -119,29 +120,33 @@ def check_target_shapes(cfg: JobConfig, checkpoint) -> None:
 
 
 def init_ray(cfg: JobConfig, *, extra_cpus: int = 0) -> None:
-    """Connect to $RAY_ADDRESS, or start a local Ray sized for the job (plus `extra_cpus` for
-    the drivers of sweep trials)."""
+    """Connect to the job's Ray cluster (ray_driver.ray_address), or start a local Ray sized for the job
+    (plus `extra_cpus` for the drivers of sweep trials)."""
     import ray  # lazy: Ray (about 1 s, and its log handlers) only once a job really starts
 
     if ray.is_initialized():
         return
     configure_jit_builds()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if os.environ.get("RAY_ADDRESS"):
-        try:
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    address, where = ray_address()
+    if address is not None:
+        if "RAY_ADDRESS" not in where:
+            print(f"dist-prune: running on the Ray cluster at {where} (RAY_ADDRESS=local: a Ray of this "
+                  "job's own)", flush=True)
+        try:  # no address=: Ray reads the same one itself, and only then takes the token that
+            # `ray start` left in ~/.ray/auth_token (with address= it sends none: refused, Ray 2.60)
+            ray.init(log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS="
-                            f"{os.environ['RAY_ADDRESS']} ({str(e).splitlines()[0]})") from None
+            raise UserError(f"cannot reach the Ray cluster at {where} ({str(e).splitlines()[0]})") from None
         return
     needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
     # A local run may oversubscribe the laptop's cores (workers are processes);
     # the object store only carries small token tensors.
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed) + extra_cpus, include_dashboard=False,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed) + extra_cpus, include_dashboard=False,
              object_store_memory=256 * 1024**2, log_to_driver=True)
 
 
-def _probe(address: str, timeout: float = 5.0) -> None:
+def _probe(address: str, where: str, timeout: float = 5.0) -> None:
     """Ray retries an unreachable cluster for minutes; a TCP connect answers in seconds."""
     if address == "auto":
         return
@@ -150,7 +155,7 @@ def _probe(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} "
+        raise UserError(f"cannot reach the Ray cluster at {where} "
                         f"({getattr(e, 'strerror', None) or e})") from None
 
 
@@ -187,7 +192,7 @@ def fit(job: WorkerJob, cfg: JobConfig) -> dict:
 
     # Ray's own default (~/ray_results) unless the config names one: not the working directory
     storage = None if cfg.cluster.storage_path is None else str(Path(cfg.cluster.storage_path).resolve())
-    trainer = TorchTrainer(
+    trainer = interruptible_trainer(TorchTrainer)(
         ray_train_loop,
         train_loop_config=vars(job),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
@@ -199,13 +204,18 @@ def fit(job: WorkerJob, cfg: JobConfig) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.finetune.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    try:
-        result = trainer.fit()
-    except Exception as e:  # noqa: BLE001 - re-raised unless it wraps a user mistake
-        user_error = find_user_error(e)
-        if user_error is not None:
-            raise UserError(user_error) from None
-        raise
+    with tracebacks_held() as worker_tracebacks:  # a worker's UserError is one line, not 60 (ray_driver.py)
+        try:
+            result = trainer.fit()
+        except Exception as e:  # noqa: BLE001 - re-raised unless it wraps a user mistake
+            user_error = find_user_error(e)
+            if user_error is not None:
+                worker_tracebacks.drop()
+                raise UserError(user_error) from None
+            raise
+        except KeyboardInterrupt:  # the workers' reports of being stopped are no news to the user
+            worker_tracebacks.drop()
+            raise
     metrics = dict(result.metrics)
     if result.checkpoint is not None:  # rank 0's whole metrics, fine-tuning history included
         with result.checkpoint.as_directory() as directory:
@@ -250,8 +260,9 @@ def run(cfg: JobConfig, *, parent_run_id: str | None = None) -> JobResult:
     """`dist-prune run`: the whole job, end to end. `parent_run_id`: the MLflow run of the
     sweep this job is a trial of."""
     timer = StageTimer()
-    if os.environ.get("RAY_ADDRESS"):
-        _probe(os.environ["RAY_ADDRESS"])
+    address, where = ray_address()
+    if address is not None:
+        _probe(address, where)
     with timer("prepare"):
         job = prepare(cfg)
         if cfg.registry.enabled:  # before the workers: a finished model needs somewhere to go
