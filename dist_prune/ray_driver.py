@@ -2,13 +2,13 @@
 what Ctrl-C does.
 
 The workers' tracebacks are held back while the job runs, dropped when they only carry a user
-mistake, printed when they carry a bug. The CLI starts Ray with log_to_driver=True: the workers' progress bars and warnings reach the
-terminal through it. A UserError raised in a worker would reach it too, as Ray Train's own report
-of the failure: the worker's traceback ("Error in training function:"), then the controller's
-("[FailurePolicy] RAISE ... WorkerGroupError"), 60 lines or more around the one line
-`dist-prune: error: ...` that the driver prints. Which of the two an exception is, is known only
-when `trainer.fit()` raises; so stderr batches that start a traceback, and everything after them
-from the same process, wait until then.
+mistake, printed when they carry a bug. The CLI starts Ray with log_to_driver=True: the workers'
+progress bars and warnings reach the terminal through it. A UserError raised in a worker would
+reach it too, as Ray Train's own report of the failure: the worker's traceback ("Error in training
+function:"), then the controller's ("[FailurePolicy] RAISE ... WorkerGroupError"), 60 lines or
+more around the one line `dist-prune: error: ...` that the driver prints. Which of the two an
+exception is, is known only when `trainer.fit()` raises; so stderr batches that start a
+traceback, and everything after them from the same process, wait until then.
 """
 
 from __future__ import annotations
