@@ -151,10 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             print(pull(args.uri, Path(args.dir), tracking_uri=args.tracking_uri, keep_compressed=args.keep_compressed))
         elif args.command == "decompress":
             from dist_prune.io.decompress import decompress_export
+            from dist_prune.io.destination import check_new_directory
 
-            dst = Path(args.dir).absolute()
-            if dst.exists():
-                raise UserError(f"destination {dst} already exists")
+            dst = check_new_directory(Path(args.dir))
             dst.parent.mkdir(parents=True, exist_ok=True)
             print(decompress_export(Path(args.export), dst))
         elif args.command == "register":

@@ -30,6 +30,8 @@ from dist_prune.io.formats import format_of
 from dist_prune.io.verify import verify_export
 from dist_prune.masking import find_targets
 from dist_prune.methods import METHODS
+from dist_prune.preflight import check_architecture, load_tokenizer, meta_model, read_config
+from dist_prune.ray_driver import interruptible_trainer, ray_address, tracebacks_held
 from dist_prune.report import (StageTimer, bars_wanted, layer_sparsity_plot, library_bars_off, plan_table,
                                summary_table)
 from dist_prune.structural import check_model
@@ -71,18 +73,10 @@ def prepare(cfg: JobConfig) -> WorkerJob:
     checkpoint = open_checkpoint(model_dir)
     for path in checkpoint.tokenizer_files().values():
         read_side_file(path)  # parsed here, before a worker copies it into the export
+    check_architecture(checkpoint, cfg.model.trust_remote_code)
     checkpoint.check_finite()  # seconds here, not a cluster start, for a NaN in the weights
     check_targets(cfg, model_dir)
-    from transformers import AutoTokenizer  # lazy: only prepare() needs transformers on the driver
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir,
-                                                  trust_remote_code=cfg.model.trust_remote_code)
-    except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise UserError(f"{model_dir} needs its own code to load; review it, then set "
-                            "model.trust_remote_code=true") from None
-        raise
+    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     calibration, evaluation, more_evaluation = None, None, {}
     check_target_shapes(cfg, checkpoint)
     if reads_calibration_data(cfg):
@@ -136,7 +130,7 @@ def registry_files(cfg: JobConfig) -> dict[str, Path]:
 
 def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
     """A checkpoint whose config.json maps to its own Python code runs that code on load."""
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir)
     if "auto_map" in config and not trust_remote_code:
         raise UserError(f"model.path {model_dir} ships its own model code (auto_map in config.json); "
                         "review it, then set model.trust_remote_code=true")
@@ -145,20 +139,14 @@ def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
 def check_targets(cfg: JobConfig, model_dir: Path) -> None:
     """The workers' targets (masking.find_targets), found on the model built on the meta device
     (no memory, no weights read): prune.exclude matching every one is refused before Ray starts."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM  # lazy, as AutoTokenizer in prepare
-
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-    find_targets(model, cfg.prune.exclude)
+    find_targets(meta_model(model_dir, cfg.model.trust_remote_code), cfg.prune.exclude)
 
 
 def check_target_shapes(cfg: JobConfig, checkpoint) -> None:
     """Refuse a structure that does not tile a weight, before any worker starts."""
     structure = parse_structure(cfg.prune.structure)
     if structure.removes_parameters:  # whole groups of every layer: checked on the model
-        config = json.loads((checkpoint.directory / "config.json").read_text())
+        config = read_config(checkpoint.directory)
         check_model(structure.kind, cfg.prune.sparsity, config, list(checkpoint.weight_map),
                     lambda name: any(fnmatch.fnmatchcase(name, p) for p in cfg.prune.exclude))
         return
@@ -174,29 +162,33 @@ def check_target_shapes(cfg: JobConfig, checkpoint) -> None:
 
 
 def init_ray(cfg: JobConfig, *, extra_cpus: int = 0) -> None:
-    """Connect to $RAY_ADDRESS, or start a local Ray sized for the job (plus `extra_cpus` for
-    the drivers of sweep trials)."""
+    """Connect to the job's Ray cluster (ray_driver.ray_address), or start a local Ray sized for the job
+    (plus `extra_cpus` for the drivers of sweep trials)."""
     import ray  # lazy: Ray (about 1 s, and its log handlers) only once a job really starts
 
     if ray.is_initialized():
         return
     configure_jit_builds()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if os.environ.get("RAY_ADDRESS"):
-        try:
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    address, where = ray_address()
+    if address is not None:
+        if "RAY_ADDRESS" not in where:
+            print(f"dist-prune: running on the Ray cluster at {where} (RAY_ADDRESS=local: a Ray of this "
+                  "job's own)", flush=True)
+        try:  # no address=: Ray reads the same one itself, and only then takes the token that
+            # `ray start` left in ~/.ray/auth_token (with address= it sends none: refused, Ray 2.60)
+            ray.init(log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS="
-                            f"{os.environ['RAY_ADDRESS']} ({str(e).splitlines()[0]})") from None
+            raise UserError(f"cannot reach the Ray cluster at {where} ({str(e).splitlines()[0]})") from None
         return
     needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
     # A local run may oversubscribe the laptop's cores (workers are processes);
     # the object store only carries small token tensors.
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed) + extra_cpus, include_dashboard=False,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed) + extra_cpus, include_dashboard=False,
              object_store_memory=256 * 1024**2, log_to_driver=True)
 
 
-def _probe(address: str, timeout: float = 5.0) -> None:
+def _probe(address: str, where: str, timeout: float = 5.0) -> None:
     """Ray retries an unreachable cluster for minutes; a TCP connect answers in seconds."""
     if address == "auto":
         return
@@ -205,7 +197,7 @@ def _probe(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} "
+        raise UserError(f"cannot reach the Ray cluster at {where} "
                         f"({getattr(e, 'strerror', None) or e})") from None
 
 
@@ -242,7 +234,7 @@ def fit(job: WorkerJob, cfg: JobConfig) -> dict:
 
     # Ray's own default (~/ray_results) unless the config names one: not the working directory
     storage = None if cfg.cluster.storage_path is None else str(Path(cfg.cluster.storage_path).resolve())
-    trainer = TorchTrainer(
+    trainer = interruptible_trainer(TorchTrainer)(
         ray_train_loop,
         train_loop_config=vars(job),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
@@ -254,13 +246,18 @@ def fit(job: WorkerJob, cfg: JobConfig) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.finetune.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    try:
-        result = trainer.fit()
-    except Exception as e:  # noqa: BLE001 - re-raised unless it wraps a user mistake
-        user_error = find_user_error(e)
-        if user_error is not None:
-            raise UserError(user_error) from None
-        raise
+    with tracebacks_held() as worker_tracebacks:  # a worker's UserError is one line, not 60 (ray_driver.py)
+        try:
+            result = trainer.fit()
+        except Exception as e:  # noqa: BLE001 - re-raised unless it wraps a user mistake
+            user_error = find_user_error(e)
+            if user_error is not None:
+                worker_tracebacks.drop()
+                raise UserError(user_error) from None
+            raise
+        except KeyboardInterrupt:  # the workers' reports of being stopped are no news to the user
+            worker_tracebacks.drop()
+            raise
     metrics = dict(result.metrics)
     if result.checkpoint is not None:  # rank 0's whole metrics, fine-tuning history included
         with result.checkpoint.as_directory() as directory:
@@ -305,8 +302,9 @@ def check(cfg: JobConfig, *, dry_run: bool = False) -> WorkerJob:
     """Everything the driver checks before Ray starts (`dist-prune run --dry-run` stops here):
     the cluster address answers, the model and data (`prepare`), the registry. A dry run
     creates no MLflow database: for a new sqlite file it checks that its directory is writable."""
-    if os.environ.get("RAY_ADDRESS"):
-        _probe(os.environ["RAY_ADDRESS"])
+    address, where = ray_address()
+    if address is not None:
+        _probe(address, where)
     job = prepare(cfg)
     if not cfg.registry.enabled:
         return job

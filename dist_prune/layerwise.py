@@ -23,6 +23,17 @@ import torch.nn.functional as F
 from dist_prune.sharding.partition import gathered, model_device
 
 MICRO_BATCH = 4  # windows per forward call: big enough for efficient matmuls, small in memory
+# model_types built the way LayerRunner needs (a decoder with .layers and a final .norm), named
+# when another architecture is refused
+SUPPORTED_EXAMPLES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def runs_layer_by_layer(model: torch.nn.Module) -> bool:
+    """Whether LayerRunner can run `model`: its decoder's layers in a ModuleList `.layers`, then a
+    final `.norm` (GPT-2's are `.h` and `.ln_f`)."""
+    decoder = model.get_decoder()
+    return (isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList)
+            and isinstance(getattr(decoder, "norm", None), torch.nn.Module))
 
 
 def _micro_batches(windows: torch.Tensor) -> tuple[torch.Tensor, ...]:

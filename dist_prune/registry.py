@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from dist_prune import __version__
 from dist_prune.errors import UserError
 from dist_prune.io.decompress import decompress_export
+from dist_prune.io.destination import check_new_directory
 from dist_prune.io.formats import format_of
 from dist_prune.io.verify import verify_export
 from dist_prune.redact import env_secrets as _env_secrets, redact_uri as _redact_uri, scrub as _scrub
@@ -380,9 +381,7 @@ def pull(model_uri: str, dst: Path, *, tracking_uri: str | None = None, keep_com
     import mlflow.artifacts  # lazy: module docstring
 
     name, alias, version = parse_model_uri(model_uri)
-    dst = Path(dst).absolute()
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise UserError(f"destination {dst} already exists and is not empty")
+    dst = check_new_directory(dst, empty_dir_ok=True)
     client, uri, registry_uri = _client(tracking_uri)
     where = _redact_uri(uri)
     with _mlflow_errors(uri, f"resolving {model_uri}"):

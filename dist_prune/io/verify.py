@@ -14,7 +14,7 @@ from pathlib import Path
 from dist_prune.errors import UserError
 from dist_prune.io.model_files import check_contained
 from dist_prune.io.formats import HF_LAYOUT, ExportFormat, compressed_names, format_of
-from dist_prune.io.shards import SPARSITY_FILE, read_header, sha256_file
+from dist_prune.io.shards import SPARSITY_FILE, read_header, read_index, sha256_file
 
 
 def verify_export(directory: Path) -> dict:
@@ -53,10 +53,7 @@ def verify_export(directory: Path) -> dict:
             raise UserError(f"shard {path} is corrupt: sha256 does not match {SPARSITY_FILE}")
     index_path = directory / layout.index
     if index_path.exists():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{index_path} is unreadable: {e}") from None
+        weight_map = read_index(index_path)
         files = set(weight_map.values())
         if files != set(shards):
             raise UserError(f"{index_path} names shards {sorted(files ^ set(shards))} "
