@@ -113,3 +113,34 @@ def test_jit_builds_use_this_environments_ninja(tmp_path, monkeypatch):
     assert shutil.which("ninja") == os.path.join(env_bin, "ninja")
     assert os.environ["PATH"] == f"{env_bin}{os.pathsep}{fake}{os.pathsep}/usr/bin"
     assert os.path.basename(os.path.dirname(os.environ["TORCH_EXTENSIONS_DIR"])) == "torch_extensions"
+
+
+def test_a_build_lock_left_by_a_stopped_build_is_cleared(tmp_path):
+    """torch's JIT build lock (cpp_extension's FileBaton) outlives a build killed by Ctrl-C, and
+    every later DeepSpeed start waited on it forever; a lock someone still builds under, or one
+    just taken, stays."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from torch.utils.file_baton import FileBaton
+
+    from dist_prune.io.checkpoint import STALE_LOCK_SECONDS, clear_stale_build_locks
+
+    old = time.time() - 2 * STALE_LOCK_SECONDS
+    locks = {}
+    for op in ("stopped", "building", "just_taken"):
+        (tmp_path / op).mkdir()
+        locks[op] = tmp_path / op / "lock"
+        locks[op].touch()
+        if op != "just_taken":
+            os.utime(locks[op], (old, old))
+    assert not FileBaton(str(locks["stopped"])).try_acquire()  # what every later build waited on
+    builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path / "building")
+    try:
+        assert clear_stale_build_locks(tmp_path) == [locks["stopped"]]
+    finally:
+        builder.kill()
+    assert FileBaton(str(locks["stopped"])).try_acquire()
+    assert locks["building"].exists() and locks["just_taken"].exists()

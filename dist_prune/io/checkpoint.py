@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,10 +57,50 @@ def configure_jit_builds() -> None:
     and recompile the op from scratch, about 45 s of both cores each time. Set in os.environ, so
     child processes (ranks, Ray workers) inherit both."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    clear_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     ninja = shutil.which("ninja", path=os.path.dirname(sys.executable))
     path = os.environ.get("PATH", "")
     if ninja and not path.startswith(os.path.dirname(ninja) + os.pathsep):
         os.environ["PATH"] = os.path.dirname(ninja) + os.pathsep + path
+
+
+# A live build writes build.ninja and starts ninja within about a second of taking its lock.
+STALE_LOCK_SECONDS = 60
+
+
+def clear_stale_build_locks(root: Path) -> list[Path]:
+    """Remove the JIT build locks that a killed build left behind. torch's cpp_extension takes
+    `<op>/lock` (created with O_EXCL) for a build and deletes it when the build ends; a Ctrl-C
+    during DeepSpeed's first start (its ~20 s compile) leaves it, and every later start then
+    waits for it forever, silently. A lock is stale when it is over a minute old and no process
+    works in its build directory (ninja and the compiler run there). Without /proc (not Linux)
+    nothing can be known, and nothing is removed."""
+    if not Path("/proc/self/cwd").exists():
+        return []
+    removed = []
+    for lock in root.glob("*/lock"):
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # its build just ended
+            continue
+        if age < STALE_LOCK_SECONDS or _someone_works_in(lock.parent):
+            continue
+        lock.unlink(missing_ok=True)
+        removed.append(lock)
+        print(f"dist-prune: removed {lock}, left by a build that was stopped", file=sys.stderr)
+    return removed
+
+
+def _someone_works_in(directory: Path) -> bool:
+    target = directory.resolve()
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            here = Path(os.readlink(cwd))
+        except OSError:  # gone, or another user's process
+            continue
+        if here == target or target in here.parents:
+            return True
+    return False
 
 
 def default_gguf() -> Path:
