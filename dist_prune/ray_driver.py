@@ -28,7 +28,8 @@ MARKERS = ("Traceback (most recent call last):", "Error in training function", "
 class TracebackGate:
     """A stand-in for Ray's printing handler: stdout and ordinary stderr batches go straight
     through; a stderr batch with a traceback, and every later stderr batch of its process, waits
-    for `release` (printed in order) or `drop` (never printed, nor anything like it later)."""
+    for `release` (printed in order) or `drop` (never printed, nor anything that comes later: the
+    driver's one line, a user error's or an interrupt's, stays the last)."""
 
     def __init__(self, forward: Callable[[dict], None]):
         self.forward = forward
@@ -39,11 +40,12 @@ class TracebackGate:
 
     def __call__(self, batch: dict) -> None:
         with self._lock:
+            if self.dropping:  # the outcome is out: whatever Ray forwards now is its echo or noise
+                return
             if batch.get("is_err") and (batch.get("pid") in self.holding
                                         or any(m in line for line in batch.get("lines", ()) for m in MARKERS)):
                 self.holding.add(batch.get("pid"))
-                if not self.dropping:
-                    self.held.append(batch)
+                self.held.append(batch)
                 return
         self.forward(batch)
 
