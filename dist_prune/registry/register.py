@@ -76,9 +76,9 @@ def register_export(export_dir: Path, *, tracking_uri: str | None, experiment: s
     model, create model version N of `model_name` from it and point `alias` at it.
 
     `run_id`: a run opened by `start_run` before the job (the workers logged step metrics into
-    it), FAILED if registration fails; otherwise a new run, FAILED and deleted then. `artifact_location` is used
-    only when the experiment does not exist yet. `meta`: `verify_claims(export_dir)`, if the
-    caller has it."""
+    it), FAILED if registration fails; otherwise a new run, FAILED and deleted then.
+    `artifact_location` is used only when the experiment does not exist yet. `meta`:
+    `verify_claims(export_dir)`, if the caller has it."""
     from mlflow.entities import Param, RunTag  # lazy: mlflow takes about 2 s to import
 
     check_model_name(model_name)
