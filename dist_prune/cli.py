@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="grid axes (comma-separated values) and plain overrides")
 
     pull = commands.add_parser("pull", help="download a registered model into a directory")
-    pull.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    pull.add_argument("uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest or models:/MODEL_ID")
     pull.add_argument("dir", help="destination directory (must not exist or be empty)")
     stored = pull.add_mutually_exclusive_group()
     stored.add_argument("--keep-compressed", action="store_true",

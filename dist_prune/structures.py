@@ -46,6 +46,10 @@ class Unstructured:
     def check_shape(self, shape: tuple[int, int], name: str) -> None:
         _check_2d(self, shape, name)
 
+    def max_pruned(self, weight: torch.Tensor) -> int:
+        """Its zeros: any of them may have been pruned."""
+        return int((weight == 0).sum())
+
     def select(self, scores: Sequence, starts: Sequence[int], shapes: Sequence[tuple[int, int]], sparsity: float,
                scope: str, *, pool: str = "sum", counts: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The exact k lowest of every group (the model, a tensor or a row); `counts`: how many
@@ -82,6 +86,12 @@ class NM:
             raise ValueError(f"{name}: {self} needs in_features divisible by m={self.m}, "
                              f"got shape [{out_f}, {in_f}]")
 
+    def max_pruned(self, weight: torch.Tensor) -> int:
+        """At most n zeros of every group of m: pruned n:m, each group shows n zeros or more."""
+        rows, cols = weight.shape
+        zeros = (weight == 0).view(rows, cols // self.m, self.m).sum(-1)
+        return int(zeros.clamp(max=self.n).sum())
+
     def select(self, scores: Sequence, starts: Sequence[int], shapes: Sequence[tuple[int, int]], sparsity: float,
                scope: str, *, pool: str = "sum", counts: torch.Tensor | None = None) -> list[torch.Tensor]:
         """n of every m, each group of m on its own (boundary fragments all-reduced)."""
@@ -112,6 +122,12 @@ class Block:
             raise ValueError(f"{name}: {self} needs out_features divisible by {self.rows} and "
                              f"in_features divisible by {self.cols}, got shape [{out_f}, {in_f}]")
 
+    def max_pruned(self, weight: torch.Tensor) -> int:
+        """The elements of its all-zero blocks: a pruned block is zero as a whole."""
+        rows, cols = weight.shape
+        zero = (weight == 0).view(rows // self.rows, self.rows, cols // self.cols, self.cols)
+        return int(zero.all(3).all(1).sum()) * self.rows * self.cols
+
     def select(self, scores: Sequence, starts: Sequence[int], shapes: Sequence[tuple[int, int]], sparsity: float,
                scope: str, *, pool: str = "sum", counts: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Whole blocks, their scores pooled (`pool` sum or l2) over the slices."""
@@ -120,7 +136,10 @@ class Block:
 
 # A structure is one object behind one protocol: `kind`, `removes_parameters` (whole groups cut
 # out of the export: structural.py), `scores_in_pieces`, `check_shape(shape, name)` and
-# `select(scores, starts, shapes, sparsity, scope, pool=, counts=)` -> this rank's masks.
+# `select(scores, starts, shapes, sparsity, scope, pool=, counts=)` -> this rank's masks; one that
+# keeps the parameters also answers `max_pruned(weight)`: the most elements a mask of it can have
+# pruned in an exported [out, in] weight, every pruned element being zero there (the registry
+# recounts a manifest's claims with it: dist_prune/registry/recount.py).
 Structure = Union[Unstructured, NM, Block, Structural]
 _ALLOWED = ("'unstructured', 'N:M' with 0 < N < M (e.g. '2:4'), 'block:RxC' with R, C >= 1 (e.g. "
             "'block:4x4'), or whole 'heads', 'channels' or 'layers'")

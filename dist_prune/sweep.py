@@ -23,7 +23,7 @@ from dist_prune.config import (JobConfig, apply_overrides, config_from_dict, inp
                                set_input_path, to_dict)
 from dist_prune.errors import UserError
 from dist_prune.job import find_user_error, init_ray, run
-from dist_prune.registry import end_run, resolved_tracking_uri, start_run
+from dist_prune.registry import check_alias, end_run, resolved_tracking_uri, start_run
 
 TRIAL_CPU = 0.01
 # what the comparison table shows, in this order, when the trials report it; each perplexity is
@@ -118,6 +118,7 @@ def configure(config_path: Path | None, trial: Trial, stamp: str) -> JobConfig:
     base_dir = cfg.export.dir or f"exports/{cfg.registry.model_name}-sweep-{stamp}"
     cfg.export.dir = str(Path(base_dir).resolve() / trial.name)
     cfg.registry.alias = f"{cfg.registry.alias}-{trial.name}"
+    check_alias(cfg.registry.alias, f"registry.alias of {trial.name}")  # now, not after the trial
     cfg.cluster.storage_path = str(Path(cfg.cluster.storage_path or "ray_results").resolve())
     for item in input_paths(cfg):
         set_input_path(cfg, item.key, str(Path(item.path).resolve()))

@@ -117,6 +117,7 @@ CASES = {  # name -> (argv builder, text the one-line message must contain)
 def test_bad_input(case, inputs, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's default retries take 4 minutes
     build, expected = CASES[case]
     assert main(build(inputs)) == 2
     err = capsys.readouterr().err.strip()

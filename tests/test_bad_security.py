@@ -230,6 +230,7 @@ def test_register_refuses_an_export_holding_a_link(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     export_dir, _ = make_export(tmp_path, 0)
     (tmp_path / "netrc").write_text(f"machine example.com login me password {SECRET}")
+    (export_dir / "tokenizer.json").unlink(missing_ok=True)
     (export_dir / "tokenizer.json").symlink_to(tmp_path / "netrc")
     err = refused(["register", str(export_dir), "--model-name", "x", "--tracking-uri",
                    f"sqlite:///{tmp_path}/mlflow.db"], capsys)

@@ -115,8 +115,11 @@ def test_lineage_of_the_registered_version(job, tiny_llama):
     from mlflow import MlflowClient
 
     cwd, _, url = job
-    version = MlflowClient(url, url).get_model_version_by_alias("tiny-e2e", "candidate")
-    assert version.source.startswith("mlflow-artifacts:")  # uploaded through the server
+    client = MlflowClient(url, url)
+    version = client.get_model_version_by_alias("tiny-e2e", "candidate")
+    model = client.get_logged_model(client.get_run(version.run_id).outputs.model_outputs[0].model_id)
+    assert version.source == model.artifact_location and version.source.startswith("mlflow-artifacts:")  # uploaded
+    assert model.tags == {**model.tags, **{k: v for k, v in version.tags.items() if k.startswith("lineage.")}}
     tags = version.tags
     assert tags["lineage.source_model"] == str(tiny_llama)
     shard = tiny_llama / "model.safetensors"

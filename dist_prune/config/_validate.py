@@ -114,12 +114,24 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
                 _require(Path(item.path).exists(), f"{item.key} {item.path} does not exist")
             else:
                 _require(Path(item.path).is_file(), f"{item.key} {item.path} is not a file")
-    _require(bool(cfg.registry.model_name.strip()), "registry.model_name must not be empty")
+    _validate_registry_names(cfg)
     validate_layer_choices(cfg)
     validate_finetune(cfg)
 
 
 LAYER_SPARSITIES = ("uniform", "owl")
+
+
+def _validate_registry_names(cfg: JobConfig) -> None:
+    """MLflow's rules for the model name and the alias, here and not after pruning (the
+    registration checks them again, before it creates anything)."""
+    from dist_prune.registry.names import check_alias, check_model_name  # lazy: the registry imports torch
+
+    try:
+        check_model_name(cfg.registry.model_name)
+        check_alias(cfg.registry.alias)
+    except UserError as e:
+        raise UserError(f"config: {e}") from None
 
 
 def _validate_method(method, p, structure) -> None:
