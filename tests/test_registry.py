@@ -287,6 +287,20 @@ def test_unreachable_server_is_one_line_after_mlflows_retries(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_job_stops_in_seconds_when_nothing_answers_at_the_tracking_uri():
+    """Before a job starts: a server not started is one line at once, not after the ~4 minutes of
+    MLflow's default retries (7, back-off factor 2) that a job otherwise waited."""
+    import time
+
+    from dist_prune.registry import check_registry
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(UserError, match=f"cannot reach MLflow tracking server at {dead} \\(Connection refused\\)"):
+        check_registry(dead)
+    assert time.monotonic() - started < 10
+
+
 def test_unverified_export_is_not_registered(store, tmp_path):
     export_dir, _ = make_export(tmp_path, 2)
     shard = next(export_dir.glob("model-00001-*"))

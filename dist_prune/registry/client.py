@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Iterator
@@ -125,10 +126,29 @@ def resolved_tracking_uri(tracking_uri: str | None) -> str:
 
 
 def check_registry(tracking_uri: str | None) -> None:
-    """Fail fast, before a job starts: the tracking server answers and accepts our credentials."""
+    """Fail fast, before a job starts: the tracking server answers and accepts our credentials.
+    Where nothing accepts a connection at all (a server not started, a mistyped host or port), a
+    TCP connect says so in seconds; MLflow's own retries would first wait about 4 minutes."""
     client, uri, _ = connect(tracking_uri)
+    refused = _refuses_connections(uri)
+    if refused is not None:
+        raise UserError(f"cannot reach MLflow tracking server at {redact_uri(uri)} ({refused}): "
+                        "start it, or point registry.tracking_uri at one that runs")
     with mlflow_errors(uri, "listing experiments"):
         client.search_experiments(max_results=1)
+
+
+def _refuses_connections(uri: str, timeout: float = 5.0) -> str | None:
+    """Why nothing accepts a TCP connection at an http(s) tracking URI's host and port, or None."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        return getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return None
 
 
 def artifacts_next_to(tracking_uri: str) -> str | None:
