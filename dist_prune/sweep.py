@@ -199,7 +199,9 @@ def _tune(trials: list[Trial], configs: list[JobConfig], parent: str | None, sta
             message = find_user_error(error) if error is not None else None
             raise UserError(f"sweep {trial.name} ({trial.grid_values}) failed: "
                             f"{message or (str(error).splitlines() or ['no result'])[0]}")
-        rows.append({"trial": trial.name, **trial.grid_values, **result.metrics})
+        # Ray Tune adds its own keys to what a trial reports, "config" among them (the whole
+        # param space): the grid values go last so the config axis shows the job file's stem
+        rows.append({**result.metrics, "trial": trial.name, **trial.grid_values})
     return rows
 
 
