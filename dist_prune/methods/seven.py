@@ -6,8 +6,10 @@ One-shot (SEVENpre) the samples are the calibration tokens, a_t = |delta_t x_t|,
 plain means over them: m = token_abs / N, v = sqrt(token_sq / N) ("token_abs", "token_sq" of
 dist_prune/gradients.py), so the score is |w| * token_abs^2 / sqrt(token_sq) up to the constant
 1 / sqrt(N), compared within each output row. SEVEN's Adam-like moments (b = 0.8, 0.9) belong to an
-optimizer's trajectory; over 8 calibration steps of 4 windows, with no step between them, they gave
-a model far worse than Wanda's (benchmarks/results/gradient_methods.md).
+optimizer's trajectory; over 4 calibration steps of 4 windows, with no step between them, they gave
+1.17x / 1.38x Wanda's perplexity (WikiText-2 / the second text, global scope; 1.70x / 2.03x within
+rows), per token 1.20x / 1.23x within rows (benchmarks/results/gradient_methods.md). The factor
+mean/rms differs between layers, and one global threshold over these scores fails (38x).
 
 Re-scored while fine-tuning (prune.schedule cubic) it is SEVENdyn: the moments of |g| along the
 optimizer steps, accumulated in dist_prune/gradients.update_stats, at global scope.
