@@ -23,14 +23,21 @@ import torch.nn.functional as F
 
 from dist_prune.collectives import all_reduce_, any_rank, rank_and_world
 from dist_prune.errors import UserError
+from dist_prune.sharding.partition import local_range
 from dist_prune.sharding.stages import open_training
 from dist_prune.sharding.training import Training
 
 if TYPE_CHECKING:
     from dist_prune.masking import Target
 
+# Per-token statistics. For a linear y = x W^T the gradient w.r.t. W is sum_t delta_t x_t^T over the
+# tokens t (delta_t = dL/dy_t); squared (or absolute) per token before the sum, each is one matmul:
+# "token_sq" = (delta^2)^T (x^2), the empirical Fisher with one sample per token, "token_abs" =
+# |delta|^T |x|. Summed gradients cancel at a trained minimum; these do not
+# (benchmarks/results/gradient_methods.md).
+TOKEN_STATS = ("token_sq", "token_abs")
 # What `accumulate_gradient_stats` can collect ("steps" always comes along).
-STATS = ("grad_sum", "grad_sq_sum", "seven", "movement")
+STATS = ("grad_sum", "grad_sq_sum", "seven", "movement", *TOKEN_STATS)
 SEVEN_EPS = 1e-9  # added to v_hat, as in the SEVEN reference code
 FP16_LOSS_SCALE = 1024.0  # static: the scaler never adapts without optimizer steps
 
@@ -76,6 +83,9 @@ def accumulate_gradient_stats(model: torch.nn.Module, windows: torch.Tensor, tar
                       a = |g_s|, m = b1 m + (1-b1) a, v = b2 v + (1-b2) a^2,
                       m_hat = m / (1 - b1^(s+1)), v_hat = sqrt(v / (1 - b2^(s+1))) + 1e-9,
                       seven += |w * a * m_hat / v_hat|
+      "token_sq"    = sum over every token t of all steps of (delta_t x_t^T)^2, delta_t the
+                      gradient of its step's mean NLL w.r.t. the linear's output at t
+      "token_abs"   = sum_t |delta_t x_t^T|
     `stats` limits what is kept (each is one fp32 copy of the slice; "seven" holds two
     more, m and v, during the call). Only the targets get gradients: the other parameters
     have requires_grad off during the call.
@@ -120,6 +130,50 @@ def accumulate_gradient_stats(model: torch.nn.Module, windows: torch.Tensor, tar
                     set(stats))
 
 
+def token_products(x: torch.Tensor, delta: torch.Tensor, keys: Collection[str]) -> dict[str, torch.Tensor]:
+    """The [out, in] sums over tokens of the per-token gradients delta_t x_t^T of a linear, squared
+    ("token_sq") or absolute ("token_abs"), for the `keys` asked; x: [..., in], delta: [..., out]."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    delta = delta.reshape(-1, delta.shape[-1]).float()
+    products = {"token_sq": lambda: delta.square().T @ x.square(), "token_abs": lambda: delta.abs().T @ x.abs()}
+    return {key: product() for key, product in products.items() if key in keys}
+
+
+class TokenProducts:
+    """Collects "token_sq" / "token_abs" into `acc` (this rank's slices) during backward passes.
+
+    A forward hook on each target's Linear keeps its input x; a hook on the gradient of its output
+    forms the [out, in] products over this rank's tokens, one all-reduce sums them over every rank's
+    tokens, and each rank adds its own slice (so the full product exists for one target at a time).
+    Every rank runs the same backward graph (padding steps too, with a zero loss), so the hooks
+    reach the all-reduces in the same order everywhere. `unscale` turns the backpropagated delta
+    into the gradient of the step's mean NLL (see `_run`: the loss carries the world size and
+    fp16's loss scale)."""
+
+    def __init__(self, targets: list["Target"], acc: dict[str, dict[str, torch.Tensor]], ranges: dict,
+                 unscale: float):
+        self.acc, self.ranges, self.unscale = acc, ranges, unscale
+        self.handles = [t.module.register_forward_hook(self._forward(t.name)) for t in targets
+                        if set(TOKEN_STATS) & set(acc[t.name])]
+
+    def _forward(self, name: str):
+        def hook(module, inputs, output):
+            if output.requires_grad:
+                x = inputs[0].detach()
+                output.register_hook(lambda delta: self._add(name, x, delta))
+        return hook
+
+    def _add(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+        start, stop = self.ranges[name]
+        acc = self.acc[name]
+        for key, full in token_products(x, delta.detach() * self.unscale, acc.keys()).items():
+            acc[key].add_(all_reduce_(full.reshape(-1))[start:stop].to(acc[key].device))
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def new_stats(size: int, keep: Collection[str], device=None) -> dict[str, torch.Tensor]:
     """Zeroed accumulators for one slice of `size` elements (SEVEN's moments as "_m", "_v")."""
     names = [k for k in STATS if k in keep] + (["_m", "_v"] if "seven" in keep else [])
@@ -148,12 +202,31 @@ def update_stats(acc: dict[str, torch.Tensor], grad: torch.Tensor, weight: torch
 
 def _run(training: Training, windows, targets, tokens, world, micro_batch, dummy_len, betas,
          keep) -> dict[str, dict[str, torch.Tensor]]:
-    device = training.device
     acc: dict[str, dict[str, torch.Tensor]] = {}
     for t in targets:
         view = training.local_weight(t)
         acc[t.name] = new_stats(view.numel(), keep, view.device)
     loss_scale = training.loss_scale
+    # the loss below is the step's summed NLL x world / tokens, times fp16's loss scale
+    tokens_of = TokenProducts(targets, acc, {t.name: local_range(t.param) for t in targets},
+                              1.0 / (world * loss_scale))
+    try:
+        _steps(training, windows, targets, tokens, world, micro_batch, dummy_len, betas, keep, acc)
+    finally:
+        tokens_of.close()
+    steps = torch.tensor(len(tokens), dtype=torch.long)
+    finite = all(bool(torch.isfinite(v).all()) for a in acc.values() for v in a.values())
+    if any_rank(not finite):  # every rank raises, or none
+        raise RuntimeError("gradient calibration produced NaN or Inf gradients (with float16 "
+                           "weights, try model.dtype bfloat16 or float32)")
+    return {name: {**{k: v for k, v in a.items() if not k.startswith("_")}, "steps": steps}
+            for name, a in acc.items()}
+
+
+def _steps(training: Training, windows, targets, tokens, world, micro_batch, dummy_len, betas, keep,
+           acc) -> None:
+    device, loss_scale = training.device, training.loss_scale
+    step_stats = keep - set(TOKEN_STATS)  # what the step's gradient partitions give
     for step, step_tokens in enumerate(tokens):
         chunk = windows[step * micro_batch: (step + 1) * micro_batch]
         scale = world / step_tokens  # DeepSpeed divides by world: g = grad of the global mean
@@ -165,7 +238,7 @@ def _run(training: Training, windows, targets, tokens, world, micro_batch, dummy
                               chunk[:, 1:].reshape(-1), reduction="sum")
         training.backward(nll * scale)
         del logits, nll
-        for t in targets:
+        for t in targets if step_stats else ():
             grad = training.local_grad(t)  # a copy, padding cut off
             if loss_scale != 1.0:
                 grad = grad / loss_scale
@@ -174,10 +247,3 @@ def _run(training: Training, windows, targets, tokens, world, micro_batch, dummy
         # reset the partitioned gradients: ZeRO-3 copies (does not accumulate) into them at
         # the next backward only once its micro-step counter is back at 0
         training.zero_grad()
-    steps = torch.tensor(len(tokens), dtype=torch.long)
-    finite = all(bool(torch.isfinite(v).all()) for a in acc.values() for v in a.values())
-    if any_rank(not finite):  # every rank raises, or none
-        raise RuntimeError("gradient calibration produced NaN or Inf gradients (with float16 "
-                           "weights, try model.dtype bfloat16 or float32)")
-    return {name: {**{k: v for k, v in a.items() if not k.startswith("_")}, "steps": steps}
-            for name, a in acc.items()}

@@ -80,7 +80,8 @@ class LazyScores:
         if step != 1:
             raise IndexError("scores are read in contiguous pieces")
         # gradient statistics are per element, in the slice's layout (Method.stats): sliced alike
-        stats = {k: v[lo:hi] if k in self.method.stats else v for k, v in self.stats.items()}
+        per_element = {*self.method.stats, *self.method.training_stats}
+        stats = {k: v[lo:hi] if k in per_element else v for k, v in self.stats.items()}
         scores = self.method.score(LocalSlice(self.weight[lo:hi], self.start + lo, self.shape), stats)
         if self.pruned_before is not None:  # gradual pruning: what went stays pruned
             scores = scores.masked_fill(self.pruned_before[lo:hi], -math.inf)

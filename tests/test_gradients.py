@@ -87,13 +87,28 @@ def _reference(model_dir: Path, windows: torch.Tensor, world: int, micro_batch: 
     shards = [windows[r::world] for r in range(world)]
     steps = max(-(-len(s) // micro_batch) for s in shards)
     b1, b2 = BETAS
-    acc = {n: {k: torch.zeros(params[n].numel()) for k in ("grad_sum", "grad_sq_sum", "seven", "m", "v")}
+    acc = {n: {k: torch.zeros(params[n].numel()) for k in ("grad_sum", "grad_sq_sum", "seven", "m", "v",
+                                                             "token_sq", "token_abs", "token_sum")}
            for n in CHECKED}
+    modules = dict(model.named_modules())
+    seen = {}  # per step: each checked linear's input x and output y, whole batch
+    for n in CHECKED:
+        modules[n.removesuffix(".weight")].register_forward_hook(
+            lambda m, i, o, n=n: seen.__setitem__(n, (i[0].reshape(-1, i[0].shape[-1]), o)))
     for s in range(steps):
         batch = torch.cat([sh[s * micro_batch: (s + 1) * micro_batch] for sh in shards])
         logits = model(input_ids=batch, use_cache=False).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        grads = torch.autograd.grad(loss, weights)
+        outputs = [seen[n][1] for n in CHECKED]
+        *grads, = torch.autograd.grad(loss, weights + outputs)
+        grads, deltas = grads[:len(CHECKED)], grads[len(CHECKED):]
+        for n, delta in zip(CHECKED, deltas):  # one token at a time, by hand
+            x, delta = seen[n][0].detach(), delta.reshape(-1, delta.shape[-1])
+            for t in range(x.shape[0]):
+                per_token = torch.outer(delta[t], x[t]).reshape(-1)
+                acc[n]["token_sq"] += per_token.square()
+                acc[n]["token_abs"] += per_token.abs()
+                acc[n]["token_sum"] += per_token
         for n, w, g in zip(CHECKED, weights, grads):
             g, w, a = g.reshape(-1), w.detach().reshape(-1), acc[n]
             a["grad_sum"] += g
@@ -103,6 +118,8 @@ def _reference(model_dir: Path, windows: torch.Tensor, world: int, micro_batch: 
             m_hat = a["m"] / (1 - b1 ** (s + 1))
             v_hat = (a["v"] / (1 - b2 ** (s + 1))).sqrt() + 1e-9
             a["seven"] += (w * g.abs() * m_hat / v_hat).abs()
+    for n in CHECKED:  # the per-token terms add up to the step gradients: the deltas are the loss's
+        assert torch.allclose(acc[n]["token_sum"], acc[n]["grad_sum"], rtol=1e-4, atol=1e-7), n
     return {"steps": steps, "stats": acc}
 
 
@@ -149,13 +166,13 @@ def test_gradient_stats_match_autograd(odd_llama, windows, world, micro_batch, c
                 start, stop = res["ranges"][name]
                 got, want = call[name], ref["stats"][name]
                 assert int(call[name]["steps"]) == ref["steps"]
-                for key in ("grad_sum", "grad_sq_sum", "seven"):
+                for key in ("grad_sum", "grad_sq_sum", "seven", "token_sq", "token_abs"):
                     expected = want[key][start:stop]
                     scale = expected.abs().max().item()
                     assert torch.allclose(got[key], expected, rtol=1e-4, atol=1e-6 * scale), (world, rank, name, key)
         if len(res["stats"]) > 1:  # a second engine on the restored model gives the same numbers
             for name in CHECKED:
-                for key in ("grad_sum", "grad_sq_sum", "seven"):
+                for key in ("grad_sum", "grad_sq_sum", "seven", "token_sq", "token_abs"):
                     assert torch.allclose(res["stats"][0][name][key], res["stats"][1][name][key],
                                           rtol=1e-6, atol=0)
     assert (padded > 0) == (world == 2)  # the padded tails were cut off the gradients

@@ -105,13 +105,13 @@ def test_global_scope_scores_are_computed_piece_by_piece(monkeypatch):
     weights = [torch.randn(o * i, generator=g) for o, i in shapes]
     weights[1][::3] = weights[1][1]  # ties across chunks
     stats = [{"input_sq_sum": torch.rand(i, generator=g, dtype=torch.float64),  # per input column
-              "grad_sq_sum": torch.rand(o * i, generator=g), "steps": 3}  # per element
+              "token_sq": torch.rand(o * i, generator=g), "steps": 3}  # per element
              for o, i in shapes]
     before = [torch.rand(w.numel(), generator=g) < 0.2 for w in weights]
     pieces = []
 
     class Recorded:  # Wanda's score times OBD's: both kinds of statistics must follow the piece
-        stats = METHODS["obd"].stats
+        stats, training_stats = METHODS["obd"].stats, ()
 
         def score(self, local, st):
             pieces.append(local.weight.numel())
@@ -121,10 +121,10 @@ def test_global_scope_scores_are_computed_piece_by_piece(monkeypatch):
     monkeypatch.setattr(selection, "CHUNK", 16)
     for start in (0, 5):  # a slice that starts mid-row, as on a later rank
         lazy = [Segment(LazyScores(w[start:], start, shape, Recorded(),
-                                   {**st, "grad_sq_sum": st["grad_sq_sum"][start:]}, b[start:]), i, start)
+                                   {**st, "token_sq": st["token_sq"][start:]}, b[start:]), i, start)
                 for i, (w, shape, st, b) in enumerate(zip(weights, shapes, stats, before))]
         held = [Segment(Recorded().score(LocalSlice(w[start:], start, shape),
-                                         {**st, "grad_sq_sum": st["grad_sq_sum"][start:]}).masked_fill(b[start:], -math.inf),
+                                         {**st, "token_sq": st["token_sq"][start:]}).masked_fill(b[start:], -math.inf),
                         i, start) for i, (w, shape, st, b) in enumerate(zip(weights, shapes, stats, before))]
         k = prune_counts(0.5, [sum(numels) - len(weights) * start])  # of the elements these slices hold
         pieces.clear()

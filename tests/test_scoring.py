@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from dist_prune.gradients import new_stats, update_stats
+from dist_prune.config import PruneConfig, scope_of
+from dist_prune.gradients import new_stats, token_products, update_stats
 from dist_prune.methods import METHODS, LocalSlice
 from dist_prune.methods.magnitude import magnitude
 from dist_prune.methods.obd import obd
@@ -35,15 +36,51 @@ def test_wanda():
     assert wanda(LOCAL, stats).tolist() == [16, 5, 12, 21, 32]
 
 
-def test_taylor():
-    stats = {"grad_sum": torch.tensor([0.5, 0.25, 0., -1., 2.])}
-    assert taylor(LOCAL, stats).tolist() == [2, 1.25, 0, 7, 16]
+# Per-token statistics on a 4x6 linear, two tokens: x_t (inputs) and delta_t (dL/d output)
+X = torch.tensor([[1., 0, 2, -1, 0, 3], [0, 1, -1, 2, 1, 0]])
+DELTA = torch.tensor([[1., -1, 0, 2], [2, 0, 1, -1]])
+W46 = torch.tensor([[1., -2, 0, 1, 3, -1], [2, 1, -1, 0, 1, 2], [-3, 0, 2, 1, -1, 1], [1, 1, -2, 2, 0, -1]])
+# sum_t delta_ti^2 x_tj^2 and sum_t |delta_ti| |x_tj|, by hand row by row
+TOKEN_SQ = torch.tensor([[1., 4, 8, 17, 4, 9], [1, 0, 4, 1, 0, 9], [0, 1, 1, 4, 1, 0], [4, 1, 17, 8, 1, 36]])
+TOKEN_ABS = torch.tensor([[1., 2, 4, 5, 2, 3], [1, 0, 2, 1, 0, 3], [0, 1, 1, 2, 1, 0], [2, 1, 5, 4, 1, 6]])
 
 
-def test_obd():
-    # F = grad_sq_sum / steps = [1, 0.5, 2, 0, 0.25]; 0.5 * F * w^2
-    stats = {"grad_sq_sum": torch.tensor([2., 1., 4., 0., 0.5]), "steps": torch.tensor(2)}
-    assert obd(LOCAL, stats).tolist() == [8, 6.25, 36, 0, 8]
+def test_token_products_by_hand():
+    got = token_products(X, DELTA, ("token_sq", "token_abs"))
+    assert torch.equal(got["token_sq"], TOKEN_SQ) and torch.equal(got["token_abs"], TOKEN_ABS)
+    assert set(token_products(X[None], DELTA[None], ("token_sq",))) == {"token_sq"}  # [batch, tokens, .]
+    # squared or absolute per token, then summed: not the square of the summed gradient
+    assert not torch.equal(TOKEN_SQ, (DELTA.T @ X).square())
+
+
+def test_taylor_per_token():
+    # a slice from flat 5 to 17 (mid-row to mid-row, as on a later rank): |w| * token_abs
+    local = LocalSlice(W46.reshape(-1)[5:17], start=5, shape=(4, 6))
+    stats = {"token_abs": TOKEN_ABS.reshape(-1)[5:17]}
+    assert taylor(local, stats).tolist() == [3, 2, 0, 2, 0, 0, 6, 0, 0, 2, 2, 1]
+    # while fine-tuning, the steps' summed gradient
+    assert taylor(LOCAL, {"grad_sum": torch.tensor([0.5, 0.25, 0., -1., 2.])}).tolist() == [2, 1.25, 0, 7, 16]
+
+
+def test_obd_per_token_fisher():
+    local = LocalSlice(W46.reshape(-1)[5:17], start=5, shape=(4, 6))
+    # 0.5 * F * w^2 row by row: [.5, 8, 0, 8.5, 18, 4.5], [2, 0, 2, 0, 0, 18], [0, 0, 2, 2, .5, 0]
+    assert obd(local, {"token_sq": TOKEN_SQ.reshape(-1)[5:17]}).tolist() == [4.5, 2, 0, 2, 0, 0, 18, 0, 0, 2, 2, 0.5]
+
+
+def test_seven_per_token_by_hand():
+    local = LocalSlice(W46.reshape(-1), start=0, shape=(4, 6))
+    got = seven(local, {"token_abs": TOKEN_ABS.reshape(-1), "token_sq": TOKEN_SQ.reshape(-1)}).reshape(4, 6)
+    # |w| * sum_t a_t * mean(a) / rms(a) = |w| * token_abs^2 / sqrt(token_sq), the 1 / sqrt(N) dropped;
+    # 0 where no token reaches the weight (row 1 column 1, row 2 column 5)
+    r17, r2 = math.sqrt(17), math.sqrt(2)
+    expected = torch.tensor([[1, 4, 0, 25 / r17, 6, 3], [2, 0, 2, 0, 0, 6], [0, 0, 2, 2, 1, 0],
+                             [2, 1, 50 / r17, 8 * r2, 0, 6]])
+    assert torch.allclose(got, expected, rtol=1e-6)
+    # mean / rms is at most 1, so token_abs / sqrt(token_sq) at most sqrt(N) = sqrt(2) times per-token
+    # taylor, and 1 where one token alone carries the gradient (rows 1 and 2)
+    per_token_taylor = taylor(local, {"token_abs": TOKEN_ABS.reshape(-1)}).reshape(4, 6)
+    assert (got <= per_token_taylor * r2 * (1 + 1e-6)).all() and torch.equal(got[1:3], per_token_taylor[1:3])
 
 
 def test_seven_two_steps_by_hand():
@@ -62,7 +99,6 @@ def test_seven_two_steps_by_hand():
     assert acc["grad_sum"].tolist() == [0, 2, -6]
     assert acc["grad_sq_sum"].tolist() == [2, 4, 18]
     assert taylor(local, acc).tolist() == [0, 2, 3]
-    assert obd(local, {**acc, "steps": torch.tensor(2)}).tolist() == [2, 1, 1.125]  # F = [1, 2, 9]
 
 
 def test_seven_zero_gradient_scores_zero():
@@ -78,11 +114,16 @@ def test_threshold():
 
 
 def test_registry():
-    for name in ("taylor", "obd", "seven"):
-        assert METHODS[name].calibration == "gradients" and METHODS[name].default_scope == "global"
-    assert METHODS["taylor"].stats == ("grad_sum",)
-    assert METHODS["obd"].stats == ("grad_sq_sum",)
-    assert METHODS["seven"].stats == ("seven",)
+    for name, scope in (("taylor", "row"), ("obd", "global"), ("seven", "row")):
+        assert METHODS[name].calibration == "gradients" and METHODS[name].default_scope == scope
+    assert METHODS["taylor"].stats == ("token_abs",)
+    assert METHODS["obd"].stats == ("token_sq",)
+    assert METHODS["seven"].stats == ("token_abs", "token_sq")
+    # re-scored while fine-tuning: the optimizer steps' statistics, one global threshold, as before
+    assert METHODS["taylor"].stats_for("cubic") == ("grad_sum",) and METHODS["seven"].stats_for("cubic") == ("seven",)
+    for name in ("taylor", "seven", "movement"):
+        assert scope_of(PruneConfig(method=name, schedule="cubic")) == "global", name
+    assert scope_of(PruneConfig(method="taylor")) == "row" and not METHODS["obd"].training_stats
     assert METHODS["threshold"].calibration == "none" and METHODS["threshold"].mask_rule is not None
     assert all(name == m.name for name, m in METHODS.items())
     for m in METHODS.values():  # exactly one way to decide

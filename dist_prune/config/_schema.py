@@ -224,7 +224,7 @@ def scope_of(cfg: PruneConfig) -> str:
     from dist_prune.structural import UNITS
 
     unit = UNITS.get(cfg.structure.strip().lower())
-    return unit.scope if unit else cfg.scope or METHODS[cfg.method].default_scope
+    return unit.scope if unit else cfg.scope or METHODS[cfg.method].scope_for(cfg.schedule)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -29,7 +29,9 @@ def describe_methods() -> list[str]:
     for name, m in METHODS.items():
         parts = [m.summary]
         if m.scopes:
-            parts.append(f"scope {m.default_scope}")
+            cubic = m.scope_for("cubic")
+            parts.append(f"scope {m.default_scope}" + (f" ({cubic} while fine-tuning)" if cubic != m.default_scope
+                                                       and "cubic" in m.schedules else ""))
         if m.calibration != "none":
             parts.append(f"calibration {m.calibration}")
         if m.defaults:

@@ -40,6 +40,9 @@ class Method:
     collector: Callable[..., Any] | None = None
     # gradients / training: per-element statistics accumulated in the slice's layout
     stats: tuple[str, ...] = ()
+    # what the fine-tuning steps accumulate instead while re-scoring (prune.schedule cubic), where
+    # `stats` are per-token statistics only the calibration pass's hooks produce; () = `stats`
+    training_stats: tuple[str, ...] = ()
     score: Callable[[LocalSlice, Stats], torch.Tensor] | None = None
     # collective, before scoring a selection call's targets: statistics derived from the weights
     # themselves across every rank's slice (RIA's full-row and full-column sums, all-reduced)
@@ -48,6 +51,7 @@ class Method:
     mask_rule: Callable[[LocalSlice, Any], torch.Tensor] | None = None
     group_loss: bool = False  # ranks whole groups by measured loss per unit of weight norm
     default_scope: str = "layer"
+    training_scope: str | None = None  # the default while fine-tuning (prune.schedule cubic); None = default_scope
     scopes: tuple[str, ...] = SCOPES  # () = it chooses its own groups: prune.scope stays empty
     structures: tuple[str, ...] = ELEMENT_STRUCTURES + GROUP_STRUCTURES
     schedules: tuple[str, ...] = ("oneshot",)  # "cubic": re-scored while fine-tuning
@@ -64,7 +68,14 @@ class Method:
     def needs_calibration_data(self) -> bool:
         return self.calibration in ("layerwise", "gradients")
 
+    def stats_for(self, schedule: str) -> tuple[str, ...]:
+        """The per-element statistics its score reads under prune.schedule `schedule`."""
+        return (self.training_stats or self.stats) if schedule == "cubic" else self.stats
+
+    def scope_for(self, schedule: str) -> str:
+        return (self.training_scope or self.default_scope) if schedule == "cubic" else self.default_scope
+
     @property
     def reads_gradient_partitions(self) -> bool:
-        """Its statistics come from each rank's gradient partition (ZeRO stage 3 only)."""
-        return bool(self.stats)
+        """Its statistics while fine-tuning come from each rank's gradient partition (ZeRO stage 3 only)."""
+        return bool(self.stats_for("cubic"))

@@ -87,7 +87,7 @@ def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, e
     method = METHODS[prune.method]
     gradual = prune.schedule == "cubic"
     end = prune.end_step if prune.end_step is not None else ft.steps
-    keep = set(method.stats) if gradual else set()
+    keep = set(method.stats_for("cubic")) if gradual else set()
     if keep and not state.stats:
         # on the partitions' device: the steps' gradients and weights are added there
         state.stats = {t.name: new_stats(view.numel(), keep, view.device)
