@@ -29,14 +29,16 @@ import torch
 
 def admm_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *, prune_n: int = 0,
                prune_m: int = 0, pruned: int | None = None, iterations: int = 15, rho: float = 0.5,
-               percdamp: float = 0.03, cg_iterations: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+               percdamp: float = 0.01, cg_iterations: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """ADMM pruning of one linear weight [out, in] given its input Hessian [in, in].
 
     Returns (weight with the pruned entries exactly 0, in weight's dtype; bool mask, True = pruned).
     Unstructured: exactly `pruned` entries of the tensor (default round(sparsity * numel)). n:m
     (prune_n > 0): prune_n of every prune_m consecutive inputs of every row; `sparsity` is then
     ignored. Dead inputs (H_jj == 0, never seen non-zero) have W[:, j] = 0 and are pruned first.
-    The maths runs in float32 on weight's device.
+    The maths runs in float32 on weight's device. Defaults, SmolLM2-135M at 50% (README): rho 0.5
+    (layer errors 0.60x SparseGPT's against 0.63x at rho 1, 0.75x at 0.25); 15 iterations (30 gave
+    41.73 against 41.46 perplexity); percdamp SparseGPT's 0.01 (0.03: 41.46, 0.1: 41.92; 0.01: 41.05).
     """
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"weight {tuple(weight.shape)} and hessian {tuple(hessian.shape)} do not match")

@@ -81,7 +81,7 @@ def test_lower_layer_error_than_sparsegpt_at_exact_counts(sparsity, n, m):
     assert torch.equal(mask, ours == 0)
     if n:
         assert (mask.view(64, -1, m).sum(2) == n).all()
-    # measured (seeds above), ours / sparsegpt's ||(W - W')X||: 50% 0.465, 70% 0.525, 2:4 0.524
+    # measured (seeds above), ours / sparsegpt's ||(W - W')X||: 50% 0.459, 70% 0.517, 2:4 0.514
     assert output_error(w, ours, x) < 0.7 * output_error(w, theirs, x)
 
 
