@@ -41,8 +41,12 @@ from dist_prune.methods import METHODS as REGISTRY  # noqa: E402
 ONE_SHOT = [name for name, m in REGISTRY.items()
             if "oneshot" in m.schedules and m.mask_rule is None and not m.group_loss]
 # Rows that run a method with other settings: Wanda calibrated in one pass over the dense model
-# (every layer's statistics before any pruning) instead of two per layer on the pruned outputs.
-VARIANTS = {"wanda-1pass": ("wanda", ["data.calibration.sequential=false"])}
+# (every layer's statistics before any pruning) instead of two per layer on the pruned outputs;
+# the reconstructions with OWL's per-layer sparsities (unstructured, decoder layers only: the
+# default targets).
+OWL = "prune.layer_sparsity=owl"
+VARIANTS = {"wanda-1pass": ("wanda", ["data.calibration.sequential=false"]),
+            "sparsegpt-owl": ("sparsegpt", [OWL]), "admm-owl": ("admm", [OWL])}
 METHODS = tuple(m for name in ONE_SHOT for m in (name, *[v for v, (base, _) in VARIANTS.items() if base == name]))
 STRUCTURES = ("unstructured", "2:4", "heads", "channels")
 GROUP_METHODS = tuple(name for name, m in REGISTRY.items() if "channels" in m.structures)  # rank groups
@@ -79,6 +83,7 @@ def plan(args, results: dict) -> list[dict]:
     if not args.skip_plot and "unstructured" in args.structures and (args.plot_methods or (
             not args.methods_given and set(METHODS) <= set(half_perplexities(results, args.targets)))):
         pairs += [(m, "unstructured", s) for m in plot_methods(args, results) for s in PLOT_SPARSITIES]
+    pairs = [(m, structure, s) for m, structure, s in pairs if _applies(m, structure, args.targets)]
     base = [*TARGETS[args.targets], f"data.calibration.num_samples={args.calib_samples}",
             f"data.calibration.seq_len={args.seq_len}", f"eval.num_windows={args.eval_windows}",
             f"eval.seq_len={args.seq_len}", f"cluster.num_workers={args.world}"]
@@ -90,6 +95,11 @@ def plan(args, results: dict) -> list[dict]:
                                   *base, *_method_overrides(method), f"prune.structure={structure}",
                                   f"prune.sparsity={sparsity}"]})
     return list(runs.values())
+
+
+def _applies(method: str, structure: str, targets: str) -> bool:
+    """OWL spreads an unstructured sparsity over the decoder layers: not 2:4, not lm_head."""
+    return OWL not in _method_overrides(method) or (structure == "unstructured" and targets == "dist-prune")
 
 
 def _method_overrides(method: str) -> list[str]:

@@ -226,8 +226,10 @@ def select_and_mask(targets: list[Target], stats: dict, method: Method, prune_cf
         masks = select_groups(targets, stats, method, structure.kind, prune_cfg.sparsity, prune_cfg.norm,
                               geometry)  # chosen on the CPU; kept where the partitions are
         return {t.name: masks[t.name].to(local_weight(t.param).device) for t in targets}
-    if method.reconstruct is not None:
-        return method.reconstruct(targets, stats, prune_cfg.sparsity, structure)
+    if method.reconstruct is not None:  # OWL: each tensor's share of its layer's budget
+        counts = None if budgets is None else dict(zip([t.name for t in targets],
+                                                       group_counts(budgets, targets, "layer").tolist()))
+        return method.reconstruct(targets, stats, prune_cfg.sparsity, structure, counts=counts)
     starts = [local_start(t) for t in targets]
     # Global scope selects over every layer at once; row scope reads each score once, a chunk of rows
     # at a time. Neither needs the scores held: a layer's float32 scores are twice its bf16 weights.

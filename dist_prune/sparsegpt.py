@@ -111,12 +111,13 @@ def _smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _prune_block(W: torch.Tensor, Hinv: torch.Tensor, mask: torch.Tensor, start: int, end: int,
-                 sparsity: float, n: int, m: int) -> None:
-    """Prune columns [start, end) of W in place, set mask there, push the error right of `end`."""
+                 quota: int, n: int, m: int) -> None:
+    """Prune columns [start, end) of W in place (`quota` of the tile unstructured, else n of every
+    m), set mask there, push the error right of `end`."""
     W1, Hinv1 = W[:, start:end].clone(), Hinv[start:end, start:end]
     d, M1, Err1 = Hinv1.diagonal(), mask[:, start:end], torch.zeros_like(W1)
     if n == 0:  # one cut over the whole rows x block tile, from the weights as updated so far
-        M1 |= _smallest(W1 ** 2 / d ** 2, round(sparsity * W1.numel()))
+        M1 |= _smallest(W1 ** 2 / d ** 2, quota)
     for i in range(end - start):
         if n and i % m == 0:  # n:m groups are chosen lazily, after the updates of earlier columns
             scores = W1[:, i:i + m] ** 2 / d[i:i + m] ** 2
@@ -132,13 +133,14 @@ def _prune_block(W: torch.Tensor, Hinv: torch.Tensor, mask: torch.Tensor, start:
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *,
-                    prune_n: int = 0, prune_m: int = 0, blocksize: int = 128,
+                    prune_n: int = 0, prune_m: int = 0, pruned: int | None = None, blocksize: int = 128,
                     percdamp: float = 0.01, max_damp_retries: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """OBS pruning of one linear weight [out, in] given its input Hessian [in, in].
 
     Returns (weight with the pruned entries exactly 0, in weight's dtype; bool mask, True = pruned).
     Unstructured: each rows x `blocksize` tile (the last one may be narrower) gets exactly
-    round(sparsity * tile numel) pruned. n:m (prune_n > 0): every prune_m consecutive inputs of
+    round(sparsity * tile numel) pruned; with `pruned`, exactly that many in the tensor, the tiles
+    getting round(pruned * columns so far / in) - the same before them (OWL's per-tensor budgets). n:m (prune_n > 0): every prune_m consecutive inputs of
     every row have exactly prune_n pruned; `sparsity` is then ignored.
     Dead inputs (H_ii == 0) get H_ii = 1 and W[:, i] = 0 as in the reference; their score is 0, so
     they are the first pruned, but when a tile or group has more of them than its quota the extra
@@ -155,6 +157,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
                              f"{blocksize} and in_features {weight.shape[1]}")
     elif not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    if pruned is not None and not 0 <= pruned <= weight.numel():
+        raise ValueError(f"cannot prune {pruned} of {weight.numel()} weights")
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("SparseGPT: the Hessian has non-finite entries")
 
@@ -166,6 +170,10 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     Hinv = damped_inverse_cholesky(H, percdamp, max_damp_retries)
 
     mask = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
-    for start in range(0, W.shape[1], blocksize):
-        _prune_block(W, Hinv, mask, start, min(start + blocksize, W.shape[1]), sparsity, prune_n, prune_m)
+    rows, cols = W.shape
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        quota = (round(sparsity * rows * (end - start)) if pruned is None else
+                 round(pruned * end / cols) - round(pruned * start / cols))
+        _prune_block(W, Hinv, mask, start, end, quota, prune_n, prune_m)
     return W.to(weight.dtype), mask

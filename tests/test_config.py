@@ -119,6 +119,7 @@ def test_env_expansion_with_default(monkeypatch, tmp_path):
     ("prune.structure=neurons", "prune.structure 'neurons'"),
     ("prune.norm=l3", "prune.norm 'l3' is unknown"),
     ("prune.method=sparsegpt prune.scope=row", "sparsegpt chooses its masks"),
+    ("prune.method=admm prune.scope=layer", "admm chooses each tensor's mask as a whole"),
     ("export.max_shard_size=lots", "lots"),
     ("export.format=zip", "export.format 'zip' is unknown (allowed: dense, sparse-bitmask, sparse-24-bitmask)"),
     ("export.format=sparse-24-bitmask", "export.format sparse-24-bitmask stores 2 of every 4 weights: "

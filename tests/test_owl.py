@@ -19,7 +19,10 @@ from dist_prune.worker import WorkerJob, run_worker
 from multirank import run_on_ranks
 
 SEQ, M, LAMBDA, SPARSITY = 16, 2.0, 0.08, 0.5
-CASES = {"row": ["prune.scope=row"], "layer": ["prune.scope=layer", "data.calibration.sequential=false"]}
+CASES = {"row": ["prune.scope=row"], "layer": ["prune.scope=layer", "data.calibration.sequential=false"],
+         # the reconstructions prune each tensor's share of its layer's budget
+         "sparsegpt": ["prune.method=sparsegpt"], "admm": ["prune.method=admm"]}
+RECONSTRUCTIONS = ("sparsegpt", "admm")  # Hessians summed in another order on 2 ranks: close, not equal
 
 
 def test_layer_sparsities_known_answer():
@@ -103,7 +106,10 @@ def test_owl_counts_match_hand_computation_on_one_and_two_ranks(three_layers, te
     for case in CASES:
         one, two = load_file(tmp_path / f"w1-{case}" / "model.safetensors"), load_file(tmp_path / f"w2-{case}" / "model.safetensors")
         for name in one:
-            assert torch.equal(one[name], two[name]), (case, name)
+            if case in RECONSTRUCTIONS:
+                assert ((one[name] == 0) != (two[name] == 0)).float().mean() < 0.01, (case, name)
+            else:
+                assert torch.equal(one[name], two[name]), (case, name)
         zeros = [sum(int((t == 0).sum()) for n, t in two.items() if f".layers.{layer}." in n and t.ndim == 2)
                  for layer in range(3)]
         assert zeros == expected, case

@@ -42,7 +42,9 @@ def _run(method: str, structure: str, sparsity: float, ppl: float, seconds: floa
 def test_plan_has_every_method_and_structure_once(quality):
     runs = quality.plan(quality.parse_args([]), {"runs": {}})
     keys = [r["key"] for r in runs]
-    assert len(keys) == len(set(keys)) == 2 * len(quality.METHODS) + 2  # 50% and 2:4 each; heads, channels
+    # 50% and 2:4 each; heads, channels; OWL's variants not on these targets (lm_head is one)
+    owl = [m for m in quality.METHODS if quality.OWL in quality._method_overrides(m)]
+    assert len(keys) == len(set(keys)) == 2 * (len(quality.METHODS) - len(owl)) + 2
     onepass = next(r for r in runs if r["key"] == "llm-compressor/wanda-1pass/unstructured/0.5")
     assert "prune.method=wanda" in onepass["overrides"]
     assert "data.calibration.sequential=false" in onepass["overrides"]
@@ -50,6 +52,16 @@ def test_plan_has_every_method_and_structure_once(quality):
     assert not any("sequential" in o for o in wanda["overrides"])
     heads = next(r for r in runs if r["structure"] == "heads")
     assert "prune.method=wanda" in heads["overrides"] and "prune.sparsity=0.67" in heads["overrides"]
+
+
+def test_owl_variants_run_unstructured_on_the_default_targets_only(quality):
+    args = quality.parse_args(["--methods", "sparsegpt,sparsegpt-owl,admm-owl", "--structures", "unstructured,2:4",
+                               "--sparsities", "0.5,0.7", "--targets", "dist-prune"])
+    keys = [r["key"] for r in quality.plan(args, {"runs": {}})]
+    assert keys == [f"dist-prune/{m}/unstructured/{s}" for m in ("sparsegpt", "sparsegpt-owl", "admm-owl")
+                    for s in ("0.5", "0.7")] + ["dist-prune/sparsegpt/2:4/0.5"]
+    owl = next(r for r in quality.plan(args, {"runs": {}}) if r["method"] == "admm-owl")
+    assert {"prune.method=admm", "prune.layer_sparsity=owl"} <= set(owl["overrides"])
 
 
 def test_plot_sweep_follows_the_three_best_at_half(quality):

@@ -29,6 +29,8 @@ CASES = {  # name -> overrides
                         "prune.scope=global", "prune.sparsity=0.4"],
     "sparsegpt": ["prune.method=sparsegpt", "prune.sparsity=0.5"],
     "sparsegpt-4:8": ["prune.method=sparsegpt", "prune.structure=4:8"],
+    "admm": ["prune.method=admm", "prune.sparsity=0.5"],
+    "admm-2:4": ["prune.method=admm", "prune.structure=2:4"],
     "taylor": ["prune.method=taylor", "prune.sparsity=0.5"],  # per-token statistics, row scope
     "obd-layer": ["prune.method=obd", "prune.scope=layer", "prune.sparsity=0.4"],
     "seven": ["prune.method=seven", "prune.sparsity=0.5"],
@@ -80,16 +82,21 @@ def test_world_sizes_export_identical_weights(runs, case):
     one, two = _weights(out / f"w1-{case}"), _weights(out / f"w2-{case}")
     assert one.keys() == two.keys()
     for name in one:
-        if case.startswith(("sparsegpt", "taylor", "obd", "seven")):
+        if case.startswith(("sparsegpt", "admm", "taylor", "obd", "seven")):
             # Hessians and gradients are float sums whose order depends on how windows are
             # split across ranks (and OBS updates amplify that): masks agree closely.
             assert ((one[name] == 0) != (two[name] == 0)).float().mean() < 0.01, name
-            assert torch.allclose(one[name], two[name], rtol=1e-2, atol=1e-4), name
+            if case.startswith("admm"):  # each row solved on its own mask, by 10 CG steps from
+                # where ADMM left it: rows whose masks agree differ by 2.8e-4 at most (weights ~0.05)
+                rows = ((one[name] == 0) == (two[name] == 0)).all(-1)
+                assert torch.allclose(one[name][rows], two[name][rows], rtol=1e-2, atol=1e-3), name
+            else:
+                assert torch.allclose(one[name], two[name], rtol=1e-2, atol=1e-4), name
         else:
             assert torch.equal(one[name], two[name]), name
     assert metrics[1][case]["pruned"] == metrics[2][case]["pruned"]
     assert metrics[1][case]["perplexity_sparse"] == pytest.approx(metrics[2][case]["perplexity_sparse"],
-                                                                  rel=1e-6)
+                                                                  rel=1e-4 if case.startswith("admm") else 1e-6)
 
 
 def test_exact_counts_in_exported_files(runs):
@@ -112,7 +119,7 @@ def test_exact_counts_in_exported_files(runs):
 
 def test_structures_hold_in_exported_files(runs):
     out, _, _, _ = runs
-    for case, n, m in (("wanda-2:4", 2, 4), ("sparsegpt-4:8", 4, 8)):
+    for case, n, m in (("wanda-2:4", 2, 4), ("sparsegpt-4:8", 4, 8), ("admm-2:4", 2, 4)):
         for name, t in _weights(out / f"w2-{case}").items():
             if ".layers." in name and t.ndim == 2:
                 groups = (t == 0).reshape(t.shape[0], -1, m).sum(-1)
@@ -153,6 +160,17 @@ def test_sparsegpt_updates_kept_weights(runs, tiny_llama):
     assert int((t == 0).sum()) == t.numel() // 2
     kept = t != 0
     assert not torch.equal(t[kept], d[kept])  # OBS reconstruction moved the survivors
+
+
+def test_admm_prunes_exactly_half_of_every_tensor_and_updates_the_rest(runs, tiny_llama):
+    out, metrics, _, _ = runs
+    dense = load_file(tiny_llama / "model.safetensors")
+    for name, t in _weights(out / "w2-admm").items():
+        if ".layers." in name and t.ndim == 2:
+            assert int((t == 0).sum()) == t.numel() // 2, name
+            kept = t != 0
+            assert not torch.equal(t[kept], dense[name][kept]), name  # the survivors were solved for
+    assert metrics[2]["admm"]["perplexity_sparse"] < metrics[2]["sparsegpt"]["perplexity_sparse"]
 
 
 def _hf_perplexity(model, windows) -> float:

@@ -4,13 +4,14 @@ registry the pipeline looks them up in. Adding a method: write methods/<name>.py
 
 from __future__ import annotations
 
-from dist_prune.methods import infogain, magnitude, movement, obd, ria, seven, sparsegpt, taylor, threshold, wanda
+from dist_prune.methods import admm, infogain, magnitude, movement, obd, ria, seven, sparsegpt, taylor, threshold, wanda
 from dist_prune.methods.base import LocalSlice, Method, Stats
 
 METHODS: dict[str, Method] = {
     "magnitude": magnitude.METHOD,
     "wanda": wanda.METHOD,
     "sparsegpt": sparsegpt.METHOD,
+    "admm": admm.METHOD,
     "taylor": taylor.METHOD,
     "obd": obd.METHOD,
     "seven": seven.METHOD,

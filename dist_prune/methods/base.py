@@ -5,8 +5,8 @@ training loop) asks these fields and never tests a method's name.
 A method decides through exactly one of:
 - `score(slice, stats)`: one score per local element (higher = keep), then the exact distributed
   selection of dist_prune/selection.py picks the pruned set;
-- `reconstruct(targets, stats, sparsity, structure)`: chooses masks while it updates the kept
-  weights, layer by layer (SparseGPT);
+- `reconstruct(targets, stats, sparsity, structure, counts=)`: chooses masks while it updates the
+  kept weights, layer by layer (SparseGPT, ADMM); `counts` (OWL) gives each tensor's pruned count;
 - `mask_rule(slice, prune_cfg)`: an absolute rule on each element, no selection (threshold);
 - `group_loss`: whole heads / channels / layers ranked by the loss their ablation costs (infogain).
 """
