@@ -157,6 +157,21 @@ def _side_file_link(directory, meta):
     (directory / "tokenizer_config.json").symlink_to(secret)
 
 
+def _plant_nan(directory, meta):
+    """A NaN in place of one non-zero weight, the shard's sha256 recomputed: a diverged model whose
+    every other claim is true."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    name = sorted(meta["shards"])[0]
+    with safe_open(str(directory / name), "pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    weight = tensors[PRUNED] if PRUNED in tensors else next(t for t in tensors.values() if t.is_floating_point())
+    weight.view(-1)[int(weight.view(-1).nonzero()[0])] = float("nan")
+    save_file(tensors, str(directory / name), metadata=header)
+    meta["shards"][name] = sha256_file(directory / name)
+
+
 FORGERIES = {
     "dense weights claimed 50% sparse": (None, r"claims \{'shape'.*'zeros': \d+\} for model\.layers\..*, the shards hold"),
     "overall sparsity inflated": (_set(("overall_sparsity",), 0.9), "claims overall_sparsity 0.9, the shards hold 0.5"),
@@ -179,6 +194,8 @@ FORGERIES = {
     "a shard named by '..'": (_shard_elsewhere("dotdot"), "lists shard '../outside-dotdot/.*': shard names are file names"),
     "a shard named by an absolute path": (_shard_elsewhere("absolute"), "lists shard '/.*': shard names are file names"),
     "a shard that links out": (_shard_elsewhere("symlink"), "model-00001-of-.* is a symbolic link to .*, outside"),
+    "a NaN, its shard's sha256 recomputed": (_plant_nan, r"tensor model\..* holds 1 NaN or Inf values: a model "
+                                                         r"that cannot be used is not registered"),
     "a side file that links out": (_side_file_link, r"export .*: tokenizer_config\.json is a symbolic link to .*credentials, outside"),
 }
 

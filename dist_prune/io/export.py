@@ -31,7 +31,8 @@ from dist_prune.errors import UserError
 from dist_prune.io.destination import check_destination, publish
 from dist_prune.io.formats import DENSE, FORMAT_VERSION, HF_LAYOUT, ExportFormat, compressed_names
 from dist_prune.io.model_files import read_side_file
-from dist_prune.io.shards import SPARSITY_FILE, ShardWriter, TensorSpec, fsync_dir, plan_shards, write_json
+from dist_prune.io.shards import (SPARSITY_FILE, ShardWriter, TensorSpec, count_non_finite, fsync_dir,
+                                   plan_shards, write_json)
 
 PRODUCER = f"dist-prune {__version__}"
 _RESERVED = {"producer", "format_version", "format", "tensors", "overall_sparsity", "shards", "total_size",
@@ -260,17 +261,10 @@ class StreamingExport:
         self._done = True
 
 
-def _refuse_non_finite(name: str, tensor: torch.Tensor, chunk: int = 1 << 22) -> None:
+def _refuse_non_finite(name: str, tensor: torch.Tensor) -> None:
     """A NaN or Inf in what is about to be exported (a diverged fine-tuning, an overflow in a
-    narrower export dtype) is refused: nothing broken is published or registered. In runs of
-    `chunk` elements, so the check adds at most 4 MB of flags to the tensor in memory (and a
-    16 MB float32 copy of the run for 1-byte floats, which torch cannot test directly)."""
-    if not tensor.is_floating_point():
-        return
-    flat = tensor.reshape(-1)
-    bad = 0
-    for part in flat.split(chunk):
-        bad += part.numel() - int(torch.isfinite(part if part.element_size() > 1 else part.float()).sum())
+    narrower export dtype) is refused: nothing broken is published or registered."""
+    bad = count_non_finite(tensor)
     if bad:
-        raise UserError(f"the exported tensor {name} holds {bad:,} NaN or Inf values (of {flat.numel():,}): "
+        raise UserError(f"the exported tensor {name} holds {bad:,} NaN or Inf values (of {tensor.numel():,}): "
                         "nothing is exported or registered; did fine-tuning diverge (finetune.lr)?")

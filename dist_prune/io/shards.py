@@ -324,3 +324,13 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise UserError(f"invalid size {text!r}: must be positive")
     return value
+
+
+def count_non_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> int:
+    """NaN and Inf values in a floating tensor (0 for integers). In runs of `chunk` elements, so
+    the check adds at most 4 MB of flags to the tensor in memory (and a 16 MB float32 copy of the
+    run for 1-byte floats, which torch cannot test directly)."""
+    if not tensor.is_floating_point():
+        return 0
+    return sum(part.numel() - int(torch.isfinite(part if part.element_size() > 1 else part.float()).sum())
+               for part in tensor.reshape(-1).split(chunk))

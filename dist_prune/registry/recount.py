@@ -8,6 +8,7 @@ shards' sha256 (io/verify.py), one dense tensor in memory at a time:
   n zeros or more in every group of m; blocks: whole zero blocks), by the structure's
   `max_pruned` (dist_prune/structures.py); for whole heads, channels or layers removed, the
   parameters left are the tensors' own;
+- every value finite: a NaN or Inf (a diverged fine-tuning, its sha256 recomputed) is no model;
 - the shapes against config.json: the model transformers builds from it (on the meta device, no
   memory) has exactly these tensors in exactly these shapes.
 """
@@ -22,7 +23,7 @@ import torch
 
 from dist_prune.errors import UserError
 from dist_prune.io.formats import format_of
-from dist_prune.io.shards import SPARSITY_FILE
+from dist_prune.io.shards import SPARSITY_FILE, count_non_finite
 from dist_prune.io.verify import verify_export
 from dist_prune.structures import parse_structure
 
@@ -37,6 +38,7 @@ class Recount:
         self.zeros: dict[str, int] = {}
         self.max_pruned: dict[str, int] = {}
         self.misfits: dict[str, str] = {}  # pruned tensor -> why its shape does not fit the structure
+        self.non_finite: dict[str, int] = {}  # tensor -> its NaN and Inf values
 
     def __call__(self, meta: dict):
         """The callback for the tensors of the export `meta` describes."""
@@ -51,6 +53,8 @@ class Recount:
     def count(self, name: str, tensor: torch.Tensor) -> None:
         self.shapes[name] = tuple(tensor.shape)
         self.zeros[name] = tensor.numel() - int(torch.count_nonzero(tensor))
+        if bad := count_non_finite(tensor):
+            self.non_finite[name] = bad
         if name in self.pruned and not self.structure.removes_parameters:
             try:
                 self.structure.check_shape(tuple(tensor.shape), name)
@@ -62,6 +66,10 @@ class Recount:
     def check(self, meta: dict) -> None:
         """UserError naming the first claim of sparsity.json the tensors do not bear out."""
         tensors = meta["tensors"]
+        if self.non_finite:
+            name, bad = next(iter(self.non_finite.items()))
+            raise UserError(f"{self.where.parent}: tensor {name} holds {bad:,} NaN or Inf values: "
+                            f"a model that cannot be used is not registered")
         if self.misfits:
             name, why = next(iter(self.misfits.items()))
             raise UserError(f"{self.where} lists {name} as pruned {self.structure}, which it cannot be: {why}")
