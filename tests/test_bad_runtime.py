@@ -4,7 +4,8 @@ CLI uses (log_to_driver=True), next to a real `ray start --head` on this machine
 - the job runs on that cluster (as Ray's own ray.init() would, without the ValueError about
   num_cpus that a job sized for a local Ray met), and says so in one line;
 - a UserError raised inside a worker reaches the terminal as one line, without the worker's or Ray
-  Train's tracebacks around it;
+  Train's tracebacks around it; a bug (any other exception), in a worker or the driver, keeps its
+  traceback and exits 1;
 - Ctrl-C once the workers run: exit code 130, `dist-prune: interrupted`, the job's processes on the
   cluster gone (the cluster itself left running), no export or temporary directory, nothing
   registered.
@@ -83,6 +84,58 @@ def test_worker_user_error_is_one_line_and_a_running_head_is_left_alone(head, ti
     assert "Traceback" not in output and "UserError" not in output and "Error in training function" not in output
     assert not (tmp_path / "out").exists()
     assert (Path(env["RAY_TMPDIR"]) / "ray" / "ray_current_cluster").read_text().strip() == address
+
+
+BUG = "planted bug, not a user mistake"
+# The CLI with one function replaced by a bug (a RuntimeError, not a UserError). The worker's is the
+# real training function whose run_worker raises once the process group is up: defined in __main__,
+# cloudpickle ships it to the workers by value, so nothing but this process is patched.
+PATCHED_CLI = f"""
+import sys
+import dist_prune.job
+from dist_prune.cli import main
+
+
+def bug(*args, **kwargs):
+    raise RuntimeError({BUG!r})
+
+
+def buggy_train_loop(payload):
+    import dist_prune.worker as worker
+
+    worker.run_worker = bug
+    return worker.ray_train_loop(payload)
+
+
+dist_prune.job.{{target}} = {{replacement}}
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _with_bug(argv: list[str], target: str, replacement: str) -> list[str]:
+    assert argv[:len(CLI)] == CLI
+    return [sys.executable, "-c", PATCHED_CLI.format(target=target, replacement=replacement), *argv[len(CLI):]]
+
+
+@pytest.mark.parametrize("where", ["worker", "driver"])
+def test_a_bug_keeps_its_traceback(where, request, tiny_llama, text_file, tmp_path):
+    """Unlike a user's mistake, a bug is not cut to one line: its traceback reaches the terminal and
+    the exit code is Python's 1, not 2. In a worker on the running head (its report held by the gate
+    while fit() ran, then released; the driver's traceback carries the worker's frames) or in the
+    driver before Ray starts (check_targets)."""
+    if where == "worker":
+        env, target, replacement = request.getfixturevalue("head")[1], "ray_train_loop", "buggy_train_loop"
+    else:
+        env, target, replacement = dict(_clean_env(), RAY_ADDRESS="local"), "check_targets", "bug"
+    run = subprocess.run(_with_bug(_job(tiny_llama, text_file, "registry.enabled=false",
+                                        f"export.dir={tmp_path / 'out'}"), target, replacement),
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    output = run.stdout + run.stderr
+    assert run.returncode == 1, output[-3000:]
+    assert "Traceback (most recent call last):" in run.stderr and f"RuntimeError: {BUG}" in run.stderr, output[-3000:]
+    assert ('dist_prune/worker.py", line' in run.stderr) == (where == "worker"), output[-3000:]
+    assert "dist-prune: error:" not in output, output[-3000:]
+    assert not (tmp_path / "out").exists()
 
 
 def test_ctrl_c_once_workers_run(head, tiny_llama, text_file, tmp_path):
