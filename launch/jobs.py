@@ -195,8 +195,20 @@ def follow(client, job_id: str) -> str:
     address, secrets = client.get_address(), env_secrets()
 
     async def tail() -> None:
-        async for chunk in client.tail_job_logs(job_id):
-            sys.stdout.write(scrub(chunk, secrets))
+        # Ray hands over what the log file holds so far, so a line still being written comes in
+        # pieces, and so can a secret in it: the text after the last line end waits for the next
+        # chunk, and each piece written out is scrubbed whole lines at a time.
+        pending = ""
+        try:
+            async for chunk in client.tail_job_logs(job_id):
+                pending += chunk
+                cut = max(pending.rfind("\n"), pending.rfind("\r")) + 1  # \r: progress bars
+                if cut:
+                    sys.stdout.write(scrub(pending[:cut], secrets))
+                    sys.stdout.flush()
+                    pending = pending[cut:]
+        finally:
+            sys.stdout.write(scrub(pending, secrets))
             sys.stdout.flush()
 
     with api_errors(address, job_id):

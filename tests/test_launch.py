@@ -26,6 +26,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -195,6 +196,13 @@ PLANTED = {"MLFLOW_TRACKING_USERNAME": "planted-user-2b7f", "MLFLOW_TRACKING_PAS
            "MLFLOW_TRACKING_TOKEN": "planted-mlflow-token-77a0", "HF_TOKEN": "hf_planted_token_91c3"}
 
 
+URI_PASSWORD, ENV_SECRET = "planted-uri-pw-6d2e", "planted-aws-secret-0b9f"
+# a line a job prints: a tracking URI with a password, and the value of a secret variable of the
+# shell that reads the logs
+SECRET_LINE = f"tracking at http://bob:{URI_PASSWORD}@mlflow.example:5000 key {ENV_SECRET}"
+MASKED_LINE = "tracking at http://***@mlflow.example:5000 key ***"
+
+
 def _submit_env(cluster: Cluster, text_file: Path) -> dict:
     return dict(cluster.env, DIST_PRUNE_DATA=str(text_file.parent), **PLANTED)
 
@@ -203,8 +211,8 @@ def _headers(cluster: Cluster) -> dict:
     return {"Authorization": f"Bearer {cluster.base.joinpath('token').read_text()}"}
 
 
-def _job_of_the_cluster(cluster: Cluster, entrypoint: str) -> str:
-    """Run a plain entrypoint through the Jobs API (not dist-prune) and return its logs."""
+def _plain_job(cluster: Cluster, entrypoint: str) -> str:
+    """Run a plain entrypoint through the Jobs API (not dist-prune) until it ends; its id."""
     r = requests.post(f"{cluster.address}/api/jobs/", json={"entrypoint": entrypoint},
                       headers=_headers(cluster), timeout=30)
     job = r.json()["submission_id"]
@@ -213,6 +221,12 @@ def _job_of_the_cluster(cluster: Cluster, entrypoint: str) -> str:
                        timeout=30).json()["status"] not in ("SUCCEEDED", "FAILED", "STOPPED"):
         assert time.monotonic() < deadline, f"job {job} did not end"
         time.sleep(0.5)
+    return job
+
+
+def _job_of_the_cluster(cluster: Cluster, entrypoint: str) -> str:
+    """Run a plain entrypoint through the Jobs API and return its logs."""
+    job = _plain_job(cluster, entrypoint)
     return requests.get(f"{cluster.address}/api/jobs/{job}/logs", headers=_headers(cluster), timeout=30).json()["logs"]
 
 
@@ -298,6 +312,23 @@ export: {{dir: out, max_shard_size: 40KB}}
     for secret in (*PLANTED.values(), cluster.secret):
         assert not any(secret in text for text in texts), secret
         assert not [p for p in files if secret.encode() in p.read_bytes()], secret
+
+
+def test_job_commands_mask_what_a_job_holds(cluster, tmp_path):
+    """A job submitted by other means (the Jobs API, as `ray job submit` does) whose entrypoint and
+    log hold a tracking URI with a password and the value of a secret variable of the shell that
+    asks: `dist-prune logs` (whole and --follow), `jobs` and `status` show both masked."""
+    job = _plain_job(cluster, f"echo {shlex.quote(SECRET_LINE)}; exit 3")
+    env = dict(cluster.env, AWS_SECRET_ACCESS_KEY=ENV_SECRET)
+    outputs = {" ".join(args): cluster.cli([*args, "--address", cluster.address], cwd=tmp_path, env=env)
+               for args in (["logs", job], ["logs", job, "--follow"], ["jobs"], ["status", job])}
+    for command, proc in outputs.items():
+        assert proc.returncode == 0, (command, proc.stderr[-2000:])
+        assert URI_PASSWORD not in proc.stdout + proc.stderr and ENV_SECRET not in proc.stdout + proc.stderr, command
+    assert MASKED_LINE in outputs[f"logs {job}"].stdout and MASKED_LINE in outputs[f"logs {job} --follow"].stdout
+    (row,) = [line for line in outputs["jobs"].stdout.splitlines() if line.startswith(job)]
+    assert row.endswith(f"echo '{MASKED_LINE}'; exit 3")
+    assert outputs[f"status {job}"].stdout.startswith(f"{job}  FAILED")
 
 
 def test_stop_and_list(cluster, tmp_path, tiny_llama, text_file):
@@ -432,6 +463,34 @@ def test_address_and_auth_rules(tmp_path, monkeypatch):
     assert connect.auth_token() == "env-token"
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert connect.auth_token() is None
+
+
+def test_followed_logs_are_masked_when_a_secret_comes_in_pieces(monkeypatch, capsys):
+    """No cluster needed. Ray's log tail hands over what the job's log file holds so far: a line
+    still being written arrives in pieces (a block-buffered stdout flushes every 8 KiB, wherever
+    that falls in a line). `logs --follow` and `submit` mask a secret cut anywhere in two."""
+    from launch import jobs
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRET)
+    text = f"start\n{SECRET_LINE}\nend\n"
+
+    class Client:  # the part of ray.job_submission.JobSubmissionClient that follow() uses
+        def __init__(self, pieces: list[str]):
+            self.pieces = pieces
+
+        def get_address(self) -> str:
+            return "http://127.0.0.1:1"
+
+        def get_job_status(self, job: str) -> str:
+            return "SUCCEEDED"
+
+        async def tail_job_logs(self, job: str):
+            for piece in self.pieces:
+                yield piece
+
+    for cut in range(len(text) + 1):
+        assert jobs.follow(Client([text[:cut], text[cut:]]), "job") == "SUCCEEDED"
+        assert capsys.readouterr().out == f"start\n{MASKED_LINE}\nend\n", cut
 
 
 def test_what_ships_with_a_job(tmp_path, monkeypatch):
