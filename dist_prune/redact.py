@@ -20,7 +20,10 @@ def redact_uri(uri: str) -> str:
     except ValueError:
         return uri
     if parts.username or parts.password:
-        return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+        # the host and port as written: rebuilding them from .hostname and .port raised on a URI
+        # with no host (TypeError) or a port that is not a number (ValueError), and lost an IPv6
+        # address's brackets
+        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     return uri
 
 

@@ -199,11 +199,18 @@ def test_config_command_prints_a_job_file_that_reads_back_the_same(method, data_
         load_config(CONFIG_DIR / "quickstart.yaml", overrides, check_paths=False)
 
 
-def test_config_command_hides_credentials(capsys):
-    assert main(["config", "registry.tracking_uri=http://bob:Pw-9f8e7d@mlflow:5000"]) == 0
+@pytest.mark.parametrize("uri, shown", [
+    ("http://bob:Pw-9f8e7d@mlflow:5000", "http://mlflow:5000"),
+    ("https://Pw-9f8e7d@mlflow/path?x=1", "https://mlflow/path?x=1"),  # a token as the user name
+    ("http://bob:Pw-9f8e7d@", "http://"),  # no host: was a TypeError traceback
+    ("http://bob:Pw-9f8e7d@mlflow:port", "http://mlflow:port"),  # no port number: was a ValueError traceback
+    ("http://bob:Pw-9f8e7d@[::1]:5000", "http://[::1]:5000"),  # was printed as http://::1:5000
+])
+def test_config_command_hides_credentials(uri, shown, capsys):
+    assert main(["config", f"registry.tracking_uri={uri}"]) == 0
     printed = capsys.readouterr().out
     assert "Pw-9f8e7d" not in printed and "bob" not in printed
-    assert "  tracking_uri: http://mlflow:5000\n" in printed
+    assert f"  tracking_uri: {shown}\n" in printed
 
 
 def test_only_files_the_job_reads_must_exist():
