@@ -17,8 +17,8 @@ def redact_uri(uri: str) -> str:
     """Drop user:password@ from a URI so that it can be printed."""
     try:
         parts = urlsplit(uri)
-    except ValueError:
-        return uri
+    except ValueError:  # "Invalid IPv6 URL": it may still hold user:password@
+        return scrub(uri, ())
     if parts.username or parts.password:
         # the host and port as written: rebuilding them from .hostname and .port raised on a URI
         # with no host (TypeError) or a port that is not a number (ValueError), and lost an IPv6

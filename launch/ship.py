@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 
 from dist_prune.config import JobConfig, config_yaml, input_paths, set_input_path
 from dist_prune.errors import UserError
-from dist_prune.redact import SECRET_ENV, redact_uri
+from dist_prune.redact import SECRET_ENV, redact_uri, scrub
 
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "DIST_PRUNE_DATA")
 # set here, never sent: the cluster gives the job its own (launch/jobs.py's docstring)
@@ -154,8 +154,8 @@ def refuse_credential(where: str, name: str | None, value: str) -> None:
                         "on a cluster)")
     try:
         password = urlsplit(value).password
-    except ValueError:
-        password = None
+    except ValueError:  # a URI that does not parse ("Invalid IPv6 URL") may still hold user:password@
+        password = scrub(value, ()) != value
     if password:
         raise UserError(f"{where}{' ' + name if name else ''} {redact_uri(value)} carries a password, "
                         "which Ray would keep in clear with the job: give the URI without user:password@ "

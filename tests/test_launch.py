@@ -540,6 +540,8 @@ def test_what_ships_with_a_job(tmp_path, monkeypatch):
 @pytest.mark.parametrize("args, env, message", [
     (["registry.tracking_uri=http://bob:planted-uri-pw-3c9a@127.0.0.1:5000"], {},
      "registry.tracking_uri http://127.0.0.1:5000 carries a password"),
+    (["registry.tracking_uri=http://bob:planted-uri-pw-3c9a@[::1:5000"], {},  # does not parse: was sent
+     "registry.tracking_uri http://***@[::1:5000 carries a password"),
     ([], {"MLFLOW_TRACKING_URI": "https://bob:planted-uri-pw-3c9a@mlflow.example"},
      "environment variable MLFLOW_TRACKING_URI https://mlflow.example carries a password"),
     (["--env", "MY_API_KEY"], {"MY_API_KEY": "planted-key-8e21"},

@@ -119,6 +119,10 @@ def resolved_tracking_uri(tracking_uri: str | None) -> str:
     import mlflow  # lazy: module docstring
 
     uri = tracking_uri or mlflow.get_tracking_uri()
+    try:
+        urlsplit(uri)
+    except ValueError as e:  # MLflow's own parse raised it, a traceback from deep in its store registry
+        raise UserError(f"MLflow tracking URI {redact_uri(uri)} is not a valid URI ({e})") from None
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         uri = prefix + str(Path(uri[len(prefix):]).resolve())

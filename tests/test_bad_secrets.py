@@ -1,0 +1,36 @@
+"""Issue 21, class 5 on the driver: a password in the tracking URI is never printed, whatever the
+URI's shape and however far the job gets. (What `submit`, `logs` and `jobs` do with credentials is
+tests/test_launch.py's; a whole job with a password in its tracking URI, on a real server, is
+tests/test_end_to_end.py's.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_prune.cli import main
+
+PLANTED = "planted-tracking-pw-41d7"
+
+
+@pytest.mark.parametrize("uri, expected", [
+    (f"http://user:{PLANTED}@127.0.0.1:9/", "cannot reach MLflow tracking server at http://127.0.0.1:9/ "
+                                            "(Connection refused)"),
+    (f"http://user:{PLANTED}@", "MLflow at http://: listing experiments failed: Invalid url: http://***@/api/"),
+    # urlsplit raises on it: was a ValueError traceback from MLflow's store registry
+    (f"http://user:{PLANTED}@[::1:5000", "MLflow tracking URI http://***@[::1:5000 is not a valid URI "
+                                         "(Invalid IPv6 URL)"),
+])
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_a_tracking_password_is_never_printed(uri, expected, dry_run, tiny_llama, text_file, tmp_path, monkeypatch,
+                                              capfd):
+    """capfd: what MLflow's or Ray's loggers write to the process's stderr is seen too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    code = main(["run", *dry_run, f"model.path={tiny_llama}", f"data.calibration.path={text_file}",
+                 "data.calibration.num_samples=2", "data.calibration.seq_len=16", "eval.num_windows=0",
+                 f"registry.tracking_uri={uri}"])
+    out, err = capfd.readouterr()
+    assert PLANTED not in out + err
+    lines = [line for line in err.splitlines() if line.startswith("dist-prune")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"dist-prune: error: {expected}"), err[-2000:]
+    assert "Traceback" not in err
