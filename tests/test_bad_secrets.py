@@ -34,3 +34,19 @@ def test_a_tracking_password_is_never_printed(uri, expected, dry_run, tiny_llama
     lines = [line for line in err.splitlines() if line.startswith("dist-prune")]
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"dist-prune: error: {expected}"), err[-2000:]
     assert "Traceback" not in err
+
+
+def test_the_config_hash_holds_no_credentials():
+    """The config's sha256, recorded in sparsity.json and as the registered version's
+    lineage.config_sha256 tag, is that of the config without user:password@ in its URIs: every other
+    key is in the run's params, so a hash over the password was a test for guesses of it, offline."""
+    from dist_prune.config import config_sha256, load_config
+
+    def sha(uri: str, artifacts: str = "s3://bucket/a") -> str:
+        return config_sha256(load_config(None, [f"registry.tracking_uri={uri}",
+                                                f"registry.artifact_location={artifacts}"], check_paths=False))
+
+    plain = sha("http://mlflow:5000")
+    assert sha(f"http://user:{PLANTED}@mlflow:5000") == sha("http://user:guess@mlflow:5000") == plain
+    assert sha("http://mlflow:5000", f"s3://key:{PLANTED}@bucket/a") == plain
+    assert sha("http://other:5000") != plain  # the rest of the config is hashed as before

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from dist_prune.redact import redact_uri
+
 
 def doc(default: Any, help: str, valid: str | None = None) -> Any:
     """A dataclass field with a default and its documentation. `valid`: the interval a number (each
@@ -238,8 +240,17 @@ def config_yaml(cfg: JobConfig) -> str:
 
 
 def config_sha256(cfg: JobConfig) -> str:
-    """Stable hash of the resolved config, recorded with every export."""
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+    """Stable hash of the resolved config, recorded with every export (sparsity.json, the registered
+    version's lineage tag), taken without user:password@ in its URIs: the other keys are the run's
+    params, so a hash over a password would let whoever reads the registry test guesses of it."""
+    def without_credentials(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: without_credentials(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [without_credentials(v) for v in value]
+        return redact_uri(value) if isinstance(value, str) else value
+
+    return hashlib.sha256(json.dumps(without_credentials(to_dict(cfg)), sort_keys=True).encode()).hexdigest()
 
 
 def describe_keys(cls: type = JobConfig, prefix: str = "") -> list[tuple[str, str, str]]:
