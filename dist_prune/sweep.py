@@ -23,7 +23,7 @@ from dist_prune.config import (JobConfig, apply_overrides, config_from_dict, inp
                                set_input_path, to_dict)
 from dist_prune.errors import UserError
 from dist_prune.job import find_user_error, init_ray, run
-from dist_prune.registry import check_alias, end_run, resolved_tracking_uri, start_run
+from dist_prune.registry import check_alias, end_run, resolved_tracking_uri, set_terminated, start_run
 
 TRIAL_CPU = 0.01
 # what the comparison table shows, in this order, when the trials report it; each perplexity is
@@ -243,4 +243,4 @@ def _log_comparison(rows: list[dict], keys: list[str], tracking_uri: str, parent
     client = MlflowClient(tracking_uri, tracking_uri)
     for artifact in (table, out_dir / "sweep.json", plot):
         client.log_artifact(parent, str(artifact))
-    client.set_terminated(parent, "FINISHED")
+    set_terminated(client, tracking_uri, parent, "FINISHED")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,14 +23,29 @@ CLI = [sys.executable, "-m", "dist_prune.cli"]
 pytestmark = pytest.mark.smoke
 
 
-def _cli(args: list[str], cwd: Path, uri: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(clean_env(), MLFLOW_TRACKING_URI=uri)  # the standard variable, as a user sets it
+# in registry.tracking_uri (the server ignores it): it must be nowhere, test_a_password_in_the_tracking_uri_is_nowhere
+TRACKING_PASSWORD = "planted-e2e-pw-8c3f"
+
+
+def _cli(args: list[str], cwd: Path, uri: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    env = dict(clean_env(), MLFLOW_TRACKING_URI=uri, **env)  # the standard variable, as a user sets it
     return subprocess.run(CLI + args, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
-def job(tiny_llama, text_file, tmp_path_factory, plain_mlflow):
+def ray_tmp():
+    """The job's own RAY_TMPDIR, so that its Ray session logs can be searched (short: Ray's unix
+    sockets live under it)."""
+    path = Path(tempfile.mkdtemp(prefix="dpe-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def job(tiny_llama, text_file, tmp_path_factory, plain_mlflow, ray_tmp):
     cwd = tmp_path_factory.mktemp("job")
+    # the config's URI wins over MLFLOW_TRACKING_URI; with a user and password in it
+    with_password = plain_mlflow.url.replace("http://", f"http://e2e-user:{TRACKING_PASSWORD}@", 1)
     proc = _cli(["run", f"model.path={tiny_llama}", "prune.method=wanda", "prune.sparsity=0.5",
                  "cluster.num_workers=2", f"data.calibration.path={text_file}",
                  "data.calibration.num_samples=8", "data.calibration.seq_len=64",
@@ -36,8 +53,13 @@ def job(tiny_llama, text_file, tmp_path_factory, plain_mlflow):
                  "registry.model_name=tiny-e2e", "export.dir=out", "export.max_shard_size=40KB",
                  # a few Sparse-NEFT steps: the masks must survive them
                  "finetune.steps=6", "finetune.log_interval=2", "finetune.eval_interval=3",
-                 f"finetune.data.path={text_file}", "finetune.data.seq_len=64", "finetune.lr=1e-3"], cwd,
-                plain_mlflow.url)
+                 f"finetune.data.path={text_file}", "finetune.data.seq_len=64", "finetune.lr=1e-3",
+                 f"registry.tracking_uri={with_password}", "cluster.storage_path=ray-results"], cwd,
+                # RAY_memory_monitor_refresh_ms=0: Ray's monitor kills a worker when the *machine* is at
+                # 95% memory, whoever holds it (on a shared test box: other work; tests/test_launch.py)
+                plain_mlflow.url, RAY_TMPDIR=str(ray_tmp), RAY_memory_monitor_refresh_ms="0")
+    (cwd / "job.stdout").write_text(proc.stdout)
+    (cwd / "job.stderr").write_text(proc.stderr)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (cwd / "mlflow.db").exists() and not (cwd / "mlruns").exists()  # all went to the server
     return cwd, proc.stdout, plain_mlflow.url
@@ -129,3 +151,21 @@ def test_lineage_of_the_registered_version(job, tiny_llama):
     head = subprocess.run(["git", "-C", str(Path(__file__).parents[1]), "rev-parse", "HEAD"],
                           capture_output=True, text=True, check=False).stdout.strip()
     assert tags.get("lineage.dist_prune_commit") == (head or None)  # None: not a git checkout
+
+
+def test_a_password_in_the_tracking_uri_is_nowhere(job, plain_mlflow, ray_tmp):
+    """The job's registry.tracking_uri held a user and password: the run's param shows the URI
+    masked, and the password is in none of the files of the job's directory (what it printed, its
+    export, Ray Train's storage), of its Ray session (every log), or of the tracking server (its
+    database: params, tags, model versions; its artifact store; its log)."""
+    from mlflow import MlflowClient
+
+    cwd, _, url = job
+    client = MlflowClient(url, url)
+    run = client.get_run(client.get_model_version_by_alias("tiny-e2e", "candidate").run_id)
+    assert run.data.params["registry.tracking_uri"] == url.replace("http://", "http://***@")
+    files = [p for root in (cwd, ray_tmp, plain_mlflow.log.parent) for p in root.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"job.stderr", "sparsity.json", "mlflow.db", "MLmodel", "raylet.out"} <= names, sorted(names)
+    assert any(p.name.startswith("worker-") and p.suffix == ".err" for p in files)  # the workers' output
+    assert [p for p in files if TRACKING_PASSWORD.encode() in p.read_bytes()] == []

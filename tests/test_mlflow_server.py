@@ -78,6 +78,22 @@ def test_parent_run_is_recorded(plain, tmp_path):
     assert run.data.metrics["ppl"] == 12.5 and run.data.params["prune.sparsity"] == "0.5"
 
 
+def test_mlflows_links_to_the_run_hold_no_password(plain, tmp_path, capfd):
+    """Ending a run on an HTTP server, MLflow writes links to it on stdout ("View run NAME at: URL"),
+    built from the tracking URI as given: with a user:password@ in it, they are printed masked."""
+    from dist_prune.registry import end_run, register_export, start_run
+
+    password = "planted-link-pw-5a0e"
+    uri = plain.url.replace("http://", f"http://bob:{password}@", 1)
+    export_dir, _ = make_export(tmp_path, 6)
+    register_export(export_dir, tracking_uri=uri, experiment="links", model_name="linked", alias="candidate",
+                    params={"registry": {"tracking_uri": uri}}, metrics={})
+    end_run(uri, start_run(uri, "links", run_name="failed"), "FAILED")  # a job that failed
+    out, err = capfd.readouterr()
+    assert password not in out + err
+    assert out.count(f" at: {plain.url}/#/experiments/") == 4, out  # run and experiment, of 2 runs
+
+
 # -- basic auth -----------------------------------------------------------------------------------
 
 def test_basic_auth_credentials(secured, tmp_path, monkeypatch, capsys):

@@ -12,7 +12,7 @@ Imports run one way: this file imports the modules, and they import each other i
 """
 
 from dist_prune.registry.client import (StepLogger, artifacts_next_to, check_registry, end_run,
-                                        resolved_tracking_uri, start_run)
+                                        resolved_tracking_uri, set_terminated, start_run)
 from dist_prune.registry.lineage import flatten_params
 from dist_prune.registry.names import check_alias, check_model_name, parse_model_uri
 from dist_prune.registry.pull import pull
@@ -20,4 +20,4 @@ from dist_prune.registry.register import RegisteredModel, register_directory, re
 
 __all__ = ["RegisteredModel", "StepLogger", "artifacts_next_to", "check_alias", "check_model_name", "check_registry",
            "end_run", "flatten_params", "parse_model_uri", "pull", "register_directory", "register_export",
-           "resolved_tracking_uri", "set_alias", "start_run"]
+           "resolved_tracking_uri", "set_alias", "set_terminated", "start_run"]

@@ -14,10 +14,12 @@ takes about 2 s, and the driver imports this module for every job, with or witho
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -194,7 +196,24 @@ def start_run(tracking_uri: str | None, experiment: str, *, artifact_location: s
 def end_run(tracking_uri: str | None, run_id: str, status: str = "FAILED") -> None:
     """Mark a run opened by `start_run` as ended (a job that failed before registering)."""
     with contextlib.suppress(Exception):
-        connect(tracking_uri)[0].set_terminated(run_id, status)
+        client, uri, _ = connect(tracking_uri)
+        set_terminated(client, uri, run_id, status)
+
+
+def set_terminated(client, uri: str, run_id: str, status: str) -> None:
+    """`client.set_terminated(run_id, status)`. On an HTTP server MLflow then writes links to the run
+    and its experiment on stdout ("View run NAME at: URL"), built from the tracking URI as given:
+    they are printed with its user:password@ left out (they were printed with the password)."""
+    shown = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(shown):
+            client.set_terminated(run_id, status)
+    finally:
+        if text := shown.getvalue():
+            if uri.rstrip("/"):
+                text = text.replace(uri.rstrip("/"), redact_uri(uri).rstrip("/"))
+            sys.stdout.write(scrub(text, env_secrets()))
+            sys.stdout.flush()
 
 
 class StepLogger:

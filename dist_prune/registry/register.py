@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dist_prune.errors import UserError
-from dist_prune.registry.client import connect, is_code, mlflow_errors, start_run
+from dist_prune.registry.client import connect, is_code, mlflow_errors, set_terminated, start_run
 from dist_prune.registry.lineage import flatten_params, metric_rows, version_tags
 from dist_prune.registry.names import check_alias, check_model_name
 from dist_prune.registry.pyfunc import log_pyfunc
@@ -132,7 +132,7 @@ def register_export(export_dir: Path, *, tracking_uri: str | None, experiment: s
         raise
     finally:
         with contextlib.suppress(Exception):
-            client.set_terminated(run_id, status)
+            set_terminated(client, uri, run_id, status)
             if status == "FAILED" and own_run:  # a run of this registration alone: nothing to keep
                 client.delete_run(run_id)
     return RegisteredModel(run_id=run_id, version=int(version), uri=f"models:/{model_name}/{version}",
