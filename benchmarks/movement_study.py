@@ -82,6 +82,7 @@ def study(args) -> dict:
                 with torch.no_grad():
                     for n, m in linears.items():
                         m.weight.copy_(weights[n])
+            write(rows, args)  # each snapshot as it is measured: a long run keeps what it has
     return rows
 
 
@@ -130,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)  # the machine is shared
-    write(study(args), args)
+    study(args)
 
 
 if __name__ == "__main__":

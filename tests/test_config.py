@@ -62,9 +62,10 @@ def test_quickstart_accepts_every_method(method, data_root):
 
 
 def test_what_the_user_sets_beats_a_method_default(data_root):
-    cfg = load_config(CONFIG_DIR / "quickstart.yaml", ["prune.method=movement", "finetune.steps=7",
-                                                       "prune.interval=3"])
-    assert (cfg.finetune.steps, cfg.prune.interval, cfg.prune.schedule) == (7, 3, "cubic")
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", ["prune.method=movement", "finetune.steps=7000",
+                                                       "prune.interval=3", "prune.end_step=6000"])
+    assert (cfg.finetune.steps, cfg.prune.interval, cfg.prune.schedule) == (7000, 3, "cubic")
+    assert cfg.prune.start_step == 5400  # the method's, as the user left it
     with pytest.raises(UserError, match="prune.schedule cubic"):
         load_config(CONFIG_DIR / "quickstart.yaml", ["prune.method=movement", "prune.schedule=oneshot"])
 
@@ -156,20 +157,20 @@ def test_hydra_overrides_remove_reset_and_null(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(f"model: {{path: {tmp_path / 'm'}}}\n"
                    "prune: {method: movement, sparsity: 0.7, interval: 5}\n"
-                   "finetune: {steps: 7}\n"
+                   "finetune: {steps: 60000}\n"
                    "data: {calibration: {num_samples: 8, seq_len: 64}}\n")
     base = load_config(job)
-    assert (base.prune.sparsity, base.finetune.steps, base.data.calibration.num_samples) == (0.7, 7, 8)
+    assert (base.prune.sparsity, base.finetune.steps, base.data.calibration.num_samples) == (0.7, 60000, 8)
 
     cfg = load_config(job, ["~prune.sparsity", "~finetune.steps", "~data", "model.path=null"])
     assert cfg.prune.sparsity == 0.5                    # the schema's default
-    assert cfg.finetune.steps == 100                    # movement's own default, not the schema's 0
+    assert cfg.finetune.steps == 54000                  # movement's own default, not the schema's 0
     assert (cfg.data.calibration.num_samples, cfg.data.calibration.seq_len) == (32, 512)
     assert cfg.model.path is None and cfg.prune.interval == 5  # what was not named stays
     assert load_config(job, ["prune.sparsity=0.3", "~prune.sparsity"]).prune.sparsity == 0.5
     assert load_config(job, ["~prune.sparsity", "prune.sparsity=0.3"]).prune.sparsity == 0.3
     reset = load_config(job, ["~prune"])  # the whole section, the method with it
-    assert (reset.prune.method, reset.prune.interval, reset.finetune.steps) == ("wanda", 100, 7)
+    assert (reset.prune.method, reset.prune.interval, reset.finetune.steps) == ("wanda", 100, 60000)
     assert load_config(job, ["++prune.sparsity=0.2"]).prune.sparsity == 0.2
     assert load_config(None, ["~model.path", "~data.calibration.path"]).model.path is None
     assert load_config(None, ["prune.scope=layer", "prune.scope=null"]).prune.scope is None
@@ -270,7 +271,8 @@ def test_keys_lists_every_method_with_its_own_defaults():
         assert method.summary and method.summary in listed[name]
         for key, value in method.defaults.items():
             assert f"{key}={value}" in listed[name]
-    assert "defaults prune.schedule=cubic, finetune.steps=100, prune.interval=10" in listed["movement"]
+    assert ("defaults prune.schedule=cubic, prune.start_step=5400, prune.end_step=37800, finetune.steps=54000, "
+            "prune.interval=100") in listed["movement"]
 
 
 def test_seed_aliases_map_to_config_keys():
@@ -303,7 +305,10 @@ def test_learning_rates_in_exponent_notation_are_floats():
 
 @pytest.mark.parametrize("overrides, message", [
     (["prune.schedule=cubic"], "finetune.steps > 0"),
-    (["prune.method=movement", "finetune.steps=10", "prune.schedule=oneshot"], "prune.schedule cubic"),
+    (["prune.method=movement", "prune.schedule=oneshot"], "prune.schedule cubic"),
+    (["prune.method=movement", "finetune.steps=100", "prune.start_step=10", "prune.end_step=75"],
+     "prune.method movement needs prune.start_step >= 5,400 steps of warm-up (got 10): over fewer its scores "
+     "pruned the largest weights"),
     (["prune.schedule=cubic", "finetune.steps=10", "prune.method=wanda"], "re-scores during training"),
     (["prune.schedule=cubic", "finetune.steps=10", "prune.method=magnitude", "prune.end_step=20"],
      "prune.end_step=20"),

@@ -23,7 +23,7 @@ from multirank import run_on_ranks
 
 SEQ = 32
 OVERRIDES = ["finetune.steps=60", "finetune.checkpoint_interval=10", "finetune.max_failures=1",
-             "prune.schedule=cubic", "prune.method=movement", "prune.sparsity=0.5", "prune.interval=10",
+             "prune.schedule=cubic", "prune.method=seven", "prune.sparsity=0.5", "prune.interval=10",
              "prune.end_step=40", "finetune.lr=3e-3", "finetune.micro_batch_size=2",
              f"finetune.data.seq_len={SEQ}", "finetune.log_interval=10", "eval.num_windows=0",
              "eval.dense=false", "cluster.num_workers=2", "registry.enabled=false"]

@@ -27,9 +27,9 @@ CASES = {  # name -> overrides
     "oneshot-zero3": ["finetune.steps=20", "prune.sparsity=0.5", "finetune.zero_stage=3"],
     "oneshot-zero2": ["finetune.steps=20", "prune.sparsity=0.5", "finetune.zero_stage=2"],
     "oneshot-zero0": ["finetune.steps=20", "prune.sparsity=0.5", "finetune.zero_stage=0"],
-    "cubic-movement": ["finetune.steps=12", "prune.schedule=cubic", "prune.method=movement",
-                       "prune.sparsity=0.6", "prune.interval=4", "prune.end_step=8",
-                       "finetune.neftune.dynamic=true"],
+    "cubic-magnitude": ["finetune.steps=12", "prune.schedule=cubic", "prune.method=magnitude",
+                        "prune.sparsity=0.6", "prune.interval=4", "prune.end_step=8",
+                        "finetune.neftune.dynamic=true"],
     "oneshot-distill": ["finetune.steps=6", "prune.sparsity=0.5", "finetune.distill.beta=0.5"],
     "cubic-seven": ["finetune.steps=12", "prune.schedule=cubic", "prune.method=seven",
                     "prune.sparsity=0.5", "prune.interval=3", "prune.scope=global"],
@@ -94,7 +94,7 @@ def test_exported_zeros_are_exactly_the_oneshot_mask(tuned, tiny_llama, case):
         assert not torch.equal(weights[name], dense[name]), f"{name} was not trained"
 
 
-@pytest.mark.parametrize("case", ["cubic-movement", "cubic-seven"])
+@pytest.mark.parametrize("case", ["cubic-magnitude", "cubic-seven"])
 def test_gradual_masks_are_exact_in_the_export(tuned, case):
     """The zeros of each exported tensor are exactly the worker's final mask count."""
     out, results = tuned
@@ -126,14 +126,14 @@ def test_every_stage_trains_the_same_model(tuned, other):
 
 def test_cubic_schedule_reaches_target_through_the_schedule(tuned):
     _, results = tuned
-    logged = results["cubic-movement"]["logged"]
+    logged = results["cubic-magnitude"]["logged"]
     sparsity = {step: row["train/sparsity"] for step, row in logged if "train/sparsity" in row}
     # pruning at steps 0, 4, 8 (before the step's forward): logged after steps 1, 5, 9
     assert sparsity[1] == 0.0  # s_0 = initial = 0
     assert 0.0 < sparsity[5] < 0.6
     assert sparsity[9] == pytest.approx(0.6, abs=1e-3)
     assert sparsity[12] == sparsity[9]
-    m = results["cubic-movement"]["metrics"]
+    m = results["cubic-magnitude"]["metrics"]
     assert m["pruned"] == round(0.6 * m["prunable"]) or abs(m["pruned"] - 0.6 * m["prunable"]) < 10
     alphas = [row["train/neftune_alpha"] for _, row in logged if "train/neftune_alpha" in row]
     assert alphas and all(0 < a <= 5.0 for a in alphas)
@@ -233,9 +233,9 @@ def test_auto_stage_is_data_parallel_only_when_the_model_fits_and_computes_in_fl
 
 
 def test_the_auto_stage_is_reported(tuned):
-    """cubic-movement leaves finetune.zero_stage at auto: a tiny fp32 model on CPU trains data
+    """cubic-magnitude leaves finetune.zero_stage at auto: a tiny fp32 model on CPU trains data
     parallel; the cases that name a stage train at it."""
     _, results = tuned
-    assert results["cubic-movement"]["metrics"]["finetune_zero_stage"] == 0
+    assert results["cubic-magnitude"]["metrics"]["finetune_zero_stage"] == 0
     assert results["oneshot-zero2"]["metrics"]["finetune_zero_stage"] == 2
     assert results["oneshot-zero3"]["metrics"]["finetune_zero_stage"] == 3

@@ -121,8 +121,9 @@ def test_registry():
     assert METHODS["seven"].stats == ("token_abs", "token_sq")
     # re-scored while fine-tuning: the optimizer steps' statistics, one global threshold, as before
     assert METHODS["taylor"].stats_for("cubic") == ("grad_sum",) and METHODS["seven"].stats_for("cubic") == ("seven",)
-    for name in ("taylor", "seven", "movement"):
+    for name in ("taylor", "seven"):
         assert scope_of(PruneConfig(method=name, schedule="cubic")) == "global", name
+    assert scope_of(PruneConfig(method="movement", schedule="cubic")) == "layer"  # Sanh et al.'s per-matrix top-k
     assert scope_of(PruneConfig(method="taylor")) == "row" and not METHODS["obd"].training_stats
     assert METHODS["threshold"].calibration == "none" and METHODS["threshold"].mask_rule is not None
     assert all(name == m.name for name, m in METHODS.items())
