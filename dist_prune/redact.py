@@ -31,8 +31,13 @@ def env_secrets() -> list[str]:
     return [v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 6]
 
 
+# the userinfo of a URI in running text: everything from :// to the last @ before the path or a
+# space, so a token alone (https://TOKEN@host) and a password holding an @ are masked whole
+USERINFO = re.compile(r"(\w+://)[^/\s]*@")
+
+
 def scrub(value: str, secrets: Sequence[str]) -> str:
-    """Mask secret env values and user:password@ in URIs."""
+    """Mask secret env values and the userinfo (user:password@, TOKEN@) of URIs."""
     for s in secrets:
         value = value.replace(s, "***")
-    return re.sub(r"(\w+://)[^/\s:@]+:[^/\s@]+@", r"\1***@", value)
+    return USERINFO.sub(r"\1***@", value)

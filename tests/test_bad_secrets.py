@@ -50,3 +50,17 @@ def test_the_config_hash_holds_no_credentials():
     assert sha(f"http://user:{PLANTED}@mlflow:5000") == sha("http://user:guess@mlflow:5000") == plain
     assert sha("http://mlflow:5000", f"s3://key:{PLANTED}@bucket/a") == plain
     assert sha("http://other:5000") != plain  # the rest of the config is hashed as before
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("at http://bob:PLANTED@host:5000/api", "at http://***@host:5000/api"),
+    ("clone https://PLANTED@github.com/org/repo", "clone https://***@github.com/org/repo"),  # a token alone
+    ("s3://key:PLANT@ED@bucket/x and more", "s3://***@bucket/x and more"),                  # an @ in the password
+    ("two http://a:PLANTED@h1/ http://PLANTED@h2", "two http://***@h1/ http://***@h2"),
+    ("http://host:5000/run mailto a@b.c", "http://host:5000/run mailto a@b.c"),             # no userinfo: unchanged
+])
+def test_printed_text_masks_the_userinfo_of_every_uri(text, shown):
+    from dist_prune.redact import scrub
+
+    assert scrub(text, ()) == shown
+
