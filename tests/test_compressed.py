@@ -206,6 +206,7 @@ def test_compressed_tensors_decompresses_our_shards_to_the_dense_weights(exports
         assert stored == {}
 
 
+@pytest.mark.smoke  # make test-latest: the newest transformers must refuse it too
 @pytest.mark.parametrize("fmt", SPARSE)
 def test_no_loader_takes_a_compressed_export_for_a_model(exports, fmt):
     """Issue 20: with compressed-tensors >= 0.15, from_pretrained on the old layout (config.json with a
