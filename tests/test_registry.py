@@ -436,3 +436,18 @@ def test_artifacts_go_beside_the_sqlite_store_not_the_working_directory(tmp_path
     assert list(cwd.iterdir()) == []
     assert sorted(p.name for p in elsewhere.iterdir()) == ["mlflow.db", "mlruns"]
     assert any((elsewhere / "mlruns").rglob("sparsity.json")), reg
+
+
+def test_artifacts_go_to_registry_artifact_location(tmp_path, monkeypatch):
+    """registry.artifact_location, where a new experiment keeps its artifacts (shared storage on a
+    cluster): the version's files land there, nothing beside the store or in the working directory."""
+    cwd, state, shared = tmp_path / "cwd", tmp_path / "state", tmp_path / "shared"
+    for d in (cwd, state, shared):
+        d.mkdir()
+    export_dir, _ = make_export(tmp_path, 3)
+    monkeypatch.chdir(cwd)
+    reg = register_export(export_dir, tracking_uri=f"sqlite:///{state}/mlflow.db", experiment="located",
+                          model_name="located", alias="candidate", params={}, metrics={},
+                          artifact_location=shared.as_uri())
+    assert list(cwd.iterdir()) == [] and sorted(p.name for p in state.iterdir()) == ["mlflow.db"]
+    assert any(shared.rglob("sparsity.json")), reg
