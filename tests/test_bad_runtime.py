@@ -162,7 +162,11 @@ def test_ctrl_c_once_workers_run(head, tiny_llama, text_file, tmp_path):
         # a terminal's Ctrl-C: SIGINT to the foreground process group, here the driver's session
         # (the cluster's processes are in sessions of their own)
         os.killpg(driver.pid, signal.SIGINT)
-        driver.wait(timeout=120)
+        try:
+            driver.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the driver did not end within 120 s of SIGINT: "
+                        + (tmp_path / "driver.err").read_text()[-3000:])
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
