@@ -268,23 +268,35 @@ def fit(job: WorkerJob, cfg: JobConfig) -> dict:
 
 
 def find_user_error(error: BaseException) -> str | None:
-    """A UserError raised in a worker reaches the driver wrapped by Ray; find its message."""
-    seen, stack = set(), [error]
+    """The message of the UserError that ended a job, raised on the driver or in a worker.
+
+    Only Ray's wrappers are looked through: a RayTaskError (an instance of its cause's class too,
+    whose str() is the remote traceback), Ray Train's WorkerGroupError (each rank's exception, in
+    a UserExceptionWithTraceback) and ControllerError. Any other exception is a bug, even one
+    raised while a UserError was being handled (its __context__, or in a worker its traceback
+    text, holds the UserError): it keeps its traceback (tests/test_bad_runtime.py)."""
+    seen, stack, told = set(), [error], None
     while stack:
         e = stack.pop()
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, UserError):
+        wrapper = type(e).__module__.startswith("ray.")
+        if isinstance(e, UserError) and not wrapper:
             return str(e)
-        stack += [x for x in (e.__cause__, e.__context__, getattr(e, "cause", None)) if x]
-        for value in (getattr(e, "worker_failures", None) or {}).values():
-            stack.append(value)
-    text = str(error)
-    marker = "dist_prune.errors.UserError: "
-    if marker in text:
-        return text.split(marker, 1)[1].splitlines()[0].strip()
-    return None
+        if not wrapper:
+            continue
+        stack += [x for x in (e.__cause__, e.__context__, getattr(e, "cause", None),
+                              getattr(e, "_base_exc", None), getattr(e, "controller_failure", None)) if x]
+        stack += (getattr(e, "worker_failures", None) or {}).values()
+        # a cause Ray could not rebuild arrives as text only: its last line is the final exception
+        last = (str(e).strip().splitlines() or [""])[-1]
+        if told is None and last.startswith(_USER_ERROR_LINE):
+            told = last[len(_USER_ERROR_LINE):].strip()
+    return told
+
+
+_USER_ERROR_LINE = f"{UserError.__module__}.{UserError.__qualname__}: "
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from dist_prune.errors import UserError
 from dist_prune.ray_driver import TracebackGate
 from test_launch import BIN, _clean_env, _free_port, _kill_cluster, _processes_of, _wait
 
@@ -253,3 +254,47 @@ def test_gate_drops_a_user_errors_report_and_prints_a_bugs():
         gate(batch)
     gate.release()
     assert shown == [REPORT[0], REPORT[1], REPORT[5], REPORT[2], REPORT[3], REPORT[4]]
+
+
+def _bug_raised_while_handling_a_user_error() -> BaseException:
+    try:
+        try:
+            raise UserError("data.calibration.path: no such file")
+        except UserError:
+            raise AttributeError("'NoneType' object has no attribute 'shape'")  # noqa: B904 - the bug
+    except AttributeError as e:
+        return e
+
+
+def _as_ray_train_reports(error: BaseException) -> BaseException:
+    """What trainer.fit() raises on the driver when rank 0's train function raised `error`: a
+    WorkerGroupError around Ray Train's UserExceptionWithTraceback, through a pickle round trip
+    (which drops __context__: only the traceback text keeps the chain)."""
+    import pickle
+    import traceback
+
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    text = "".join(traceback.format_exception(error))
+    return pickle.loads(pickle.dumps(WorkerGroupError(f"[Rank 0]\n{text}", {0: UserExceptionWithTraceback(error, text)})))
+
+
+def test_only_a_user_error_is_one_line_not_a_bug_raised_while_handling_one():
+    """find_user_error looks through Ray's wrappers, not through a bug: an AttributeError raised
+    in an `except UserError` block carries the UserError as its __context__ (and, from a worker,
+    in its traceback text), and used to be reported as that user mistake, its traceback dropped."""
+    from ray.exceptions import RayTaskError
+
+    from dist_prune.job import find_user_error
+
+    mistake = UserError("prune.sparsity: 1.5 is not in [0, 1]")
+    bug = _bug_raised_while_handling_a_user_error()
+    assert find_user_error(mistake) == "prune.sparsity: 1.5 is not in [0, 1]"
+    assert find_user_error(_as_ray_train_reports(mistake)) == "prune.sparsity: 1.5 is not in [0, 1]"
+    wrapped = RayTaskError("run_trial", "Traceback ...\ndist_prune.errors.UserError: x", mistake).as_instanceof_cause()
+    assert find_user_error(wrapped) == "prune.sparsity: 1.5 is not in [0, 1]"
+    assert isinstance(bug.__context__, UserError)
+    assert find_user_error(bug) is None
+    assert find_user_error(_as_ray_train_reports(bug)) is None
+    assert find_user_error(RayTaskError("run_trial", "Traceback ...", bug).as_instanceof_cause()) is None
