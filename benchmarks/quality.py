@@ -235,38 +235,46 @@ def _ratio(ours, ref) -> str:
 
 
 def plot(results: dict, args, path: Path) -> None:
-    """Perplexity vs unstructured sparsity of the three best methods at 50% (or --plot-methods)."""
+    """Perplexity vs unstructured sparsity of the three best methods at 50% (or --plot-methods),
+    a panel per evaluation text: WikiText-2 test, and the out-of-domain text where runs have it."""
     chosen = plot_methods(args, results)
     runs = [r for r in results["runs"].values() if r["targets"] == args.targets and r["structure"] == "unstructured"]
-    curves = {m: sorted((r["sparsity"], r["metrics"]["perplexity_sparse"]) for r in runs if r["method"] == m)
-              for m in chosen}
-    curves = {m: c for m, c in curves.items() if c}
+    panels = {"WikiText-2 test": ("perplexity_sparse", "perplexity"),
+              "fortunes (out of domain)": (SECOND.format("sparse"), "perplexity_fortunes")}
+    curves = {title: {m: sorted((r["sparsity"], r["metrics"][metric]) for r in runs
+                                if r["method"] == m and r["metrics"].get(metric) is not None) for m in chosen}
+              for title, (metric, _) in panels.items()}
+    curves = {title: {m: c for m, c in by_method.items() if c} for title, by_method in curves.items()}
+    curves = {title: by_method for title, by_method in curves.items() if by_method}
     if not curves:
         print(f"plot: no unstructured runs of {', '.join(chosen) or 'any method'} yet")
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, points in curves.items():
-        ax.plot(*zip(*points), marker="o", label=method)
+    for method, points in next(iter(curves.values())).items():
         missing = [s for s in PLOT_SPARSITIES if s not in {p[0] for p in points}]
         if missing:
             todo = ",".join(f"{s:g}" for s in missing)
             print(f"plot: {method} lacks {todo}: python benchmarks/quality.py --methods {method} --structures "
                   f"unstructured --sparsities {todo} --name {args.name} --targets {args.targets}")
-    if "dense" in results:
-        ax.axhline(results["dense"]["perplexity"], color="gray", linestyle="--", label="dense")
-    ax.set_yscale("log")  # perplexity grows by orders of magnitude from 30% to 70%
-    ax.set(xlabel="unstructured sparsity of the targets", ylabel="WikiText-2 test perplexity",
-           title=f"{results['protocol']['model']}, {args.targets} targets")
-    ax.legend()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
+    for ax, (title, by_method) in zip(axes[0], curves.items()):
+        for method, points in by_method.items():
+            ax.plot(*zip(*points), marker="o", label=method)
+        dense = results.get("dense", {}).get(panels[title][1])
+        if dense is not None:
+            ax.axhline(dense, color="gray", linestyle="--", label="dense")
+        ax.set_yscale("log")  # perplexity grows by orders of magnitude from 30% to 70%
+        ax.set(xlabel="unstructured sparsity of the targets", ylabel=f"{title} perplexity", title=title)
+        ax.legend()
+    fig.suptitle(f"{results['protocol']['model']}, {args.targets} targets")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    print(f"plot: {path}")
+    print(f"plot: {path} ({len(curves)} panel{'s' if len(curves) > 1 else ''}: {', '.join(curves)})")
 
 
 def fail(message: str):

@@ -88,3 +88,23 @@ def test_table_compares_like_for_like_with_llm_compressor(quality):
     assert ("| wanda | unstructured | 0.5 | 0.5000 of targets | 70.10 | 91.25 | 72.21 | 0.971 | 116.0 | 58 | "
             "2.000 |") in table
     assert "| wanda-1pass | unstructured | 0.5 | 0.5000 of targets | 72.20 |  | 72.21 | 1.000 | 58.0 | 58 | 1.000 |" in table
+
+
+def test_plot_has_a_panel_per_text(quality, tmp_path, capsys):
+    """Both texts once the runs measured the second one; WikiText-2 alone for runs from before it."""
+    results = {"protocol": {"model": "m"}, "dense": {"perplexity": 29.6, "perplexity_fortunes": 27.6}, "runs": {}}
+    for sparsity, ppl in ((0.3, 33.0), (0.5, 45.0), (0.7, 140.0)):
+        run = _run("sparsegpt", "unstructured", sparsity, ppl, 1.0)
+        results["runs"][run["key"]] = run
+    args = quality.parse_args(["--plot-methods", "sparsegpt"])
+    quality.plot(results, args, tmp_path / "wikitext.png")
+    assert capsys.readouterr().out.splitlines()[-1] == f"plot: {tmp_path / 'wikitext.png'} (1 panel: WikiText-2 test)"
+    for run in results["runs"].values():
+        run["metrics"]["perplexity_sparse.fortunes"] = 2 * run["metrics"]["perplexity_sparse"]
+    quality.plot(results, args, tmp_path / "both.png")
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"plot: {tmp_path / 'both.png'} (2 panels: WikiText-2 test, fortunes (out of domain))"
+    assert any("sparsegpt lacks 0.4,0.6" in line for line in out)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "both.png").size[0] > 1.8 * Image.open(tmp_path / "wikitext.png").size[0]
