@@ -31,7 +31,7 @@ from dist_prune.io.verify import verify_export
 from dist_prune.masking import find_targets
 from dist_prune.methods import METHODS
 from dist_prune.preflight import check_architecture, load_tokenizer, meta_model, read_config
-from dist_prune.ray_driver import interruptible_trainer, ray_address, tracebacks_held
+from dist_prune.ray_driver import find_user_error, interruptible_trainer, out_of_memory, ray_address, tracebacks_held
 from dist_prune.report import (StageTimer, bars_wanted, layer_sparsity_plot, library_bars_off, plan_table,
                                summary_table)
 from dist_prune.structural import check_model
@@ -250,7 +250,7 @@ def fit(job: WorkerJob, cfg: JobConfig) -> dict:
         try:
             result = trainer.fit()
         except Exception as e:  # noqa: BLE001 - re-raised unless it wraps a user mistake
-            user_error = find_user_error(e)
+            user_error = find_user_error(e) or out_of_memory(e)
             if user_error is not None:
                 worker_tracebacks.drop()
                 raise UserError(user_error) from None
@@ -265,38 +265,6 @@ def fit(job: WorkerJob, cfg: JobConfig) -> dict:
             if path.is_file():
                 metrics = json.loads(path.read_text())
     return metrics
-
-
-def find_user_error(error: BaseException) -> str | None:
-    """The message of the UserError that ended a job, raised on the driver or in a worker.
-
-    Only Ray's wrappers are looked through: a RayTaskError (an instance of its cause's class too,
-    whose str() is the remote traceback), Ray Train's WorkerGroupError (each rank's exception, in
-    a UserExceptionWithTraceback) and ControllerError. Any other exception is a bug, even one
-    raised while a UserError was being handled (its __context__, or in a worker its traceback
-    text, holds the UserError): it keeps its traceback (tests/test_bad_runtime.py)."""
-    seen, stack, told = set(), [error], None
-    while stack:
-        e = stack.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        wrapper = type(e).__module__.startswith("ray.")
-        if isinstance(e, UserError) and not wrapper:
-            return str(e)
-        if not wrapper:
-            continue
-        stack += [x for x in (e.__cause__, e.__context__, getattr(e, "cause", None),
-                              getattr(e, "_base_exc", None), getattr(e, "controller_failure", None)) if x]
-        stack += (getattr(e, "worker_failures", None) or {}).values()
-        # a cause Ray could not rebuild arrives as text only: its last line is the final exception
-        last = (str(e).strip().splitlines() or [""])[-1]
-        if told is None and last.startswith(_USER_ERROR_LINE):
-            told = last[len(_USER_ERROR_LINE):].strip()
-    return told
-
-
-_USER_ERROR_LINE = f"{UserError.__module__}.{UserError.__qualname__}: "
 
 
 @contextlib.contextmanager

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 from typing import Callable, Iterator
+
+from dist_prune.errors import UserError
 
 # Where Ray's log_to_driver hands each batch of a worker's output to the terminal
 # (ray/_private/worker.py connect(): global_worker_stdstream_dispatcher.add_handler("ray_print_logs", ...))
@@ -124,3 +127,58 @@ def ray_address() -> tuple[str | None, str]:
         return (None if address == "local" else address), f"RAY_ADDRESS={address}"
     recorded = read_ray_address()
     return recorded, (f"{recorded} (recorded by `ray start` in {get_ray_address_file(None)})" if recorded else "")
+
+
+def _looked_through(error: BaseException) -> Iterator[BaseException]:
+    """`error` and what Ray's wrappers around it hold: a RayTaskError (an instance of its cause's
+    class too, whose str() is the remote traceback), Ray Train's WorkerGroupError (each rank's
+    exception, in a UserExceptionWithTraceback) and ControllerError. Any other exception ends the
+    walk: what it was raised while handling (its __context__) is not what ended the job."""
+    seen, stack = set(), [error]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        if type(e).__module__.startswith("ray."):
+            stack += [x for x in (e.__cause__, e.__context__, getattr(e, "cause", None),
+                                  getattr(e, "_base_exc", None), getattr(e, "controller_failure", None)) if x]
+            stack += (getattr(e, "worker_failures", None) or {}).values()
+
+
+def find_user_error(error: BaseException) -> str | None:
+    """The message of the UserError that ended a job, raised on the driver or in a worker. A bug,
+    even one raised while a UserError was being handled (its __context__, or in a worker its
+    traceback text, holds the UserError), keeps its traceback (tests/test_bad_runtime.py)."""
+    told = None
+    for e in _looked_through(error):
+        wrapper = type(e).__module__.startswith("ray.")
+        if isinstance(e, UserError) and not wrapper:
+            return str(e)
+        # a cause Ray could not rebuild arrives as text only: its last line is the final exception
+        last = (str(e).strip().splitlines() or [""])[-1] if wrapper else ""
+        if told is None and last.startswith(_USER_ERROR_LINE):
+            told = last[len(_USER_ERROR_LINE):].strip()
+    return told
+
+
+_USER_ERROR_LINE = f"{UserError.__module__}.{UserError.__qualname__}: "
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """One line for a job process that Ray's memory monitor killed (its message is 40 lines: the
+    killing policy, the top 10 processes, six environment variables), else None."""
+    from ray.exceptions import OutOfMemoryError  # lazy: Ray only where a job runs
+
+    for e in _looked_through(error):
+        text = str(e)
+        if isinstance(e, OutOfMemoryError) or "killed due to the node running low on memory" in text:
+            usage = re.search(r"was ([\d.]+\s*GB) used / ([\d.]+\s*GB) limit \(([\d.]+)\)", text)
+            seen = f" ({usage[1]} of {usage[2]} in use, {float(usage[3]):.0%})" if usage else ""
+            return (f"Ray's memory monitor killed a process of the job: the node ran low on memory{seen}; "
+                    "give the job more, or make it need less (fewer cluster.num_workers per node, "
+                    "model.dtype=bfloat16, shorter data.calibration.seq_len or finetune.data.seq_len), or set "
+                    "Ray's kill threshold RAY_memory_usage_threshold where Ray starts; `ray logs raylet.out` "
+                    "has Ray's report")
+    return None

@@ -22,7 +22,8 @@ from pathlib import Path
 from dist_prune.config import (JobConfig, apply_overrides, config_from_dict, input_paths, load_config, read_yaml,
                                set_input_path, to_dict)
 from dist_prune.errors import UserError
-from dist_prune.job import find_user_error, init_ray, run
+from dist_prune.job import init_ray, run
+from dist_prune.ray_driver import find_user_error
 from dist_prune.registry import check_alias, end_run, resolved_tracking_uri, set_terminated, start_run
 
 TRIAL_CPU = 0.01

@@ -19,6 +19,7 @@ instance of this user on the machine).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,6 +86,23 @@ def test_worker_user_error_is_one_line_and_a_running_head_is_left_alone(head, ti
     assert "Traceback" not in output and "UserError" not in output and "Error in training function" not in output
     assert not (tmp_path / "out").exists()
     assert (Path(env["RAY_TMPDIR"]) / "ray" / "ray_current_cluster").read_text().strip() == address
+
+
+def test_a_job_killed_by_rays_memory_monitor_is_one_line(tiny_llama, text_file, tmp_path):
+    """Ray's memory monitor kills a process of the job (its threshold set below what the node
+    uses, in a Ray of the job's own): Ray's 40-line OutOfMemoryError becomes one line that says
+    what happened, how much memory was in use and what to change; exit 2, nothing exported."""
+    env = dict(_clean_env(), RAY_ADDRESS="local", RAY_memory_usage_threshold="0.01", RAY_memory_monitor_refresh_ms="100")
+    run = subprocess.run(_job(tiny_llama, text_file, "registry.enabled=false", f"export.dir={tmp_path / 'out'}"),
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    output = run.stdout + run.stderr
+    assert run.returncode == 2, output[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"dist-prune: error: Ray's memory monitor killed a process of the job: the node ran low on "
+                        r"memory \([\d.]+\s*GB of [\d.]+\s*GB in use, \d+%\); give the job more, .*RAY_memory_usage_"
+                        r"threshold.*", last), output[-3000:]
+    assert "Traceback" not in output and "Top 10 memory users" not in output, output[-3000:]
+    assert not (tmp_path / "out").exists()
 
 
 BUG = "planted bug, not a user mistake"
@@ -286,7 +304,7 @@ def test_only_a_user_error_is_one_line_not_a_bug_raised_while_handling_one():
     in its traceback text), and used to be reported as that user mistake, its traceback dropped."""
     from ray.exceptions import RayTaskError
 
-    from dist_prune.job import find_user_error
+    from dist_prune.ray_driver import find_user_error
 
     mistake = UserError("prune.sparsity: 1.5 is not in [0, 1]")
     bug = _bug_raised_while_handling_a_user_error()
