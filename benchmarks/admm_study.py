@@ -193,7 +193,8 @@ def layer_errors(variant: str, sparsity: float) -> dict:
 
 
 def perplexities(variant: str, sparsity: float) -> dict:
-    base, seq, asym = variant.removesuffix("-seq").removesuffix("-asym"), variant.endswith("-seq"), variant.endswith("-asym")
+    base = variant.removesuffix("-seq").removesuffix("-asym")
+    seq, asym = variant.endswith("-seq"), variant.endswith("-asym")
     model, data = load()
     prune, started = pruner(base, sparsity), time.perf_counter()
     runner, batches = runner_on(model, data["calibration"])

@@ -92,7 +92,8 @@ def test_a_job_killed_by_rays_memory_monitor_is_one_line(tiny_llama, text_file, 
     """Ray's memory monitor kills a process of the job (its threshold set below what the node
     uses, in a Ray of the job's own): Ray's 40-line OutOfMemoryError becomes one line that says
     what happened, how much memory was in use and what to change; exit 2, nothing exported."""
-    env = dict(_clean_env(), RAY_ADDRESS="local", RAY_memory_usage_threshold="0.01", RAY_memory_monitor_refresh_ms="100")
+    env = dict(_clean_env(), RAY_ADDRESS="local", RAY_memory_usage_threshold="0.01",
+               RAY_memory_monitor_refresh_ms="100")
     run = subprocess.run(_job(tiny_llama, text_file, "registry.enabled=false", f"export.dir={tmp_path / 'out'}"),
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     output = run.stdout + run.stderr
@@ -295,7 +296,8 @@ def _as_ray_train_reports(error: BaseException) -> BaseException:
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
     text = "".join(traceback.format_exception(error))
-    return pickle.loads(pickle.dumps(WorkerGroupError(f"[Rank 0]\n{text}", {0: UserExceptionWithTraceback(error, text)})))
+    failure = WorkerGroupError(f"[Rank 0]\n{text}", {0: UserExceptionWithTraceback(error, text)})
+    return pickle.loads(pickle.dumps(failure))
 
 
 def test_only_a_user_error_is_one_line_not_a_bug_raised_while_handling_one():
