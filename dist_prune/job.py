@@ -31,7 +31,8 @@ from dist_prune.io.verify import verify_export
 from dist_prune.masking import find_targets
 from dist_prune.methods import METHODS
 from dist_prune.preflight import check_architecture, load_tokenizer, meta_model, read_config
-from dist_prune.ray_driver import find_user_error, interruptible_trainer, out_of_memory, ray_address, tracebacks_held
+from dist_prune.ray_driver import (find_user_error, interruptible_trainer, out_of_memory, ray_address,
+                                   tracebacks_held)
 from dist_prune.report import (StageTimer, bars_wanted, layer_sparsity_plot, library_bars_off, plan_table,
                                summary_table)
 from dist_prune.structural import check_model

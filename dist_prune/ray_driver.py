@@ -129,6 +129,11 @@ def ray_address() -> tuple[str | None, str]:
     return recorded, (f"{recorded} (recorded by `ray start` in {get_ray_address_file(None)})" if recorded else "")
 
 
+def _from_ray(error: BaseException) -> bool:
+    """One of Ray's own exception classes: a wrapper, never the job's own mistake or bug."""
+    return type(error).__module__.startswith("ray.")
+
+
 def _looked_through(error: BaseException) -> Iterator[BaseException]:
     """`error` and what Ray's wrappers around it hold: a RayTaskError (an instance of its cause's
     class too, whose str() is the remote traceback), Ray Train's WorkerGroupError (each rank's
@@ -141,7 +146,7 @@ def _looked_through(error: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(e))
         yield e
-        if type(e).__module__.startswith("ray."):
+        if _from_ray(e):
             stack += [x for x in (e.__cause__, e.__context__, getattr(e, "cause", None),
                                   getattr(e, "_base_exc", None), getattr(e, "controller_failure", None)) if x]
             stack += (getattr(e, "worker_failures", None) or {}).values()
@@ -153,7 +158,7 @@ def find_user_error(error: BaseException) -> str | None:
     traceback text, holds the UserError), keeps its traceback (tests/test_bad_runtime.py)."""
     told = None
     for e in _looked_through(error):
-        wrapper = type(e).__module__.startswith("ray.")
+        wrapper = _from_ray(e)
         if isinstance(e, UserError) and not wrapper:
             return str(e)
         # a cause Ray could not rebuild arrives as text only: its last line is the final exception
