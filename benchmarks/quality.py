@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import _quality_report as report
 from _ranks import DATA, RESULTS, machine, run_job, run_ranks, tokens
 
 from dist_prune.methods import METHODS as REGISTRY  # noqa: E402
@@ -216,7 +217,9 @@ def markdown(results: dict) -> list[str]:
                          f"{r['ppl']:.2f} | {_num(r['ppl2'], '.2f')} | {_num(r['ref_ppl'])} | {_ratio(r['ppl'], r['ref_ppl'])} | "
                          f"{r['prune_s']:.1f} | {_num(r['ref_s'])} | {_ratio(r['prune_s'], r['ref_s'])} | "
                          f"{r['total_s']:.1f}{star} |")
-        lines.append("")
+        grid = report.sparsity_grid(results, targets, METHODS)
+        lines += ["", f"Perplexity against unstructured sparsity, WikiText-2 test / fortunes ({targets} targets):",
+                  "", *grid, ""] if grid else [""]
     if any(r.get("first_in_call") for r in results["runs"].values()):
         lines += [("\\* first run of its call: total includes the one-time warm-up (in load) and, in the run "
                   "that measured the dense perplexity, its evaluation."), ""]
@@ -235,46 +238,10 @@ def _ratio(ours, ref) -> str:
 
 
 def plot(results: dict, args, path: Path) -> None:
-    """Perplexity vs unstructured sparsity of the three best methods at 50% (or --plot-methods),
-    a panel per evaluation text: WikiText-2 test, and the out-of-domain text where runs have it."""
-    chosen = plot_methods(args, results)
-    runs = [r for r in results["runs"].values() if r["targets"] == args.targets and r["structure"] == "unstructured"]
-    panels = {"WikiText-2 test": ("perplexity_sparse", "perplexity"),
-              "fortunes (out of domain)": (SECOND.format("sparse"), "perplexity_fortunes")}
-    curves = {title: {m: sorted((r["sparsity"], r["metrics"][metric]) for r in runs
-                                if r["method"] == m and r["metrics"].get(metric) is not None) for m in chosen}
-              for title, (metric, _) in panels.items()}
-    curves = {title: {m: c for m, c in by_method.items() if c} for title, by_method in curves.items()}
-    curves = {title: by_method for title, by_method in curves.items() if by_method}
-    if not curves:
-        print(f"plot: no unstructured runs of {', '.join(chosen) or 'any method'} yet")
-        return
-    for method, points in next(iter(curves.values())).items():
-        missing = [s for s in PLOT_SPARSITIES if s not in {p[0] for p in points}]
-        if missing:
-            todo = ",".join(f"{s:g}" for s in missing)
-            print(f"plot: {method} lacks {todo}: python benchmarks/quality.py --methods {method} --structures "
-                  f"unstructured --sparsities {todo} --name {args.name} --targets {args.targets}")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
-    for ax, (title, by_method) in zip(axes[0], curves.items()):
-        for method, points in by_method.items():
-            ax.plot(*zip(*points), marker="o", label=method)
-        dense = results.get("dense", {}).get(panels[title][1])
-        if dense is not None:
-            ax.axhline(dense, color="gray", linestyle="--", label="dense")
-        ax.set_yscale("log")  # perplexity grows by orders of magnitude from 30% to 70%
-        ax.set(xlabel="unstructured sparsity of the targets", ylabel=f"{title} perplexity", title=title)
-        ax.legend()
-    fig.suptitle(f"{results['protocol']['model']}, {args.targets} targets")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot: {path} ({len(curves)} panel{'s' if len(curves) > 1 else ''}: {', '.join(curves)})")
+    """Perplexity vs unstructured sparsity of the three best methods at 50% (or --plot-methods)."""
+    fill = (f"python benchmarks/quality.py --methods {{method}} --structures unstructured --sparsities {{todo}} "
+            f"--name {args.name} --targets {args.targets}")
+    report.plot(results, plot_methods(args, results), args.targets, path, PLOT_SPARSITIES, fill)
 
 
 def fail(message: str):

@@ -108,3 +108,20 @@ def test_plot_has_a_panel_per_text(quality, tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(tmp_path / "both.png").size[0] > 1.8 * Image.open(tmp_path / "wikitext.png").size[0]
+
+
+def test_sparsity_grid_has_a_row_per_method_and_both_texts_in_each_cell(quality):
+    results = {"protocol": {"model": quality.SMOLLM2, "calibration": "c", "evaluation": "e", "world": 2},
+               "runs": {}}
+    for method, sparsity, ppl in (("sparsegpt", 0.3, 33.0), ("sparsegpt", 0.7, 1234.5), ("wanda", 0.3, 34.0)):
+        run = _run(method, "unstructured", sparsity, ppl, 1.0)
+        run["metrics"]["perplexity_sparse.fortunes"] = ppl + 1
+        results["runs"][run["key"]] = run
+    run = _run("wanda", "2:4", 0.5, 99.0, 1.0)  # not unstructured: not in the grid
+    results["runs"][run["key"]] = run
+    del results["runs"]["llm-compressor/wanda/unstructured/0.3"]["metrics"]["perplexity_sparse.fortunes"]
+    table = quality.markdown(results)
+    start = table.index("| unstructured sparsity | 30% | 70% |")
+    # rows in the registry's order (wanda before sparsegpt), a missing run blank, a missing text a dash
+    assert table[start:start + 4] == ["| unstructured sparsity | 30% | 70% |", "|---|---|---|",
+                                      "| wanda | 34.00 / — |  |", "| sparsegpt | 33.00 / 34.00 | 1,234.50 / 1,235.50 |"]
