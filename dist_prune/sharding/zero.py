@@ -79,7 +79,7 @@ class Zero2Training(WholeWeights, Training):
 
     def __init__(self, engine, targets: list[Target]):
         super().__init__(engine, targets)
-        self._hold_whole(self.module, targets)
+        self._hold_whole(self.module, targets, hooks=True)
 
     def local_grad(self, target: Target) -> torch.Tensor:
         # config validation refuses methods that need it (Method.reads_gradient_partitions)
