@@ -73,8 +73,9 @@ class DataParallelTraining(WholeWeights, Training):
         self._hold_whole(module, targets, hooks=False)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         # gradient_as_bucket_view: the gradients are the all-reduce buckets themselves, not copied
-        # into them and back (2 x 0.54 GB a step for SmolLM2-135M in fp32)
-        self.parallel = DistributedDataParallel(module, broadcast_buffers=False, gradient_as_bucket_view=True) \
+        # into them and back (2 x 0.54 GB a step for SmolLM2-135M in fp32). The buffers (rotary
+        # frequencies) are the same on every rank: no broadcast before each forward.
+        self.parallel = DistributedDataParallel(module, forward_sync_buffers=False, gradient_as_bucket_view=True) \
             if world > 1 else module
         self._micro = 0  # micro-batches run so far
 
