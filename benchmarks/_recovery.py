@@ -108,7 +108,7 @@ def run(args) -> None:
         path.write_text(json.dumps({"arm": name, "overrides": every, **settings, **result}, indent=2, default=str))
         print(f"{name}: {json.dumps(_ends(result['metrics']))}", flush=True)
     arms = load_arms(arm_dir)
-    lines = table(arms, settings)
+    lines = table(arms, settings, f"{args.name}.png")
     plot(arms, settings, RESULTS / f"{args.name}.png")
     report = {"machine": machine(WORLD), "model": "SmolLM2-135M-Instruct (fp32)", **settings, "arms": arms,
               "command": command(settings)}
@@ -155,7 +155,9 @@ def curve(arm: dict, suffix: str, dense: dict[str, float]) -> list[tuple[int, fl
     return points
 
 
-def table(arms: dict, s: dict) -> list[str]:
+def table(arms: dict, s: dict, curves: str = "recovery.png") -> list[str]:
+    """The markdown table of the measured arms. Without the reference arm (settings it was not run
+    with) the dense model's perplexities are unknown here: its columns and the targets are '—'."""
     dense, tuned = reference_values(arms, "pruned"), reference_values(arms, "sparse")
     tokens_total = s["steps"] * WORLD * s["accumulation"] * s["seq_len"]
     lines = [f"Machine: {machine(WORLD)}. SmolLM2-135M-Instruct (fp32), dist-prune's default targets (embeddings "
@@ -165,8 +167,9 @@ def table(arms: dict, s: dict) -> list[str]:
              "tokens of WikiText-2 valid. Perplexity on the first 16 x 512 tokens of WikiText-2 test and of the "
              "fortunes text (benchmarks/data/fortunes.txt, Debian fortunes: quotations and verse; nothing is "
              "calibrated or tuned on it).",
-             "", f"Dense model: {dense[''] :.2f} (WikiText-2), {dense['.' + SECOND]:.2f} (fortunes); tuned alike "
-             f"(the reference arm): {tuned['']:.2f}, {tuned['.' + SECOND]:.2f}.", "",
+             "", (f"Dense model: {dense[''] :.2f} (WikiText-2), {dense['.' + SECOND]:.2f} (fortunes); tuned alike "
+                  f"(the reference arm): {tuned['']:.2f}, {tuned['.' + SECOND]:.2f}." if REFERENCE in arms else
+                  f"The reference arm ({REFERENCE}) is not measured with these settings."), "",
              "| arm | WikiText-2: before | after | × dense tuned | fortunes: before | after | half-gap target | "
              "exported zeros = pruned | sparsity | tune s | s/step |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -176,13 +179,14 @@ def table(arms: dict, s: dict) -> list[str]:
         after = {suffix: m[f"perplexity_sparse{suffix}"] for suffix in TEXTS}
         second = "." + SECOND
         half = dense[second] + 0.5 * (before[second] - dense[second])  # closes half of the one-shot gap
-        met = "—" if name == REFERENCE or before[second] <= dense[second] * 1.0001 else (
-            f"{half:.2f} {'met' if after[second] <= half else 'missed'}")
+        met = "—" if name == REFERENCE or not before[second] > dense[second] * 1.0001 else (
+            f"{half:.2f} {'met' if after[second] <= half else 'missed'}")  # not >: nan without the reference
         zeros = arm.get("export", {})
         exact = "—" if not zeros else ("yes" if zeros["zeros_in_targets"] >= zeros["pruned"] else "NO") + \
             f" ({zeros['zeros_in_targets']:,} / {zeros['pruned']:,})"
         step_s = [r["train/step_seconds"] for r in arm["rows"] if "train/step_seconds" in r]
-        lines.append(f"| {name} | {before['']:.2f} | {after['']:.2f} | {after[''] / tuned['']:.3f} | "
+        ratio = "—" if REFERENCE not in arms else f"{after[''] / tuned['']:.3f}"
+        lines.append(f"| {name} | {before['']:.2f} | {after['']:.2f} | {ratio} | "
                      f"{before[second]:.2f} | {after[second]:.2f} | {met} | {exact} | {m['sparsity']:.4f} | "
                      f"{m.get('seconds_finetune', 0):.0f} | {_median(step_s):.2f} |")
     lines += ["", "Targets for the best 50% arm: WikiText-2 ≤ 1.25 × the dense model tuned alike; fortunes ≤ dense + "
@@ -190,7 +194,8 @@ def table(arms: dict, s: dict) -> list[str]:
               "saw (cubic arms start dense: no gap to close). Tune seconds include the evaluations every "
               f"{s['eval_interval']} steps and whatever else ran on this 2-core machine at the time; s/step is the "
               "median of the logged step times.", "", f"Command (repeat until every arm is measured): "
-              f"`{command(s)}`; curves: `{Path(RESULTS.name) / 'recovery.png'}`"]
+              f"`{command(s)}{'' if curves == 'recovery.png' else ' --name ' + Path(curves).stem}`; curves: "
+              f"`{Path(RESULTS.name) / curves}`"]
     return lines
 
 

@@ -1,0 +1,50 @@
+"""benchmarks/_recovery.py's table (`python benchmarks/finetune.py quality`): the targets against
+the dense model, and what it shows when the reference arm was not run with the same settings."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def recovery():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # its `from _ranks import ...`
+    try:
+        import _recovery
+        yield _recovery
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def _arm(before: float, after: float, before2: float, after2: float) -> dict:
+    return {"metrics": {"perplexity_pruned": before, "perplexity_pruned.fortunes": before2,
+                        "perplexity_sparse": after, "perplexity_sparse.fortunes": after2, "sparsity": 0.5,
+                        "seconds_finetune": 10.0},
+            "rows": [{"step": 1, "train/step_seconds": 2.0}], "export": {"zeros_in_targets": 8, "pruned": 8}}
+
+
+SETTINGS = {"steps": 4, "seq_len": 8, "lr": 1e-4, "accumulation": 1, "eval_interval": 2}
+
+
+def test_targets_are_judged_against_the_dense_model(recovery):
+    arms = {recovery.REFERENCE: _arm(30.0, 20.0, 28.0, 30.0), "wanda": _arm(54.0, 24.0, 58.0, 42.0),
+            "far": _arm(54.0, 26.0, 58.0, 44.0)}
+    lines = recovery.table(arms, SETTINGS)
+    assert "Dense model: 30.00 (WikiText-2), 28.00 (fortunes); tuned alike (the reference arm): 20.00, 30.00." in lines
+    # half-gap target on fortunes: 28 + (58 - 28) / 2 = 43
+    assert "| wanda | 54.00 | 24.00 | 1.200 | 58.00 | 42.00 | 43.00 met | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
+    assert "| far | 54.00 | 26.00 | 1.300 | 58.00 | 44.00 | 43.00 missed | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
+
+
+def test_without_the_reference_arm_the_table_says_so_instead_of_nan(recovery):
+    lines = recovery.table({"wanda": _arm(54.0, 24.0, 58.0, 42.0)}, SETTINGS, "recovery_lr3e-4.png")
+    text = "\n".join(lines)
+    assert "nan" not in text
+    assert f"The reference arm ({recovery.REFERENCE}) is not measured with these settings." in lines
+    assert "| wanda | 54.00 | 24.00 | — | 58.00 | 42.00 | — | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
+    assert "--name recovery_lr3e-4`; curves: `results/recovery_lr3e-4.png`" in text
