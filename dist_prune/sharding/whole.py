@@ -65,7 +65,7 @@ class DataParallelTraining(WholeWeights, Training):
                  accumulation: int, max_grad_norm: float):
         from torch.nn.parallel import DistributedDataParallel
 
-        self.engine, self.targets, self.module, self.masks = None, targets, module, {}
+        self.engine, self.targets, self.module, self.masks, self.keep = None, targets, module, {}, {}
         self.optimizer, self.accumulation, self.max_grad_norm = optimizer, accumulation, max_grad_norm
         # DDP's reduced gradients are whole on every rank: the pruned ones are zeroed in place once
         # per step (mask_gradients), not by a hook that allocates a masked copy of every target
@@ -116,13 +116,20 @@ class DataParallelTraining(WholeWeights, Training):
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        super().set_masks(masks)
+        # 1 where kept, as uint8: multiplying by it is 6x faster than masked_fill_ with the bool
+        # mask (0.07 s against 0.42 s a step over SmolLM2-135M's 106M target gradients, 1 thread)
+        self.keep = {name: (~whole).to(torch.uint8) for name, whole in self.whole.items()}
+
     @torch.no_grad()
     def mask_gradients(self) -> None:
         """After the reduction, before clipping: the mean of the ranks' gradients of a pruned
-        weight becomes exactly 0, as if every rank had zeroed its own."""
+        weight becomes 0, as if every rank had zeroed its own (-0.0 where it was negative: AdamW
+        moves it by exactly 0 all the same)."""
         for name, p in self.params.items():
-            if p.grad is not None and name in self.whole:
-                p.grad.masked_fill_(self.whole[name].to(p.grad.device), 0.0)
+            if p.grad is not None and name in self.keep:
+                p.grad.mul_(self.keep[name].to(p.grad.device))
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
