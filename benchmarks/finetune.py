@@ -169,7 +169,8 @@ def profile_step(args) -> None:
     base += SPEED_ARMS["masked+neftune"]
     report = {"machine": machine(WORLD), "steps": args.steps, "seq_len": args.seq_len, "stages": {},
               "command": f"python benchmarks/finetune.py profile --steps {args.steps} --seq-len {args.seq_len}"
-                         + (f" --stages {args.stages}" if args.stages != "2,3" else "")}
+                         + (f" --stages {args.stages}" if args.stages != "2,3" else "")
+                         + (f" --name {args.name}" if args.name != "finetune_speed_profile" else "")}
     lines = [f"Machine: {report['machine']}. Rank 0's self CPU time per operator (torch.profiler) over "
              f"{args.steps} steps of masked+NEFTune training of SmolLM2-135M, {WORLD} windows x {args.seq_len} "
              "tokens per step, the first (warm-up) step included.", ""]
@@ -182,7 +183,7 @@ def profile_step(args) -> None:
         lines += [f"| `{o['op']}` | {o['self_cpu_s']:.2f} | {o['share']:.1%} | {o['calls']} |" for o in result["ops"]]
         lines.append("")
     lines += [f"Command: `{report['command']}`"]
-    _write("finetune_speed_profile", report, lines)
+    _write(args.name, report, lines)
 
 
 def _write(name: str, report: dict, lines: list[str]) -> None:
@@ -208,6 +209,7 @@ def main() -> None:
     pr.add_argument("--steps", type=int, default=4)
     pr.add_argument("--seq-len", type=int, default=256)
     pr.add_argument("--stages", default="2,3", help="ZeRO stages to profile (0 = plain data parallelism)")
+    pr.add_argument("--name", default="finetune_speed_profile", help="results file name")
     q = sub.add_parser("quality")
     q.add_argument("--steps", type=int, default=120)
     q.add_argument("--seq-len", type=int, default=256)
