@@ -120,7 +120,8 @@ class DataParallelTraining(WholeWeights, Training):
         super().set_masks(masks)
         # 1 where kept, as uint8: multiplying by it is 6x faster than masked_fill_ with the bool
         # mask (0.07 s against 0.42 s a step over SmolLM2-135M's 106M target gradients, 1 thread)
-        self.keep = {name: (~whole).to(torch.uint8) for name, whole in self.whole.items()}
+        # On the weights' device, once per mask change: not copied there at every step.
+        self.keep = {name: (~whole).to(self.params[name].device, torch.uint8) for name, whole in self.whole.items()}
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
@@ -129,7 +130,7 @@ class DataParallelTraining(WholeWeights, Training):
         moves it by exactly 0 all the same)."""
         for name, p in self.params.items():
             if p.grad is not None and name in self.keep:
-                p.grad.mul_(self.keep[name].to(p.grad.device))
+                p.grad.mul_(self.keep[name])
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
