@@ -192,22 +192,42 @@ def layer_errors(variant: str, sparsity: float) -> dict:
     return errors
 
 
-def perplexities(variant: str, sparsity: float) -> dict:
+def perplexities(variant: str, sparsity: float, block: dict | None = None) -> dict:
+    """`block`: {"epochs", "lr", "target"}: after each layer's linears are pruned, the layer is tuned
+    (dist_prune/block_tuning.py) towards the dense layer's outputs on the same inputs (target
+    "layer") or on the dense model's own inputs (target "dense")."""
     base = variant.removesuffix("-seq").removesuffix("-asym")
     seq, asym = variant.endswith("-seq"), variant.endswith("-asym")
     model, data = load()
     prune, started = pruner(base, sparsity), time.perf_counter()
     runner, batches = runner_on(model, data["calibration"])
     dense = [b.hidden for b in batches]
+    errors = []
     for index, layer in enumerate(runner.layers):
+        if block:  # the dense layer's outputs, before it is pruned
+            from dist_prune.layerwise import Batch
+            from dist_prune.block_tuning import tune_layer
+            source = batches if block["target"] == "layer" else [Batch(h, b.layer_kwargs) for h, b in zip(dense, batches)]
+            targets = [b.hidden for b in runner.run_layer(index, source)]
+        masks = {}
         for group in (GROUPS if seq else (LINEARS,)):
             h, cross, dense_out = hessians(layer, batches, group, dense if asym else None)
             for name in group:
                 module = layer.get_submodule(name)
-                module.weight.data.copy_(prune(module.weight.data, h[name], cross.get(name))[0])
+                new, masks[name + ".weight"] = prune(module.weight.data, h[name], cross.get(name))
+                module.weight.data.copy_(new)
+        if block:
+            weights = {n: layer.get_submodule(n.removesuffix(".weight")).weight.data for n in masks}
+            tuned = tune_layer(layer, weights, masks, batches, targets, epochs=block["epochs"], lr=block["lr"])
+            for n, w in tuned.weights.items():
+                layer.get_submodule(n.removesuffix(".weight")).weight.data.copy_(w)
+            errors.append((round(tuned.error_before, 5), round(tuned.error_after, 5)))
+            print(index, errors[-1], round(time.perf_counter() - started), flush=True)
+            dense = targets if block["target"] == "dense" else dense
         dense = dense_out if asym else dense
         batches = runner.run_layer(index, batches)
-    result = {"prune_s": round(time.perf_counter() - started, 1)}
+    result = {"prune_s": round(time.perf_counter() - started, 1), **({"block": block, "block_error_sums": [
+        round(sum(e[0] for e in errors), 5), round(sum(e[1] for e in errors), 5)]} if block else {})}
     for text, windows in {"wikitext": data["evaluation"], **data["more_evaluation"]}.items():
         r, b = runner_on(model, windows)
         for index in range(len(r.layers)):
@@ -254,20 +274,28 @@ def main() -> None:
     parser.add_argument("measure", choices=["layers", "perplexity"])
     parser.add_argument("variant", help=f"one of {', '.join(VARIANTS)}; perplexity also takes -seq and -asym")
     parser.add_argument("sparsity", type=float)
+    parser.add_argument("--block-epochs", type=int, default=0, help="perplexity: tune each pruned layer "
+                        "this many passes over the calibration windows (dist_prune/block_tuning.py)")
+    parser.add_argument("--block-lr", type=float, default=1e-4)
+    parser.add_argument("--block-target", choices=["layer", "dense"], default="layer")
     args = parser.parse_args()
     base = args.variant.removesuffix("-seq").removesuffix("-asym")
     if base not in VARIANTS or (args.measure == "layers" and base != args.variant) or (
             args.variant.endswith("-asym") and VARIANTS[base][1] is None):
         parser.error(f"variant {args.variant!r}: not one this measurement takes")
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    result = (layer_errors if args.measure == "layers" else perplexities)(args.variant, args.sparsity)
+    block = {"epochs": args.block_epochs, "lr": args.block_lr, "target": args.block_target} \
+        if args.block_epochs else None
+    result = layer_errors(args.variant, args.sparsity) if args.measure == "layers" else \
+        perplexities(args.variant, args.sparsity, block)
     result = {**result, "threads": torch.get_num_threads(), "load": open("/proc/loadavg").read().split()[:3],
               "command": shlex.join(["python", "benchmarks/admm_study.py", *sys.argv[1:]])} \
         if args.measure == "perplexity" else result
     print(json.dumps(result), flush=True)
     path = OUT.with_suffix(".json")
     results = json.loads(path.read_text()) if path.is_file() else {"layers": {}, "perplexity": {}}
-    results[args.measure][f"{args.variant}/{args.sparsity:g}"] = result
+    key = args.variant + (f"-block{args.block_epochs}{args.block_target[0]}{args.block_lr:g}" if block else "")
+    results[args.measure][f"{key}/{args.sparsity:g}"] = result
     write(results)
 
 

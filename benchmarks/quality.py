@@ -47,7 +47,9 @@ ONE_SHOT = [name for name, m in REGISTRY.items()
 # default targets).
 OWL = "prune.layer_sparsity=owl"
 VARIANTS = {"wanda-1pass": ("wanda", ["data.calibration.sequential=false"]),
-            "sparsegpt-owl": ("sparsegpt", [OWL]), "admm-owl": ("admm", [OWL])}
+            "sparsegpt-owl": ("sparsegpt", [OWL]), "admm-owl": ("admm", [OWL]),
+            # each pruned layer tuned towards the dense layer's outputs (dist_prune/block_tuning.py)
+            "admm-tuned": ("admm", ["prune.block_tuning.epochs=5"])}
 METHODS = tuple(m for name in ONE_SHOT for m in (name, *[v for v, (base, _) in VARIANTS.items() if base == name]))
 STRUCTURES = ("unstructured", "2:4", "heads", "channels")
 GROUP_METHODS = tuple(name for name, m in REGISTRY.items() if "channels" in m.structures)  # rank groups
@@ -67,7 +69,7 @@ EVALUATION = "the first {} x {} tokens of WikiText-2 test"
 # the out-of-domain text nothing is calibrated or tuned on (benchmarks/second_text.py)
 SECOND_EVALUATION = "the first {} x {} tokens of benchmarks/data/fortunes.txt (Debian fortunes)"
 SECOND = "perplexity_{}.fortunes"
-PRUNE_STAGES = ("seconds_calibrate", "seconds_score+select+mask")
+PRUNE_STAGES = ("seconds_calibrate", "seconds_score+select+mask", "seconds_block_tuning")
 TABLE_HEADER = ("| method | structure | sparsity | pruned | perplexity | fortunes | llm-compressor | ratio | prune s "
                 "| llm-compressor s | ratio | total s |")
 

@@ -106,6 +106,10 @@ def summary_table(metrics: dict, model_uri: str | None, export_dir: str) -> str:
                _fmt(value)) for key, value in metrics.items() if key.startswith("perplexity_") and "." in key],
             ("achieved sparsity", f"{metrics['sparsity']:.4f} "
                                   f"({metrics['pruned']:,} of {metrics['prunable']:,} weights)")]
+    if metrics.get("block_error_after"):  # prune.block_tuning: the layers' output errors, summed
+        before, after = sum(metrics["block_error_before"]), sum(metrics["block_error_after"])
+        rows.append(("block tuning: layer output error", f"{before:.4g} -> {after:.4g} "
+                                                           f"(x{after / before if before else 1:.3f})"))
     if "removed_fraction" in metrics:  # whole heads, channels or layers: the model got smaller
         before, after = metrics["parameters_before"], metrics["parameters_after"]
         rows.append(("parameters removed", f"{metrics['removed_fraction']:.4f} ({before - after:,} of {before:,})"))

@@ -119,6 +119,10 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
     else:
         pruned = prune(model, targets, method, cfg, calibration, timer, show=rank == 0, keep_masks=keep_masks)
     masks = pruned.masks
+    if pruned.block_errors:  # prune.block_tuning: each layer's output error, one step per layer
+        tuned_layers = sorted(pruned.block_errors)
+        metrics["block_error_before"] = [pruned.block_errors[i][0] for i in tuned_layers]
+        metrics["block_error_after"] = [pruned.block_errors[i][1] for i in tuned_layers]
     if cfg.finetune.steps > 0:
         if hooks.resume is None and cfg.prune.schedule == "oneshot":
             evaluate("pruned", "pruned, before tuning")  # the starting point of the fine-tuning

@@ -37,6 +37,9 @@ CASES = {  # name -> overrides
     "threshold": ["prune.method=threshold", "prune.epsilon=0.02"],
     "ria-row": ["prune.method=ria", "prune.sparsity=0.5"],
     "ria-2:4": ["prune.method=ria", "prune.structure=2:4"],
+    # 2 windows a step: 3 steps an epoch on either world size (1 window a rank on 2 ranks)
+    "tuned-wanda-row": ["prune.method=wanda", "prune.scope=row", "prune.sparsity=0.5", "prune.block_tuning.epochs=2",
+                        "prune.block_tuning.lr=1e-3", "data.calibration.batch_size=2"],
 }
 
 
@@ -82,7 +85,7 @@ def test_world_sizes_export_identical_weights(runs, case):
     one, two = _weights(out / f"w1-{case}"), _weights(out / f"w2-{case}")
     assert one.keys() == two.keys()
     for name in one:
-        if case.startswith(("sparsegpt", "admm", "taylor", "obd", "seven")):
+        if case.startswith(("sparsegpt", "admm", "taylor", "obd", "seven", "tuned")):
             # Hessians and gradients are float sums whose order depends on how windows are
             # split across ranks (and OBS updates amplify that): masks agree closely.
             assert ((one[name] == 0) != (two[name] == 0)).float().mean() < 0.01, name
@@ -153,6 +156,32 @@ def test_gradient_scorers_and_threshold_counts(runs, tiny_llama):
         if ".layers." in name and t.ndim == 2:
             assert torch.equal(t == 0, dense[name].abs() < 0.02), name
     assert metrics[2]["threshold"]["pruned"] == metrics[1]["threshold"]["pruned"]
+
+
+def test_block_tuning_moves_only_kept_weights_and_lowers_each_layers_error(runs, tiny_llama):
+    out, metrics, calib, _ = runs
+    dense = load_file(tiny_llama / "model.safetensors")
+    untuned = _weights(out / "w2-wanda-row")
+    for name, t in _weights(out / "w2-tuned-wanda-row").items():
+        if ".layers." in name and t.ndim == 2:
+            assert ((t == 0).sum(1) == t.shape[1] // 2).all(), name  # row scope: exactly half, still
+            if ".layers.0." in name:  # the same mask: layer 1's is chosen on the tuned layer 0's outputs
+                assert torch.equal(untuned[name] == 0, t == 0), name
+            assert not torch.equal(t[t != 0], dense[name][t != 0]), name
+        else:
+            assert torch.equal(t, dense[name]), name  # norms and embeddings are not tuned
+    errors = {}  # the last layer's output against the dense model's, on the calibration windows
+    with torch.no_grad():
+        dense_model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        reference = dense_model(calib, output_hidden_states=True).hidden_states[-1]
+        for case in ("wanda-row", "tuned-wanda-row"):
+            hidden = AutoModelForCausalLM.from_pretrained(out / f"w2-{case}")(calib, output_hidden_states=True)
+            errors[case] = float((hidden.hidden_states[-1] - reference).pow(2).sum() / reference.pow(2).sum())
+    assert errors["tuned-wanda-row"] < 0.9 * errors["wanda-row"], errors
+    for world in (1, 2):
+        before, after = metrics[world]["tuned-wanda-row"]["block_error_before"], \
+            metrics[world]["tuned-wanda-row"]["block_error_after"]
+        assert len(before) == len(after) == 2 and all(a < b for a, b in zip(after, before))
 
 
 def test_sparsegpt_updates_kept_weights(runs, tiny_llama):

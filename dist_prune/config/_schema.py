@@ -38,6 +38,15 @@ class ModelConfig:
 
 
 @dataclass
+class BlockTuningConfig:
+    epochs: int = doc(0, "after each decoder layer is pruned, tune its kept weights (masks fixed) this many "
+                         "passes over the calibration windows so that the layer's output follows the dense "
+                         "layer's (block reconstruction, as EBFT); 0 = off. Layer-by-layer methods only; "
+                         "data.calibration.batch_size windows per step", valid="[0, inf)")
+    lr: float = doc(1e-4, "Adam learning rate of the block tuning, cosine to 0 over its steps", valid="(0, 1]")
+
+
+@dataclass
 class PruneConfig:
     method: str = doc("wanda", "the pruning method; the methods, each with what it needs and the "
                                "defaults it gives keys the config leaves unset, are listed below")
@@ -74,6 +83,8 @@ class PruneConfig:
                                valid="[0, inf)")
     interval: int = doc(100, "cubic: re-score and re-select every this many steps (--pruning_interval)",
                         valid="[1, inf)")
+    block_tuning: BlockTuningConfig = field(default_factory=BlockTuningConfig,
+                                            metadata={"help": "block reconstruction after each layer's pruning"})
 
 
 @dataclass

@@ -115,6 +115,7 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
             else:
                 _require(Path(item.path).is_file(), f"{item.key} {item.path} is not a file")
     _validate_registry_names(cfg)
+    _validate_block_tuning(cfg, method, structure)
     validate_layer_choices(cfg)
     validate_finetune(cfg)
 
@@ -132,6 +133,27 @@ def _validate_registry_names(cfg: JobConfig) -> None:
         check_alias(cfg.registry.alias)
     except UserError as e:
         raise UserError(f"config: {e}") from None
+
+
+def _validate_block_tuning(cfg: JobConfig, method, structure) -> None:
+    """Block tuning runs inside sequential layer-by-layer pruning, on a mask chosen once."""
+    p = cfg.prune
+    if p.block_tuning.epochs == 0:
+        return
+    from dist_prune.methods import METHODS  # lazy: imports torch (module docstring)
+
+    layered = [name for name, m in METHODS.items() if m.calibration == "layerwise"]
+    _require(method.calibration == "layerwise", f"prune.block_tuning tunes each layer as it is pruned, layer by "
+             f"layer: use prune.method {', '.join(layered)}, not {p.method}")
+    _require(method.always_sequential or (cfg.data.calibration.sequential and scope_of(p) != "global"),
+             "prune.block_tuning needs sequential pruning: data.calibration.sequential true and "
+             "prune.scope layer or row")
+    _require(p.schedule == "oneshot", "prune.block_tuning needs prune.schedule oneshot (the mask is chosen once)")
+    _require(not structure.removes_parameters, f"prune.block_tuning keeps masks inside tensors; prune.structure "
+             f"{p.structure} removes whole parameters")
+    _require(cfg.data.calibration.batch_size % cfg.cluster.num_workers == 0,
+             f"data.calibration.batch_size={cfg.data.calibration.batch_size} (windows per block tuning step) "
+             f"must be a multiple of cluster.num_workers={cfg.cluster.num_workers}")
 
 
 def _validate_method(method, p, structure) -> None:
