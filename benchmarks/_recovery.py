@@ -35,6 +35,8 @@ ARMS = {  # name -> overrides; the reference first: every other arm is judged ag
     # outputs only (no cross-entropy on the tuning text): what it fits is the teacher, not WikiText
     "admm 50%, alpha 5, distilled (beta 1)": ["prune.method=admm", "finetune.neftune.alpha=5",
                                               "finetune.distill.beta=1.0"],
+    # the best one-shot start: ADMM with each pruned layer tuned towards the dense model's outputs
+    "admm 50% block-tuned, alpha 5": ["prune.method=admm", "prune.block_tuning.epochs=5", "finetune.neftune.alpha=5"],
     "cubic magnitude 0 -> 50%, alpha 5": ["prune.method=magnitude", "prune.schedule=cubic",
                                           "finetune.neftune.alpha=5"],
     "cubic SEVENdyn 0 -> 50%, alpha 5": ["prune.method=seven", "prune.schedule=cubic", "finetune.neftune.alpha=5"],

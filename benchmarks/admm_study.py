@@ -16,10 +16,12 @@ A variant is a name from VARIANTS; with `-seq` the linears of a layer are pruned
 order (q/k/v, o, gate/up, down), each group's Hessians measured after the groups before it are
 pruned, instead of all seven from one pass; with `-asym` (admm variants only) the kept weights
 follow the dense model's outputs from the pruned model's inputs, min ||W X_pruned - W0 X_dense||,
-instead of the pruned layer's own, min ||(W - W0) X_pruned||.
+instead of the pruned layer's own, min ||(W - W0) X_pruned||. With `--block-epochs E`, each
+pruned layer is then tuned as a whole (dist_prune/block_tuning.py, what prune.block_tuning runs).
 
     python benchmarks/admm_study.py layers admm 0.7
     python benchmarks/admm_study.py perplexity admm-seq 0.7
+    python benchmarks/admm_study.py perplexity admm 0.7 --block-epochs 5 --block-lr 3e-3 --block-target dense
 """
 
 from __future__ import annotations
@@ -250,7 +252,11 @@ def write(results: dict) -> None:
         f"{sum(errors[k] / ref[k] for k in errors) / len(errors):.3f}" if ref else ""))
     lines += ["", "## Perplexity", "",
               "Pruned layer by layer on the outputs of the pruned layers before; first 16 x 512 tokens of "
-              "WikiText-2 test and of benchmarks/data/fortunes.txt; ÷ SparseGPT at the same sparsity.", "",
+              "WikiText-2 test and of benchmarks/data/fortunes.txt; ÷ SparseGPT at the same sparsity. "
+              "`-block<E><t><lr>`: each pruned layer then tuned for E epochs by Adam at lr "
+              "(dist_prune/block_tuning.py, `--block-epochs --block-target --block-lr`) towards "
+              "the dense model's output of the layer (t = d, what prune.block_tuning does) or the dense "
+              "layer's output on the pruned inputs (t = l).", "",
               "| variant | sparsity | WikiText-2 | fortunes | ÷ SparseGPT | prune s |", "|---|---|---|---|---|---|"]
     lines += _rows(results["perplexity"], lambda row, ref: f"{row['wikitext']:.2f} | {row['fortunes']:.2f} | " + (
         f"{row['wikitext'] / ref['wikitext']:.3f} / {row['fortunes'] / ref['fortunes']:.3f}" if ref else "")

@@ -111,4 +111,4 @@ def test_block_tuning_config_mistakes_are_one_line(overrides, message):
 def test_block_tuning_is_accepted_on_every_layer_by_layer_method():
     for method in ("wanda", "sparsegpt", "admm", "ria"):
         cfg = load_config(None, [f"prune.method={method}", "prune.block_tuning.epochs=3"])
-        assert cfg.prune.block_tuning.epochs == 3 and cfg.prune.block_tuning.lr == 1e-4
+        assert cfg.prune.block_tuning.epochs == 3 and cfg.prune.block_tuning.lr == 3e-3

@@ -43,7 +43,9 @@ class BlockTuningConfig:
                          "passes over the calibration windows so that the layer's output follows the dense "
                          "layer's (block reconstruction, as EBFT); 0 = off. Layer-by-layer methods only; "
                          "data.calibration.batch_size windows per step", valid="[0, inf)")
-    lr: float = doc(1e-4, "Adam learning rate of the block tuning, cosine to 0 over its steps", valid="(0, 1]")
+    lr: float = doc(3e-3, "Adam learning rate of the block tuning, cosine to 0 over its steps (SmolLM2-135M, "
+                          "ADMM 70%, 5 epochs: 1e-4 70.41, 1e-3 63.25, 3e-3 60.90, 1e-2 63.34 perplexity)",
+                    valid="(0, 1]")
 
 
 @dataclass
