@@ -112,3 +112,13 @@ def test_block_tuning_is_accepted_on_every_layer_by_layer_method():
     for method in ("wanda", "sparsegpt", "admm", "ria"):
         cfg = load_config(None, [f"prune.method={method}", "prune.block_tuning.epochs=3"])
         assert cfg.prune.block_tuning.epochs == 3 and cfg.prune.block_tuning.lr == 3e-3
+
+
+def test_the_summary_shows_the_summed_layer_errors_before_and_after():
+    from dist_prune.report import summary_table
+
+    metrics = {"perplexity_dense": 30.0, "perplexity_sparse": 40.0, "sparsity": 0.5, "pruned": 5, "prunable": 10,
+               "block_error_before": [0.25, 0.5], "block_error_after": [0.125, 0.25]}
+    assert "block tuning: layer output error  0.75 -> 0.375 (x0.500)" in summary_table(metrics, None, "out")
+    del metrics["block_error_before"], metrics["block_error_after"]
+    assert "block tuning" not in summary_table(metrics, None, "out")
