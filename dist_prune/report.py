@@ -137,7 +137,8 @@ def plan_table(cfg, job, *, cluster: str | None, registry_uri: str | None) -> st
     p, c = cfg.prune, cfg.cluster
     rows = [("model", f"{job.model_dir} ({job.report['tensors_in_checkpoint']} tensors)"),
             ("prune", f"{p.method}, sparsity {p.sparsity}, {p.structure}, scope {job.report['scope']}, "
-                      f"schedule {p.schedule}"),
+                      f"schedule {p.schedule}" + (f", each layer then tuned {p.block_tuning.epochs} epochs (lr "
+                                                    f"{p.block_tuning.lr:g})" if p.block_tuning.epochs else "")),
             ("calibration", windows(job.calibration, cfg.data.calibration.path)),
             ("evaluation", windows(job.evaluation, cfg.eval.path)),
             *[(f"evaluation {stem}", windows(ids, path)) for (stem, ids), path

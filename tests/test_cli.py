@@ -43,6 +43,11 @@ def test_dry_run_checks_and_prints_the_plan_and_creates_nothing(quiet_dir, tiny_
     assert rows["export"] == f"{quiet_dir / 'out'} (dense, shards up to 2GB)"
     assert rows["registry"] == (f"models:/dist-prune-model@candidate in experiment 'dist-prune' at "
                                 f"sqlite:///{quiet_dir / 'mlflow.db'}")
+    assert main(["run", "--dry-run", *_small(tiny_llama, text_file), "export.dir=out", "prune.method=admm",
+                 "prune.block_tuning.epochs=5"]) == 0
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in capsys.readouterr().out.splitlines()[1:])
+    assert rows["prune"] == ("admm, sparsity 0.5, unstructured, scope layer, schedule oneshot, each layer then "
+                             "tuned 5 epochs (lr 0.003)")
     assert list(quiet_dir.iterdir()) == []  # no database, no export
 
 
