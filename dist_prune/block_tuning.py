@@ -30,6 +30,7 @@ from torch.func import functional_call
 from dist_prune.collectives import all_reduce_, rank_and_world
 from dist_prune.layerwise import Batch
 from dist_prune.sharding.partition import gathered, local_range, local_weight
+from dist_prune.sharding.whole import whole_mask
 
 
 @dataclass
@@ -129,12 +130,7 @@ def tune_pruned_layer(layer: torch.nn.Module, targets: list, pruned: dict[str, t
     _, world = rank_and_world()
     per_rank = windows_per_step // world
     names = {id(p): n for n, p in layer.named_parameters()}
-    full_masks = {}
-    for t in targets:  # every rank's slice of the mask, summed with zeros: the whole mask everywhere
-        start, stop = local_range(t.param)
-        whole = torch.zeros(t.numel, dtype=torch.uint8, device=pruned[t.name].device)
-        whole[start:stop] = pruned[t.name].to(torch.uint8)
-        full_masks[names[id(t.param)]] = all_reduce_(whole).bool().view(t.shape)
+    full_masks = {names[id(t.param)]: whole_mask(t, pruned[t.name]).to(pruned[t.name].device) for t in targets}
     with gathered(layer.parameters()):
         weights = {names[id(t.param)]: t.param.data for t in targets}
         tuned = tune_layer(layer, weights, full_masks, in_steps(batches, per_rank),
