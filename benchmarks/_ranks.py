@@ -61,6 +61,7 @@ def run_job(overrides: list[str], data: dict, hooks=None, inspect=None) -> dict:
     from dist_prune.worker import WorkerJob, run_worker
 
     cfg = load_config(None, [f"model.path={data['model']}", *overrides])
+    data = with_sampled_windows(data, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         job = WorkerJob(to_dict(cfg), data["model"], data["calibration"], data["evaluation"],
                         f"{tmp}/export", {}, training=data.get("training"),
@@ -71,6 +72,24 @@ def run_job(overrides: list[str], data: dict, hooks=None, inspect=None) -> dict:
         if inspect is not None and int(os.environ.get("RANK", "0")) == 0:
             inspect(Path(tmp) / "export")
     return metrics
+
+
+def with_sampled_windows(data: dict, overrides: list[str]) -> dict:
+    """`data` with the windows a job's data.calibration.generated and finetune.data.generated_windows
+    ask for, sampled from the dense model as `dist-prune run` samples them (job.prepare) and cached:
+    a parent that calls this before its ranks start samples once, and the ranks read the cache."""
+    from transformers import AutoTokenizer
+
+    from dist_prune.config import load_config, sampled_windows_of
+    from dist_prune.generated import sampled_inputs
+    from dist_prune.io.checkpoint import open_checkpoint
+
+    cfg = load_config(None, [f"model.path={data['model']}", *overrides])
+    if not sampled_windows_of(cfg):
+        return data
+    model = Path(data["model"])
+    return {**data, **sampled_inputs(cfg, model, AutoTokenizer.from_pretrained(model).all_special_ids,
+                                     open_checkpoint(model).shard_sha256(), show=False)}
 
 
 def machine(world: int) -> str:

@@ -20,10 +20,12 @@ from urllib.parse import urlsplit
 
 from dist_prune import __version__, git_commit
 from dist_prune.io.checkpoint import configure_jit_builds, open_checkpoint, resolve_model
-from dist_prune.config import JobConfig, config_sha256, reads_calibration_data, scope_of, to_dict
+from dist_prune.config import (JobConfig, config_sha256, reads_calibration_data, sampled_windows_of, scope_of,
+                               to_dict)
 from dist_prune.data import (calibration_windows, eval_windows, read_text, read_training_text,
                              tokenize, training_windows)
 from dist_prune.errors import UserError
+from dist_prune.generated import sampled_inputs
 from dist_prune.io.destination import check_destination, check_not_an_input, exclusive
 from dist_prune.io.model_files import check_contained, read_side_file
 from dist_prune.io.formats import format_of
@@ -49,8 +51,10 @@ class JobResult:
     model_uri: str | None
 
 
-def prepare(cfg: JobConfig) -> WorkerJob:
-    """Resolve the model, tokenize the data and fix the export directory."""
+def prepare(cfg: JobConfig, *, sample: bool = True) -> WorkerJob:
+    """Resolve the model, tokenize the data and fix the export directory. `sample=False` (a dry
+    run) leaves out the windows that data.calibration.generated and finetune.data.generated_windows
+    would sample from the dense model."""
     if not bars_wanted():
         library_bars_off()
     source = None if cfg.model.path is None else Path(cfg.model.path)
@@ -80,8 +84,9 @@ def prepare(cfg: JobConfig) -> WorkerJob:
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     calibration, evaluation, more_evaluation = None, None, {}
     check_target_shapes(cfg, checkpoint)
-    if reads_calibration_data(cfg):
-        cal = cfg.data.calibration
+    to_sample = sampled_windows_of(cfg)  # windows sampled from the dense model instead of read from a text
+    cal = cfg.data.calibration
+    if reads_calibration_data(cfg) and "calibration" not in to_sample:
         ids = tokenize(read_text(cal.path, role="calibration"), tokenizer)
         calibration = calibration_windows(ids, cal.num_samples, cal.seq_len, cal.seed,
                                           source=cal.path or "(built-in corpus)")
@@ -94,15 +99,19 @@ def prepare(cfg: JobConfig) -> WorkerJob:
             more_evaluation[Path(path).stem] = eval_windows(ids, cfg.eval.num_windows, cfg.eval.seq_len,
                                                             source=path)
     training = None
-    if cfg.finetune.steps > 0:
-        data = cfg.finetune.data
+    data = cfg.finetune.data
+    if cfg.finetune.steps > 0 and "training" not in to_sample:
         ids = tokenize(read_training_text(data.path, text_column=data.text_column, split=data.split),
                        tokenizer)
         training = training_windows(ids, data.seq_len, source=data.path or "(built-in corpus)")
+    source_sha256 = checkpoint.shard_sha256()
+    if to_sample and sample:  # minutes: after every text above has been read and checked
+        sampled = sampled_inputs(cfg, model_dir, tokenizer.all_special_ids, source_sha256, show=True)
+        calibration, training = sampled.get("calibration", calibration), sampled.get("training", training)
     report = {"method": cfg.prune.method, "structure": cfg.prune.structure,
               "scope": scope_of(cfg.prune), "target_sparsity": cfg.prune.sparsity,
               "config_sha256": config_sha256(cfg), "source_model": str(cfg.model.path or model_dir),
-              "source_sha256": checkpoint.shard_sha256(), "dist_prune_commit": git_commit(),
+              "source_sha256": source_sha256, "dist_prune_commit": git_commit(),
               "tensors_in_checkpoint": len(checkpoint.weight_map)}
     # absolute: Ray Train workers run in a directory of their own
     return WorkerJob(to_dict(cfg), str(model_dir.resolve()), calibration, evaluation, str(export_dir), report,
@@ -286,7 +295,7 @@ def check(cfg: JobConfig, *, dry_run: bool = False) -> WorkerJob:
     address, where = ray_address()
     if address is not None:
         _probe(address, where)
-    job = prepare(cfg)
+    job = prepare(cfg, sample=not dry_run)
     if not cfg.registry.enabled:
         return job
     # before the workers: a finished model needs somewhere to go

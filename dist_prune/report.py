@@ -131,7 +131,13 @@ def summary_table(metrics: dict, model_uri: str | None, export_dir: str) -> str:
 def plan_table(cfg, job, *, cluster: str | None, registry_uri: str | None) -> str:
     """What `dist-prune run --dry-run` would run (`cfg`: the JobConfig, `job`: the WorkerJob
     that `job.check` prepared); `cluster`: RAY_ADDRESS or None for a local Ray."""
-    def windows(ids, source) -> str:
+    from dist_prune.config import sampled_windows_of  # lazy: imports the methods, and torch
+
+    sampled = sampled_windows_of(cfg)  # a dry run samples nothing: say what would be sampled
+
+    def windows(ids, source, role=None) -> str:
+        if role in sampled:
+            return f"{sampled[role][0]} windows x {sampled[role][1]} tokens sampled from the dense model"
         return "-" if ids is None else f"{ids.shape[0]} windows x {ids.shape[1]} tokens from {source or 'the built-in corpus'}"
 
     p, c = cfg.prune, cfg.cluster
@@ -139,12 +145,12 @@ def plan_table(cfg, job, *, cluster: str | None, registry_uri: str | None) -> st
             ("prune", f"{p.method}, sparsity {p.sparsity}, {p.structure}, scope {job.report['scope']}, "
                       f"schedule {p.schedule}" + (f", each layer then tuned {p.block_tuning.epochs} epochs (lr "
                                                     f"{p.block_tuning.lr:g})" if p.block_tuning.epochs else "")),
-            ("calibration", windows(job.calibration, cfg.data.calibration.path)),
+            ("calibration", windows(job.calibration, cfg.data.calibration.path, "calibration")),
             ("evaluation", windows(job.evaluation, cfg.eval.path)),
             *[(f"evaluation {stem}", windows(ids, path)) for (stem, ids), path
               in zip(job.more_evaluation.items(), cfg.eval.extra_paths)],
-            ("fine-tuning", f"{cfg.finetune.steps} steps, " + windows(job.training, cfg.finetune.data.path)
-             if job.training is not None else "-"),
+            ("fine-tuning", "-" if cfg.finetune.steps == 0 else
+             f"{cfg.finetune.steps} steps, " + windows(job.training, cfg.finetune.data.path, "training")),
             ("workers", f"{c.num_workers} x {c.cpus_per_worker} CPU{' + 1 GPU' if c.use_gpu else ''} on "
                         + (f"the Ray cluster at {cluster}" if cluster else "a local Ray")),
             ("export", f"{job.export_dir} ({cfg.export.format}, shards up to {cfg.export.max_shard_size})"),

@@ -26,6 +26,18 @@ def reads_calibration_data(cfg: JobConfig) -> bool:
     return METHODS[cfg.prune.method].needs_calibration_data and cfg.prune.schedule == "oneshot"
 
 
+def sampled_windows_of(cfg: JobConfig) -> dict[str, tuple[int, int, int]]:
+    """What the job samples from the dense model instead of reading a text, by role:
+    {"calibration" | "training": (windows, tokens each, seed)}."""
+    cal, data = cfg.data.calibration, cfg.finetune.data
+    wanted = {}
+    if cal.generated and reads_calibration_data(cfg):
+        wanted["calibration"] = (cal.num_samples, cal.seq_len, cal.seed)
+    if data.generated_windows > 0 and cfg.finetune.steps > 0:
+        wanted["training"] = (data.generated_windows, data.seq_len, cfg.seed)
+    return wanted
+
+
 def input_paths(cfg: JobConfig) -> list[InputPath]:
     """Every path this job reads; None (a built-in default) is not a path."""
     listed = [InputPath("model.path", cfg.model.path, True)]

@@ -96,6 +96,9 @@ class CalibrationConfig:
     num_samples: int = doc(32, "number of calibration windows, split across workers", valid="[1, inf)")
     seq_len: int = doc(512, "tokens per calibration window", valid="[2, inf)")
     seed: int = doc(0, "seed of the random choice of calibration windows", valid="[0, 4294967295]")
+    generated: bool = doc(False, "calibrate on num_samples windows sampled from the dense model instead of "
+                                 "a text (self-calibration; docs: README, Methods): better on text unlike "
+                                 "any calibration text, worse on the text a job would calibrate on")
     batch_size: int = doc(4, "windows per gradient step, over all workers (taylor, obd, seven); a "
                              "multiple of cluster.num_workers, so every world size takes the same steps",
                              valid="[1, inf)")
@@ -145,6 +148,10 @@ class FinetuneDataConfig:
     split: str = doc("train", "split of a DatasetDict directory")
     seq_len: int = doc(512, "tokens per training window (windows are consecutive, shuffled per epoch)",
                        valid="[2, inf)")
+    generated_windows: int = doc(0, "tune on this many windows of seq_len tokens sampled from the dense "
+                                    "model instead of a text (data-free distillation: pair with "
+                                    "finetune.distill.beta=1; docs: README, recovery); 0 = tune on path",
+                                 valid="[0, inf)")
 
 
 @dataclass

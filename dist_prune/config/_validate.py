@@ -70,6 +70,9 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
     from dist_prune.methods import METHODS  # lazy: imports torch (module docstring)
 
     check_ranges(cfg)
+    _require(not cfg.data.calibration.generated or cfg.data.calibration.path is None,
+             f"data.calibration.generated=true calibrates on text sampled from the dense model instead of "
+             f"data.calibration.path={cfg.data.calibration.path}: set one of them")
     p = cfg.prune
     _require(p.method in METHODS, f"prune.method '{p.method}' is unknown (allowed: {', '.join(METHODS)})")
     method = METHODS[p.method]
@@ -248,3 +251,6 @@ def validate_finetune(cfg: JobConfig) -> None:
     _require(len(ft.betas) == 2, f"finetune.betas must be two numbers in [0, 1), got {ft.betas}")
     _require(ft.max_failures == 0 or ft.checkpoint_interval > 0,
              "finetune.max_failures > 0 restarts from checkpoints: set finetune.checkpoint_interval > 0")
+    _require(ft.data.generated_windows == 0 or ft.data.path is None,
+             f"finetune.data.generated_windows={ft.data.generated_windows} tunes on text sampled from the dense "
+             f"model instead of finetune.data.path={ft.data.path}: set one of them")
