@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import _quality_report as report
-from _ranks import DATA, RESULTS, machine, run_job, run_ranks, tokens
+from _ranks import DATA, RESULTS, machine, run_job, run_ranks, tokens, with_sampled_windows
 
 from dist_prune.methods import METHODS as REGISTRY  # noqa: E402
 
@@ -49,7 +49,9 @@ OWL = "prune.layer_sparsity=owl"
 VARIANTS = {"wanda-1pass": ("wanda", ["data.calibration.sequential=false"]),
             "sparsegpt-owl": ("sparsegpt", [OWL]), "admm-owl": ("admm", [OWL]),
             # each pruned layer tuned towards the dense layer's outputs (dist_prune/block_tuning.py)
-            "admm-tuned": ("admm", ["prune.block_tuning.epochs=5"])}
+            "admm-tuned": ("admm", ["prune.block_tuning.epochs=5"]),
+            # the same, calibrated on text the dense model sampled itself (data.calibration.generated)
+            "admm-tuned-sampled": ("admm", ["prune.block_tuning.epochs=5", "data.calibration.generated=true"])}
 METHODS = tuple(m for name in ONE_SHOT for m in (name, *[v for v, (base, _) in VARIANTS.items() if base == name]))
 STRUCTURES = ("unstructured", "2:4", "heads", "channels")
 GROUP_METHODS = tuple(name for name, m in REGISTRY.items() if "channels" in m.structures)  # rank groups
@@ -347,6 +349,8 @@ def main() -> None:
         print(f"{len(runs)} run(s): {', '.join(r['key'] for r in runs)}", flush=True)
         data = tokens(model_dir, calibration=(args.calib_samples, args.seq_len),
                       evaluation=(args.eval_windows, args.seq_len))
+        for run in runs:  # sampled once here; the ranks read the cache
+            with_sampled_windows(data, run["overrides"])
         try:
             run_ranks(_rank_main, runs, data, str(path), header,
                       "perplexity_fortunes" not in results.get("dense", {}), world=args.world)
