@@ -138,7 +138,9 @@ def plan_table(cfg, job, *, cluster: str | None, registry_uri: str | None) -> st
     def windows(ids, source, role=None) -> str:
         if role in sampled:
             return f"{sampled[role][0]} windows x {sampled[role][1]} tokens sampled from the dense model"
-        return "-" if ids is None else f"{ids.shape[0]} windows x {ids.shape[1]} tokens from {source or 'the built-in corpus'}"
+        if ids is None:
+            return "-"
+        return f"{ids.shape[0]} windows x {ids.shape[1]} tokens from {source or 'the built-in corpus'}"
 
     p, c = cfg.prune, cfg.cluster
     rows = [("model", f"{job.model_dir} ({job.report['tensors_in_checkpoint']} tensors)"),
