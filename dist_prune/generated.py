@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from pathlib import Path
 
 import torch
@@ -74,9 +75,11 @@ def sampled_windows(model_dir: Path, num_windows: int, seq_len: int, seed: int, 
             progress.update(batches[-1].shape[0])
     windows = torch.cat(batches)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_suffix(".partial")
+    # a name of its own: two jobs sampling the same windows at once do not write into one file, and
+    # a crash leaves no half-written windows under the final name
+    partial = cached.with_name(f".{cached.name}.tmp-{uuid.uuid4().hex[:8]}")
     save_file({"windows": windows.contiguous()}, partial)
-    partial.replace(cached)  # a crash leaves no half-written windows under the final name
+    partial.replace(cached)
     return windows
 
 

@@ -56,7 +56,7 @@ def test_windows_have_the_asked_shape_no_special_token_and_depend_on_the_seed_on
     assert torch.equal(first, again)
     other = sampled_windows(tiny_llama, 10, 16, 4, special_ids=special, fingerprint="a")
     assert not torch.equal(first, other)
-    assert sorted(p.suffix for p in (cache / "generated").iterdir()) == [".safetensors"] * 3  # no .partial
+    assert sorted(p.suffix for p in (cache / "generated").iterdir()) == [".safetensors"] * 3  # no temporary file
 
 
 def test_the_same_model_and_settings_come_from_the_cache(tiny_llama, cache, monkeypatch):

@@ -177,8 +177,9 @@ def _fingerprint(source: Path) -> str:
 def _convert_once(source: Path, kind: str, trust_remote_code: bool) -> Path:
     """Convert GGUF / pickle into a safetensors directory in the cache; reuse it next time.
 
-    This is the only place a whole model is loaded into one process, once per source,
-    on the driver; GGUF tensors are quantized and must be dequantized as a whole anyway.
+    One of the two places a whole model is loaded into one process, once per source, on the
+    driver (the other samples windows from it, dist_prune/generated.py); GGUF tensors are
+    quantized and must be dequantized as a whole anyway.
     """
     target = cache_dir() / "models" / f"{source.stem}-{_fingerprint(source)}"
     if (target / "config.json").is_file():
