@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from dist_prune.errors import UserError
-from dist_prune.sweep import split_axes, trials_of
+from dist_prune.config import load_config
+from dist_prune.sweep import split_axes, trials_at_once, trials_of
 
 CLI = [sys.executable, "-m", "dist_prune.cli"]
 
@@ -28,6 +29,24 @@ def test_grid_is_every_combination_in_order():
     assert trials[3].overrides[-2:] == ["prune.sparsity=0.5", "prune.method=magnitude"]
     with pytest.raises(UserError):
         split_axes(["prune.sparsity"])
+
+
+def test_trials_run_side_by_side_only_as_many_as_the_cluster_holds():
+    """Ray Tune starts every trial it may; a trial whose workers do not fit fails its worker-group
+    start every 60 s until one ends (Ray 2.60), so the sweep caps them at what fits."""
+    def jobs(n, *overrides):
+        return [load_config(None, list(overrides)) for _ in range(n)]
+
+    local = {"CPU": 3.0}  # a 2-core laptop: 2 + 1 for the trial drivers (job.init_ray)
+    assert trials_at_once(jobs(4, "cluster.num_workers=2"), local) == 1
+    assert trials_at_once(jobs(2, "cluster.num_workers=1"), local) == 2
+    assert trials_at_once(jobs(3, "cluster.num_workers=1"), local) == 2  # 3 - 0.03 CPUs
+    assert trials_at_once(jobs(2, "cluster.num_workers=4"), local) == 1  # oversubscribed: one at a time
+    big = {"CPU": 64.0, "GPU": 8.0}
+    assert trials_at_once(jobs(4, "cluster.num_workers=2", "cluster.cpus_per_worker=4"), big) == 7
+    assert trials_at_once(jobs(4, "cluster.num_workers=4", "cluster.use_gpu=true"), big) == 2
+    mixed = jobs(1, "cluster.num_workers=2") + jobs(1, "cluster.num_workers=8")
+    assert trials_at_once(mixed, big) == 7  # sized for the largest trial (and the drivers' 0.02 CPU)
 
 
 def _cli(args, cwd):
