@@ -42,6 +42,11 @@ ARMS = {  # name -> overrides; the reference first: every other arm is judged ag
     "admm 50% block-tuned, alpha 5, distilled on sampled text": [
         "prune.method=admm", "prune.block_tuning.epochs=5", "finetune.neftune.alpha=5", "finetune.distill.beta=1.0",
         "finetune.distill.temperature=1.0", "finetune.data.generated_windows=200"],
+    # the same start, each step half WikiText-2 valid and half the sampled text, cross-entropy on
+    # both (finetune.data.generated_share): the text fits WikiText-2, the samples hold the rest
+    "admm 50% block-tuned, alpha 5, WikiText-2 + sampled text": [
+        "prune.method=admm", "prune.block_tuning.epochs=5", "finetune.neftune.alpha=5",
+        "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5"],
     "cubic magnitude 0 -> 50%, alpha 5": ["prune.method=magnitude", "prune.schedule=cubic",
                                           "finetune.neftune.alpha=5"],
     "cubic SEVENdyn 0 -> 50%, alpha 5": ["prune.method=seven", "prune.schedule=cubic", "finetune.neftune.alpha=5"],

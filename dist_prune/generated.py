@@ -52,6 +52,13 @@ def sampled_inputs(cfg: JobConfig, model_dir: Path, special_ids: list[int], shar
     return out
 
 
+def tuning_windows(text: torch.Tensor | None, sampled: torch.Tensor) -> torch.Tensor:
+    """The fine-tuning windows of a job that samples some: the sampled ones alone, or after the
+    text's (finetune.data.generated_share < 1; train/schedule.step_windows draws the share of each
+    step from these last rows)."""
+    return sampled if text is None else torch.cat([text, sampled])
+
+
 def sampled_windows(model_dir: Path, num_windows: int, seq_len: int, seed: int, *, special_ids: list[int],
                     fingerprint: str, progress=None) -> torch.Tensor:
     """`num_windows` windows of `seq_len` tokens sampled from the causal LM in `model_dir`,

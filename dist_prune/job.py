@@ -20,12 +20,12 @@ from urllib.parse import urlsplit
 
 from dist_prune import __version__, git_commit
 from dist_prune.io.checkpoint import configure_jit_builds, open_checkpoint, resolve_model
-from dist_prune.config import (JobConfig, config_sha256, reads_calibration_data, sampled_windows_of, scope_of,
-                               to_dict)
+from dist_prune.config import (JobConfig, config_sha256, reads_calibration_data, reads_training_text,
+                               sampled_windows_of, scope_of, to_dict)
 from dist_prune.data import (calibration_windows, eval_windows, read_text, read_training_text,
                              tokenize, training_windows)
 from dist_prune.errors import UserError
-from dist_prune.generated import sampled_inputs
+from dist_prune.generated import sampled_inputs, tuning_windows
 from dist_prune.io.destination import check_destination, check_not_an_input, exclusive
 from dist_prune.io.model_files import check_contained, read_side_file
 from dist_prune.io.formats import format_of
@@ -100,14 +100,15 @@ def prepare(cfg: JobConfig, *, sample: bool = True) -> WorkerJob:
                                                             source=path)
     training = None
     data = cfg.finetune.data
-    if cfg.finetune.steps > 0 and "training" not in to_sample:
+    if reads_training_text(cfg):
         ids = tokenize(read_training_text(data.path, text_column=data.text_column, split=data.split),
                        tokenizer)
         training = training_windows(ids, data.seq_len, source=data.path or "(built-in corpus)")
     source_sha256 = checkpoint.shard_sha256()
     if to_sample and sample:  # minutes: after every text above has been read and checked
         sampled = sampled_inputs(cfg, model_dir, tokenizer.all_special_ids, source_sha256, show=True)
-        calibration, training = sampled.get("calibration", calibration), sampled.get("training", training)
+        calibration = sampled.get("calibration", calibration)
+        training = tuning_windows(training, sampled["training"]) if "training" in sampled else training
     report = {"method": cfg.prune.method, "structure": cfg.prune.structure,
               "scope": scope_of(cfg.prune), "target_sparsity": cfg.prune.sparsity,
               "config_sha256": config_sha256(cfg), "source_model": str(cfg.model.path or model_dir),

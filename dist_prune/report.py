@@ -136,11 +136,13 @@ def plan_table(cfg, job, *, cluster: str | None, registry_uri: str | None) -> st
     sampled = sampled_windows_of(cfg)  # a dry run samples nothing: say what would be sampled
 
     def windows(ids, source, role=None) -> str:
-        if role in sampled:
-            return f"{sampled[role][0]} windows x {sampled[role][1]} tokens sampled from the dense model"
-        if ids is None:
-            return "-"
-        return f"{ids.shape[0]} windows x {ids.shape[1]} tokens from {source or 'the built-in corpus'}"
+        read = "-" if ids is None else \
+            f"{ids.shape[0]} windows x {ids.shape[1]} tokens from {source or 'the built-in corpus'}"
+        if role not in sampled:
+            return read
+        made = f"{sampled[role][0]} windows x {sampled[role][1]} tokens sampled from the dense model"
+        # only tuning mixes the two (finetune.data.generated_share < 1)
+        return made if ids is None else f"{read} + {made} ({cfg.finetune.data.generated_share:.0%} of each step)"
 
     p, c = cfg.prune, cfg.cluster
     rows = [("model", f"{job.model_dir} ({job.report['tensors_in_checkpoint']} tensors)"),

@@ -30,6 +30,9 @@ CASES = {  # name -> overrides
     "cubic-magnitude": ["finetune.steps=12", "prune.schedule=cubic", "prune.method=magnitude",
                         "prune.sparsity=0.6", "prune.interval=4", "prune.end_step=8",
                         "finetune.neftune.dynamic=true"],
+    # the last 16 of the 64 windows stand for windows sampled from the dense model, half of each step
+    "oneshot-mixed": ["finetune.steps=20", "prune.sparsity=0.5", "finetune.data.generated_windows=16",
+                      "finetune.data.generated_share=0.5"],
     "oneshot-distill": ["finetune.steps=6", "prune.sparsity=0.5", "finetune.distill.beta=0.5"],
     "cubic-seven": ["finetune.steps=12", "prune.schedule=cubic", "prune.method=seven",
                     "prune.sparsity=0.5", "prune.interval=3", "prune.scope=global"],
@@ -77,7 +80,7 @@ def _magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return pruned.view(weight.shape)
 
 
-@pytest.mark.parametrize("case", ["oneshot-zero3", "oneshot-zero2", "oneshot-zero0"])
+@pytest.mark.parametrize("case", ["oneshot-zero3", "oneshot-zero2", "oneshot-zero0", "oneshot-mixed"])
 def test_exported_zeros_are_exactly_the_oneshot_mask(tuned, tiny_llama, case):
     """After 20 steps the exported weights are zero exactly on the mask chosen before
     training, and every other weight moved (embeddings and norms are trained too)."""

@@ -101,11 +101,40 @@ def test_prepare_samples_the_tuning_windows(tiny_llama, text_file, tmp_path, cac
     assert torch.equal(job.training, prepare(cfg).training)  # the cached windows
 
 
-def test_generated_windows_and_a_tuning_text_are_one_or_the_other(tiny_llama, text_file, capsys):
+def test_generated_windows_and_a_tuning_text_are_one_or_the_other_unless_mixed(tiny_llama, text_file, capsys):
     assert main(["run", "--dry-run", *_small(tiny_llama, text_file), "finetune.data.generated_windows=40",
                  f"finetune.data.path={text_file}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "finetune.data.generated_windows=40" in err and "set one of them" in err, err
+    assert main(["run", "--dry-run", *_small(tiny_llama, text_file), "finetune.data.generated_share=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "finetune.data.generated_share=0.5" in err and "generated_windows > 0" in err
+    assert main(["run", "--dry-run", *_small(tiny_llama, text_file), "finetune.data.generated_share=0"]) == 2
+    assert "finetune.data.generated_share" in capsys.readouterr().err
+
+
+def test_prepare_mixes_the_text_and_the_sampled_windows(tiny_llama, text_file, tmp_path, cache, monkeypatch,
+                                                        capsys):
+    """generated_share < 1: the text's windows, then the sampled ones (the loop's second pool)."""
+    from dist_prune.config import load_config
+    from dist_prune.job import prepare
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    mixed = [*_small(tiny_llama, text_file), "finetune.data.generated_windows=3", "finetune.data.generated_share=0.5",
+             f"finetune.data.path={text_file}", "registry.enabled=false"]
+    assert main(["run", "--dry-run", *mixed]) == 0
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in capsys.readouterr().out.splitlines()[1:])
+    text_only = prepare(load_config(None, [*_small(tiny_llama, text_file), f"finetune.data.path={text_file}",
+                                           "registry.enabled=false"]), sample=False).training
+    assert rows["fine-tuning"] == (f"3 steps, {text_only.shape[0]} windows x 16 tokens from {text_file} + 3 windows x "
+                                   "16 tokens sampled from the dense model (50% of each step)"), rows
+    job = prepare(load_config(None, mixed))
+    assert job.training.shape == (text_only.shape[0] + 3, 16)
+    assert torch.equal(job.training[:-3], text_only)
+    alone = prepare(load_config(None, [*_small(tiny_llama, text_file), "finetune.data.generated_windows=3",
+                                       "registry.enabled=false"]))
+    assert torch.equal(job.training[-3:], alone.training)  # the same sampled windows
 
 
 def test_generated_calibration_is_planned_sampled_and_exclusive_of_a_calibration_text(
@@ -151,3 +180,7 @@ def test_the_benchmarks_sample_what_a_run_samples(tiny_llama, text_file, tmp_pat
     job = prepare(load_config(None, overrides))
     assert data["calibration"].shape == (2, 16) and torch.equal(data["calibration"], job.calibration)
     assert data["training"].shape == (3, 16) and torch.equal(data["training"], job.training)
+    mixed = [*overrides, "finetune.data.generated_share=0.5", f"finetune.data.path={text_file}"]
+    job = prepare(load_config(None, mixed))
+    data = with_sampled_windows({**plain, "training": job.training[:-3]}, mixed)  # the text, as tokens() gives it
+    assert torch.equal(data["training"], job.training)  # then the same samples, in the same rows

@@ -44,6 +44,26 @@ def test_step_windows_visit_every_window_once_per_epoch():
     assert torch.equal(step_windows(3, n, batch, seed=1), step_windows(3, n, batch, seed=1))
 
 
+def test_a_share_of_each_step_comes_from_the_sampled_windows():
+    """finetune.data.generated_share: text rows [0, 10), sampled rows [10, 16); each pool is
+    walked on its own, every window once an epoch, and the share holds exactly over the steps."""
+    text, sampled = 10, 6
+    half = [step_windows(s, text, 1, seed=3, sampled=sampled, share=0.5) for s in range(24)]
+    assert [int(b[0] >= text) for b in half] == [0, 1] * 12  # a global batch of 1 alternates
+    walked = torch.cat(half)
+    assert sorted(walked[walked < text][:10].tolist()) == list(range(10))
+    assert sorted(walked[walked >= text][:6].tolist()) == list(range(10, 16))
+    assert sorted(walked[walked >= text][6:12].tolist()) == list(range(10, 16))
+    third = torch.cat([step_windows(s, text, 4, seed=3, sampled=sampled, share=0.3) for s in range(10)])
+    assert int((third >= text).sum()) == 12  # floor(10 x 4 x 0.3)
+    batch = step_windows(2, text, 4, seed=3, sampled=sampled, share=0.3)
+    assert batch.numel() == 4 and (batch[:-1] < text).all() and batch[-1] >= text  # sampled ones last
+    assert torch.equal(step_windows(7, text, 4, seed=3, sampled=sampled, share=0.3),
+                       step_windows(7, text, 4, seed=3, sampled=sampled, share=0.3))
+    # the text's walk is the plain one, shifted by what the sampled windows took
+    assert torch.equal(walked[walked < text], torch.cat([step_windows(s, text, 1, seed=3) for s in range(12)]))
+
+
 def test_rank_shares_partition_the_global_batch():
     batch = torch.arange(12)  # accumulation 3 x world 2 x micro 2
     shares = [rank_share(batch, r, 2, 2) for r in range(2)]

@@ -38,6 +38,13 @@ def sampled_windows_of(cfg: JobConfig) -> dict[str, tuple[int, int, int]]:
     return wanted
 
 
+def reads_training_text(cfg: JobConfig) -> bool:
+    """The job tunes on finetune.data.path (or the built-in corpus): alone, or with windows
+    sampled from the dense model mixed in (finetune.data.generated_share < 1)."""
+    data = cfg.finetune.data
+    return cfg.finetune.steps > 0 and (data.generated_windows == 0 or data.generated_share < 1)
+
+
 def input_paths(cfg: JobConfig) -> list[InputPath]:
     """Every path this job reads; None (a built-in default) is not a path."""
     listed = [InputPath("model.path", cfg.model.path, True)]
@@ -46,7 +53,7 @@ def input_paths(cfg: JobConfig) -> list[InputPath]:
     if cfg.eval.num_windows > 0:
         listed.append(InputPath("eval.path", cfg.eval.path, False))
         listed += [InputPath(f"eval.extra_paths[{i}]", path, False) for i, path in enumerate(cfg.eval.extra_paths)]
-    if cfg.finetune.steps > 0:
+    if reads_training_text(cfg):
         listed.append(InputPath("finetune.data.path", cfg.finetune.data.path, True))
     return [item for item in listed if item.path is not None]
 

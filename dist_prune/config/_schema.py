@@ -149,9 +149,12 @@ class FinetuneDataConfig:
     seq_len: int = doc(512, "tokens per training window (windows are consecutive, shuffled per epoch)",
                        valid="[2, inf)")
     generated_windows: int = doc(0, "tune on this many windows of seq_len tokens sampled from the dense "
-                                    "model instead of a text (data-free distillation: pair with "
-                                    "finetune.distill.beta=1; docs: README, recovery); 0 = tune on path",
+                                    "model (data-free distillation: pair with finetune.distill.beta=1; "
+                                    "docs: README, recovery); 0 = tune on path only",
                                  valid="[0, inf)")
+    generated_share: float = doc(1.0, "share of each step's windows drawn from the generated_windows; 1 = "
+                                      "those alone, below 1 = the rest from path (or the built-in corpus)",
+                                 valid="(0, 1]")
 
 
 @dataclass

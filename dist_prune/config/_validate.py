@@ -251,6 +251,10 @@ def validate_finetune(cfg: JobConfig) -> None:
     _require(len(ft.betas) == 2, f"finetune.betas must be two numbers in [0, 1), got {ft.betas}")
     _require(ft.max_failures == 0 or ft.checkpoint_interval > 0,
              "finetune.max_failures > 0 restarts from checkpoints: set finetune.checkpoint_interval > 0")
-    _require(ft.data.generated_windows == 0 or ft.data.path is None,
+    _require(ft.data.generated_windows == 0 or ft.data.path is None or ft.data.generated_share < 1,
              f"finetune.data.generated_windows={ft.data.generated_windows} tunes on text sampled from the dense "
-             f"model instead of finetune.data.path={ft.data.path}: set one of them")
+             f"model instead of finetune.data.path={ft.data.path}: set one of them, or "
+             f"finetune.data.generated_share below 1 to mix the two")
+    _require(ft.data.generated_share == 1 or ft.data.generated_windows > 0,
+             f"finetune.data.generated_share={ft.data.generated_share} mixes windows sampled from the dense "
+             f"model into each step: set finetune.data.generated_windows > 0")

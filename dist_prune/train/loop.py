@@ -97,6 +97,8 @@ def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, e
         dynamic.load_state_dict(state.alpha)
     global_batch = ft.micro_batch_size * world * ft.gradient_accumulation_steps
     device = training.device
+    # sampled windows mixed into the text's: the last rows of `windows` (generated.tuning_windows)
+    mixed_in = ft.data.generated_windows if ft.data.generated_share < 1 else 0
 
     step_seconds: list[float] = []
     bar = progress(ft.steps, "fine-tune", enabled=rank == 0)
@@ -113,7 +115,8 @@ def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, e
         noise.alpha = dynamic.value() if dynamic is not None else ft.neftune.alpha
 
         training.train()
-        batch = step_windows(step, windows.shape[0], global_batch, cfg.seed)
+        batch = step_windows(step, windows.shape[0] - mixed_in, global_batch, cfg.seed, sampled=mixed_in,
+                             share=ft.data.generated_share)
         micro_batches = rank_share(batch, rank, world, ft.micro_batch_size)
         loss_sum, grads = 0.0, None
         for micro, indices in enumerate(micro_batches):

@@ -50,11 +50,27 @@ def window_order(num_windows: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_windows, generator=generator)
 
 
-def step_windows(step: int, num_windows: int, global_batch: int, seed: int) -> torch.Tensor:
+def step_windows(step: int, num_windows: int, global_batch: int, seed: int, *, sampled: int = 0,
+                 share: float = 0.0) -> torch.Tensor:
     """Indices of the `global_batch` windows of optimizer step `step`: the windows are
-    visited in a seeded order, reshuffled every epoch, and a step may span two epochs."""
-    positions = torch.arange(step * global_batch, (step + 1) * global_batch)
-    epochs, offsets = positions // num_windows, positions % num_windows
+    visited in a seeded order, reshuffled every epoch, and a step may span two epochs.
+    With `sampled` > 0, rows [num_windows, num_windows + sampled) are a second pool (windows
+    sampled from the dense model) visited the same way on a stream of its own, and a `share` of
+    the steps' windows comes from it: floor((step + 1) * global_batch * share) of them up to and
+    including this step, so a share of 1/2 at a global batch of 1 alternates. They take the
+    step's last slots."""
+    if sampled == 0:
+        return _visit(step * global_batch, global_batch, num_windows, seed)
+    before = math.floor(step * global_batch * share)
+    mine = math.floor((step + 1) * global_batch * share) - before
+    text = _visit(step * global_batch - before, global_batch - mine, num_windows, seed)
+    return torch.cat([text, num_windows + _visit(before, mine, sampled, seed + 1)])
+
+
+def _visit(start: int, count: int, num_windows: int, seed: int) -> torch.Tensor:
+    """Positions [start, start + count) of the seeded walk over `num_windows` windows."""
+    positions = torch.arange(start, start + count)
+    epochs, offsets = positions // max(num_windows, 1), positions % max(num_windows, 1)
     indices = torch.empty_like(positions)
     for epoch in epochs.unique().tolist():
         chosen = epochs == epoch
