@@ -24,8 +24,7 @@ __all__ = [
     "FinetuneConfig", "FinetuneDataConfig", "InputPath", "JobConfig", "ModelConfig", "NeftuneConfig", "PruneConfig",
     "RegistryConfig", "apply_overrides", "config_from_dict", "config_sha256", "config_yaml", "describe_keys", "doc",
     "input_paths", "load_config", "parse_overrides", "read_yaml", "reads_calibration_data", "reads_training_text",
-    "sampled_windows_of",
-    "scope_of", "set_input_path", "to_dict", "validate",
+    "sampled_windows_of", "scope_of", "set_input_path", "to_dict", "validate",
 ]
 
 
