@@ -154,7 +154,8 @@ def plan_table(cfg, job, *, cluster: str | None, registry_uri: str | None) -> st
             *[(f"evaluation {stem}", windows(ids, path)) for (stem, ids), path
               in zip(job.more_evaluation.items(), cfg.eval.extra_paths)],
             ("fine-tuning", "-" if cfg.finetune.steps == 0 else
-             f"{cfg.finetune.steps} steps, " + windows(job.training, cfg.finetune.data.path, "training")),
+             f"{cfg.finetune.steps} steps, " + windows(job.training, cfg.finetune.data.path, "training")
+             + _distillation(cfg.finetune.distill)),
             ("workers", f"{c.num_workers} x {c.cpus_per_worker} CPU{' + 1 GPU' if c.use_gpu else ''} on "
                         + (f"the Ray cluster at {cluster}" if cluster else "a local Ray")),
             ("export", f"{job.export_dir} ({cfg.export.format}, shards up to {cfg.export.max_shard_size})"),
@@ -162,6 +163,13 @@ def plan_table(cfg, job, *, cluster: str | None, registry_uri: str | None) -> st
                          f"{cfg.registry.experiment!r} at {registry_uri}" if registry_uri else "-")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _distillation(distill) -> str:
+    if distill.beta == 0:
+        return ""
+    on = "the sampled windows" if distill.windows == "sampled" else "every window"
+    return f"; distilled from the dense model on {on} (beta {distill.beta:g}, T {distill.temperature:g})"
 
 
 def _fmt(value) -> str:

@@ -31,8 +31,10 @@ CASES = {  # name -> overrides
                         "prune.sparsity=0.6", "prune.interval=4", "prune.end_step=8",
                         "finetune.neftune.dynamic=true"],
     # the last 16 of the 64 windows stand for windows sampled from the dense model, half of each step
+    # (distilled from the dense model on those only)
     "oneshot-mixed": ["finetune.steps=20", "prune.sparsity=0.5", "finetune.data.generated_windows=16",
-                      "finetune.data.generated_share=0.5"],
+                      "finetune.data.generated_share=0.5", "finetune.distill.beta=0.5",
+                      "finetune.distill.windows=sampled"],
     "oneshot-distill": ["finetune.steps=6", "prune.sparsity=0.5", "finetune.distill.beta=0.5"],
     "cubic-seven": ["finetune.steps=12", "prune.schedule=cubic", "prune.method=seven",
                     "prune.sparsity=0.5", "prune.interval=3", "prune.scope=global"],
@@ -202,6 +204,15 @@ def test_distill_loss_known_answers():
     p_t = torch.softmax(teacher / 2, -1)
     kl = (p_t * (p_t.log() - torch.log_softmax(student / 2, -1))).sum(-1).mean()
     torch.testing.assert_close(distill_loss(student, teacher, targets, 1.0, 2.0), 4 * kl)
+    # the teacher's term on the last two tokens only (finetune.distill.windows=sampled): the first
+    # three keep plain cross-entropy, all five averaged together
+    distilled = torch.tensor([False, False, False, True, True])
+    ce_tok = torch.nn.functional.cross_entropy(student, targets, reduction="none")
+    kl_tok = (p_t * (p_t.log() - torch.log_softmax(student / 2, -1))).sum(-1)
+    expected = (ce_tok[:3].sum() + 0.5 * ce_tok[3:].sum() + 0.5 * 4 * kl_tok[3:].sum()) / 5
+    torch.testing.assert_close(distill_loss(student, teacher, targets, 0.5, 2.0, distilled), expected)
+    torch.testing.assert_close(distill_loss(student, teacher, targets, 0.5, 2.0, torch.zeros(5, dtype=torch.bool)),
+                               ce)
 
 
 def _teacher_logits(model_dir: str, ids):

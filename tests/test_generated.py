@@ -111,6 +111,13 @@ def test_generated_windows_and_a_tuning_text_are_one_or_the_other_unless_mixed(t
     assert err.count("\n") == 1 and "finetune.data.generated_share=0.5" in err and "generated_windows > 0" in err
     assert main(["run", "--dry-run", *_small(tiny_llama, text_file), "finetune.data.generated_share=0"]) == 2
     assert "finetune.data.generated_share" in capsys.readouterr().err
+    for wrong, named in [(["finetune.distill.windows=sampled", "finetune.distill.beta=0.5"], "generated_windows > 0"),
+                         (["finetune.distill.windows=sampled", "finetune.data.generated_windows=4"],
+                          "finetune.distill.beta > 0"),
+                         (["finetune.distill.windows=text"], "allowed: all, sampled")]:
+        assert main(["run", "--dry-run", *_small(tiny_llama, text_file), *wrong]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "finetune.distill.windows" in err and named in err, err
 
 
 def test_prepare_mixes_the_text_and_the_sampled_windows(tiny_llama, text_file, tmp_path, cache, monkeypatch,
@@ -123,12 +130,13 @@ def test_prepare_mixes_the_text_and_the_sampled_windows(tiny_llama, text_file, t
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     mixed = [*_small(tiny_llama, text_file), "finetune.data.generated_windows=3", "finetune.data.generated_share=0.5",
              f"finetune.data.path={text_file}", "registry.enabled=false"]
-    assert main(["run", "--dry-run", *mixed]) == 0
+    assert main(["run", "--dry-run", *mixed, "finetune.distill.beta=1", "finetune.distill.windows=sampled"]) == 0
     rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in capsys.readouterr().out.splitlines()[1:])
     text_only = prepare(load_config(None, [*_small(tiny_llama, text_file), f"finetune.data.path={text_file}",
                                            "registry.enabled=false"]), sample=False).training
     assert rows["fine-tuning"] == (f"3 steps, {text_only.shape[0]} windows x 16 tokens from {text_file} + 3 windows x "
-                                   "16 tokens sampled from the dense model (50% of each step)"), rows
+                                   "16 tokens sampled from the dense model (50% of each step); distilled from the dense "
+                                   "model on the sampled windows (beta 1, T 2)"), rows
     job = prepare(load_config(None, mixed))
     assert job.training.shape == (text_only.shape[0] + 3, 16)
     assert torch.equal(job.training[:-3], text_only)

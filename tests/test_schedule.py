@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_prune.train.schedule import (cubic_sparsity, is_pruning_step, lr_factor, rank_share,
-                                 step_windows)
+from dist_prune.train.schedule import (cubic_sparsity, is_pruning_step, lr_factor, micro_rounds, rank_share,
+                                       step_windows)
 
 
 def test_cubic_sparsity_known_values():
@@ -69,3 +69,8 @@ def test_rank_shares_partition_the_global_batch():
     shares = [rank_share(batch, r, 2, 2) for r in range(2)]
     assert [m.tolist() for m in shares[0]] == [[0, 1], [4, 5], [8, 9]]
     assert sorted(torch.cat(shares[0] + shares[1]).tolist()) == list(range(12))
+    # round a of the collective: every rank's micro-batch a, nothing else
+    rounds = micro_rounds(batch, 2, 2)
+    assert len(rounds) == 3
+    for a, windows in enumerate(rounds):
+        assert sorted(windows.tolist()) == sorted(torch.cat([shares[0][a], shares[1][a]]).tolist())

@@ -138,6 +138,10 @@ class DistillConfig:
     beta: float = doc(0.0, "weight of the distillation term: (1-beta)*CE + beta*T^2*KL(teacher || "
                            "student), the dense model as teacher; 0 = no teacher", valid="[0, 1]")
     temperature: float = doc(2.0, "distillation temperature T", valid="(0, 100]")
+    windows: str = doc("all", "the windows the teacher's term applies to: all | sampled (only those "
+                              "sampled from the dense model, finetune.data.generated_windows; the tuning "
+                              "text's keep plain cross-entropy, and the teacher runs only where a step has "
+                              "sampled windows)")
 
 
 @dataclass

@@ -211,6 +211,7 @@ def validate_layer_choices(cfg: JobConfig) -> None:
 SCHEDULES = ("oneshot", "cubic")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 ZERO_STAGES = ("auto", "0", "2", "3")
+DISTILLED_WINDOWS = ("all", "sampled")
 
 
 def validate_finetune(cfg: JobConfig) -> None:
@@ -258,3 +259,9 @@ def validate_finetune(cfg: JobConfig) -> None:
     _require(ft.data.generated_share == 1 or ft.data.generated_windows > 0,
              f"finetune.data.generated_share={ft.data.generated_share} mixes windows sampled from the dense "
              f"model into each step: set finetune.data.generated_windows > 0")
+    _require(ft.distill.windows in DISTILLED_WINDOWS, f"finetune.distill.windows '{ft.distill.windows}' is "
+             f"unknown (allowed: {', '.join(DISTILLED_WINDOWS)})")
+    _require(ft.distill.windows == "all" or (ft.distill.beta > 0 and ft.data.generated_windows > 0),
+             "finetune.distill.windows=sampled distils on windows sampled from the dense model: set "
+             f"finetune.distill.beta > 0 (got {ft.distill.beta}) and finetune.data.generated_windows > 0 "
+             f"(got {ft.data.generated_windows})")

@@ -32,7 +32,8 @@ from dist_prune.sharding.training import Training
 from dist_prune.train.masks import KeptMasks, NoMasks
 from dist_prune.train.neftune import NEFTune, DynamicAlpha
 from dist_prune.train.resume import load_train_state, read_meta
-from dist_prune.train.schedule import cubic_sparsity, is_pruning_step, lr_factor, rank_share, step_windows
+from dist_prune.train.schedule import (cubic_sparsity, is_pruning_step, lr_factor, micro_rounds, rank_share,
+                                       step_windows)
 from dist_prune.train.state import Hooks, TrainState
 
 
@@ -99,6 +100,10 @@ def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, e
     device = training.device
     # sampled windows mixed into the text's: the last rows of `windows` (generated.tuning_windows)
     mixed_in = ft.data.generated_windows if ft.data.generated_share < 1 else 0
+    first_sampled = windows.shape[0] - mixed_in
+    # the rows the teacher's term applies to; all of them unless only the sampled windows are
+    distilled_row = (lambda i: i >= first_sampled) if ft.distill.windows == "sampled" and mixed_in \
+        else (lambda i: torch.ones_like(i, dtype=torch.bool))
 
     step_seconds: list[float] = []
     bar = progress(ft.steps, "fine-tune", enabled=rank == 0)
@@ -118,15 +123,19 @@ def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, e
         batch = step_windows(step, windows.shape[0] - mixed_in, global_batch, cfg.seed, sampled=mixed_in,
                              share=ft.data.generated_share)
         micro_batches = rank_share(batch, rank, world, ft.micro_batch_size)
+        # the teacher's forward is collective: every rank runs it in a round where any rank distils
+        teach = [teacher is not None and bool(distilled_row(r).any())
+                 for r in micro_rounds(batch, world, ft.micro_batch_size)]
         loss_sum, grads = 0.0, None
         for micro, indices in enumerate(micro_batches):
             noise.at(step, micro)
             ids = windows[indices].to(device)
             logits = training.logits(ids)
-            vocab = logits.shape[-1]
-            soft = None if teacher is None else teacher.logits(ids)[:, :-1].float().reshape(-1, vocab)
+            vocab, tokens = logits.shape[-1], ids.shape[1] - 1
+            soft = teacher.logits(ids)[:, :-1].float().reshape(-1, vocab) if teach[micro] else None
             loss = distill_loss(logits[:, :-1].float().reshape(-1, vocab), soft, ids[:, 1:].reshape(-1),
-                                ft.distill.beta if teacher is not None else 0.0, ft.distill.temperature)
+                                ft.distill.beta if soft is not None else 0.0, ft.distill.temperature,
+                                distilled_row(indices).repeat_interleave(tokens).to(device))
             training.backward(loss)
             loss_sum += loss.item()
             if training.at_step_boundary():
@@ -168,18 +177,20 @@ def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, e
     bar.close()
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, beta: float,
-                 temperature: float) -> torch.Tensor:
-    """(1 - beta) * CE + beta * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), both terms
-    averaged over tokens (Hinton et al. 2015: T^2 keeps the soft term's gradients at the
-    scale of the hard one's). `student`, `teacher`: [tokens, vocab] logits."""
-    ce = F.cross_entropy(student, targets)
-    if beta == 0.0:
-        return ce
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor, beta: float,
+                 temperature: float, distilled: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 - beta) * CE + beta * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) per token, averaged
+    over tokens (Hinton et al. 2015: T^2 keeps the soft term's gradients at the scale of the hard
+    one's). `student`, `teacher`: [tokens, vocab] logits; `distilled`: [tokens] bool, the tokens the
+    teacher's term applies to (the others keep plain CE); None = all."""
+    if beta == 0.0 or teacher is None:
+        return F.cross_entropy(student, targets)
+    ce = F.cross_entropy(student, targets, reduction="none")
     log_student = F.log_softmax(student / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher / temperature, dim=-1)
-    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
-    return (1.0 - beta) * ce + beta * temperature**2 * kl
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
+    weight = torch.full_like(ce, beta) if distilled is None else beta * distilled.to(ce.dtype)
+    return ((1.0 - weight) * ce + weight * temperature**2 * kl).mean()
 
 
 def reselect(targets: list[Target], state: TrainState, method, cfg: JobConfig, sparsity: float,

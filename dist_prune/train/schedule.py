@@ -84,3 +84,10 @@ def rank_share(batch: torch.Tensor, rank: int, world: int, micro_batch: int) -> 
     accumulation = batch.numel() // (world * micro_batch)
     return [batch[(a * world + rank) * micro_batch:(a * world + rank + 1) * micro_batch]
             for a in range(accumulation)]
+
+
+def micro_rounds(batch: torch.Tensor, world: int, micro_batch: int) -> list[torch.Tensor]:
+    """The windows of each accumulation round across all ranks: round a holds every rank's
+    micro-batch a (rank_share's layout), what a collective per micro-batch must agree on."""
+    span = world * micro_batch
+    return [batch[a * span:(a + 1) * span] for a in range(batch.numel() // span)]
