@@ -194,8 +194,10 @@ def init_ray(cfg: JobConfig, *, extra_cpus: int = 0) -> None:
         return
     needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
     # A local run may oversubscribe the laptop's cores (workers are processes);
-    # the object store only carries small token tensors.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed) + extra_cpus, include_dashboard=False,
+    # the object store only carries small token tensors. The dashboard (about 2 s more to start)
+    # serves the State API that Ray Train's placement-group cleaner asks every second: without it
+    # each question logged a warning (14 of a 40-s job's 58 log lines, tests/test_end_to_end.py).
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed) + extra_cpus, include_dashboard=True,
              object_store_memory=256 * 1024**2, log_to_driver=True)
 
 
