@@ -101,7 +101,7 @@ def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, e
     # sampled windows mixed into the text's: the last rows of `windows` (generated.tuning_windows)
     mixed_in = ft.data.generated_windows if ft.data.generated_share < 1 else 0
     first_sampled = windows.shape[0] - mixed_in
-    # the rows the teacher's term applies to; all of them unless only the sampled windows are
+    # which rows of `windows` the teacher's term applies to (finetune.distill.windows)
     distilled_row = (lambda i: i >= first_sampled) if ft.distill.windows == "sampled" and mixed_in \
         else (lambda i: torch.ones_like(i, dtype=torch.bool))
 
@@ -120,7 +120,7 @@ def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, e
         noise.alpha = dynamic.value() if dynamic is not None else ft.neftune.alpha
 
         training.train()
-        batch = step_windows(step, windows.shape[0] - mixed_in, global_batch, cfg.seed, sampled=mixed_in,
+        batch = step_windows(step, first_sampled, global_batch, cfg.seed, sampled=mixed_in,
                              share=ft.data.generated_share)
         micro_batches = rank_share(batch, rank, world, ft.micro_batch_size)
         # the teacher's forward is collective: every rank runs it in a round where any rank distils
