@@ -101,9 +101,8 @@ def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, e
     # sampled windows mixed into the text's: the last rows of `windows` (generated.tuning_windows)
     mixed_in = ft.data.generated_windows if ft.data.generated_share < 1 else 0
     first_sampled = windows.shape[0] - mixed_in
-    # which rows of `windows` the teacher's term applies to (finetune.distill.windows)
-    distilled_row = (lambda i: i >= first_sampled) if ft.distill.windows == "sampled" and mixed_in \
-        else (lambda i: torch.ones_like(i, dtype=torch.bool))
+    # finetune.distill.windows=sampled: the teacher's term applies only to rows >= first_sampled
+    sampled_only = teacher is not None and ft.distill.windows == "sampled" and mixed_in > 0
 
     step_seconds: list[float] = []
     bar = progress(ft.steps, "fine-tune", enabled=rank == 0)
@@ -124,7 +123,7 @@ def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, e
                              share=ft.data.generated_share)
         micro_batches = rank_share(batch, rank, world, ft.micro_batch_size)
         # the teacher's forward is collective: every rank runs it in a round where any rank distils
-        teach = [teacher is not None and bool(distilled_row(r).any())
+        teach = [teacher is not None and (not sampled_only or bool((r >= first_sampled).any()))
                  for r in micro_rounds(batch, world, ft.micro_batch_size)]
         loss_sum, grads = 0.0, None
         for micro, indices in enumerate(micro_batches):
@@ -132,10 +131,13 @@ def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, e
             ids = windows[indices].to(device)
             logits = training.logits(ids)
             vocab, tokens = logits.shape[-1], ids.shape[1] - 1
-            soft = teacher.logits(ids)[:, :-1].float().reshape(-1, vocab) if teach[micro] else None
+            soft, distilled = None, None
+            if teach[micro]:
+                soft = teacher.logits(ids)[:, :-1].float().reshape(-1, vocab)
+                if sampled_only:
+                    distilled = (indices >= first_sampled).repeat_interleave(tokens).to(device)
             loss = distill_loss(logits[:, :-1].float().reshape(-1, vocab), soft, ids[:, 1:].reshape(-1),
-                                ft.distill.beta if soft is not None else 0.0, ft.distill.temperature,
-                                distilled_row(indices).repeat_interleave(tokens).to(device))
+                                ft.distill.beta, ft.distill.temperature, distilled)
             training.backward(loss)
             loss_sum += loss.item()
             if training.at_step_boundary():

@@ -78,16 +78,15 @@ def _visit(start: int, count: int, num_windows: int, seed: int) -> torch.Tensor:
     return indices
 
 
-def rank_share(batch: torch.Tensor, rank: int, world: int, micro_batch: int) -> list[torch.Tensor]:
-    """This rank's micro-batches of a global batch laid out [accumulation, world, micro]:
-    micro-batch a of rank r is batch[(a * world + r) * micro : ... + micro]."""
-    accumulation = batch.numel() // (world * micro_batch)
-    return [batch[(a * world + rank) * micro_batch:(a * world + rank + 1) * micro_batch]
-            for a in range(accumulation)]
-
-
 def micro_rounds(batch: torch.Tensor, world: int, micro_batch: int) -> list[torch.Tensor]:
-    """The windows of each accumulation round across all ranks: round a holds every rank's
-    micro-batch a (rank_share's layout), what a collective per micro-batch must agree on."""
+    """The windows of each accumulation round across all ranks, the one place the global batch's
+    [accumulation, world, micro] layout is written: round a holds every rank's micro-batch a, what a
+    collective per micro-batch must agree on."""
     span = world * micro_batch
     return [batch[a * span:(a + 1) * span] for a in range(batch.numel() // span)]
+
+
+def rank_share(batch: torch.Tensor, rank: int, world: int, micro_batch: int) -> list[torch.Tensor]:
+    """This rank's micro-batches of a global batch: its slot of every round of micro_rounds, so
+    micro-batch a of rank r is batch[(a * world + r) * micro : ... + micro]."""
+    return [r[rank * micro_batch:(rank + 1) * micro_batch] for r in micro_rounds(batch, world, micro_batch)]
