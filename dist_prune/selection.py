@@ -21,7 +21,6 @@ one group each.
 
 from __future__ import annotations
 
-import sys
 from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate, groupby
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import torch
 
 from dist_prune.collectives import all_reduce_, any_rank
+from dist_prune.float_keys import HIGH_HALF, below_key, unsigned_keys
 from dist_prune.selection_rows import select_rows, split_rows, whole_row_flags
 
 if TYPE_CHECKING:
@@ -50,8 +50,6 @@ COMPACT_SHARE = 16  # ... or up to 1/16 of the local elements, whichever is more
 # on an H100, counting 1e9 |normal| scores took 123 ms into one copy and 33 ms into 64.
 HIST_LANES = {"cpu": 1, "cuda": 64}  # powers of two
 
-_SIGN = 1 << 31
-_HIGH_HALF = 1 if sys.byteorder == "little" else 0  # the 16-bit half of a float32 with its sign
 _NO_LIMIT = torch.iinfo(torch.int64).max
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _Pairs = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (values, batch-local group ids)
@@ -305,35 +303,12 @@ def _chunks(scores: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         yield lo, scores[lo : lo + step].float().contiguous()
 
 
-def _keys32(x: torch.Tensor) -> torch.Tensor:
-    """The 32 bits of the unsigned order-preserving keys of float32 values, held in int32 (half the
-    memory traffic of int64 in passes over all scores; shift and mask before comparing)."""
-    bits = x.view(torch.int32)
-    flip = bits >> 31  # all ones for negatives, else zero
-    return flip.bitwise_or_(-_SIGN).bitwise_xor_(bits)
-
-
-def _keys(x: torch.Tensor) -> torch.Tensor:
-    """Unsigned order-preserving 32-bit keys of float32 values, as int64."""
-    return _keys32(x).to(torch.int64) & 0xFFFFFFFF
-
-
 def _count(hist: torch.Tensor, indices: list[torch.Tensor]) -> None:
     """hist[i] += occurrences of i in `indices` (int64); like bincount, but about 1.6x faster on CPU."""
     if not indices:
         return
     index = indices[0] if len(indices) == 1 else torch.cat(indices)
     hist.scatter_add_(0, index, torch.ones(1, dtype=torch.int64, device=hist.device).expand(len(index)))
-
-
-def _below(x: torch.Tensor, key: int, out: torch.Tensor) -> torch.Tensor:
-    """out = key(x) < key, as one float comparison with the float whose key is `key`."""
-    if key == _SIGN:  # +0.0: -0.0 compares equal to it but has the lower key
-        return torch.signbit(x, out=out)
-    # Only the bracket of -inf yields a NaN bound; below it are only NaNs (rejected): all False is right.
-    bits = key - _SIGN if key >= _SIGN else ~key & 0xFFFFFFFF
-    bound = torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
-    return torch.lt(x, bound, out=out)
 
 
 def _top16_hist(parts: Sequence[_Part], n_groups: int, device: torch.device) -> torch.Tensor:
@@ -346,7 +321,7 @@ def _top16_hist(parts: Sequence[_Part], n_groups: int, device: torch.device) -> 
     for p in parts:
         for _, x in _chunks(p.scores):
             n = x.numel()
-            top[:n].copy_(x.view(torch.uint16)[_HIGH_HALF::2])  # raw high halves, not keys: cheaper
+            top[:n].copy_(x.view(torch.uint16)[HIGH_HALF::2])  # raw high halves, not keys: cheaper
             if lane is not None:
                 top[:n].mul_(lanes).add_(lane[:n])
             _count(hist[p.group], [top[:n]])
@@ -382,10 +357,10 @@ def _scan_part(p: _Part, prefix: torch.Tensor, mask: torch.Tensor | None) -> Ite
     high = top - (1 << 15) if top >= 1 << 15 else 0xFFFF - top  # raw high half of the bracket's floats
     for lo, x in _chunks(p.scores):
         if mask is not None:
-            _below(x, top << 16, out=mask[lo : lo + x.numel()])
-        pos = _sparse_nonzero(x.view(torch.uint16)[_HIGH_HALF::2] == high)
+            below_key(x, top << 16, out=mask[lo : lo + x.numel()])
+        pos = _sparse_nonzero(x.view(torch.uint16)[HIGH_HALF::2] == high)
         if pos.numel():
-            yield _Block(p, pos + lo, _keys(x[pos]), torch.full_like(pos, p.group))
+            yield _Block(p, pos + lo, unsigned_keys(x[pos]), torch.full_like(pos, p.group))
 
 
 def _merged(blocks: Iterable[_Block]) -> list[_Block]:

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from dist_prune.float_keys import order_keys
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -54,12 +56,6 @@ def whole_row_flags(whole: Sequence[tuple[int, int, int, int]], n_groups: int, d
     for _, _, g0, rows in whole:
         flags[g0 : g0 + rows] = 1
     return flags
-
-
-def order_keys(x: torch.Tensor) -> torch.Tensor:
-    """int32 keys whose signed order is the order of the float32 values, -0.0 just below +0.0."""
-    bits = x.view(torch.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negatives: reverse the magnitude bits
 
 
 def select_rows(scores: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> None:
