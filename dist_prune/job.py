@@ -193,6 +193,9 @@ def init_ray(cfg: JobConfig, *, extra_cpus: int = 0) -> None:
             raise UserError(f"cannot reach the Ray cluster at {where} ({str(e).splitlines()[0]})") from None
         return
     needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+    # Ray Train's PreemptionWatcher follows spot nodes being drained; a local Ray has none, and the
+    # watcher's start logged a core_worker.cc error line in every job. The actors inherit this.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # A local run may oversubscribe the laptop's cores (workers are processes);
     # the object store only carries small token tensors. The dashboard (about 2 s more to start)
     # serves the State API that Ray Train's placement-group cleaner asks every second: without it
