@@ -23,18 +23,9 @@ def order_keys(x: torch.Tensor) -> torch.Tensor:
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negatives: reverse the magnitude bits
 
 
-def unsigned_keys32(x: torch.Tensor) -> torch.Tensor:
-    """The 32 bits of the unsigned order-preserving keys of float32 values (order_keys ^ 2**31),
-    held in int32: half the memory traffic of int64 in passes over all scores; shift and mask
-    before comparing. In-place ops on one temporary, as this runs over every score."""
-    bits = x.view(torch.int32)
-    flip = bits >> 31  # all ones for negatives, else zero
-    return flip.bitwise_or_(-SIGN).bitwise_xor_(bits)
-
-
 def unsigned_keys(x: torch.Tensor) -> torch.Tensor:
-    """Unsigned order-preserving 32-bit keys of float32 values, as int64."""
-    return unsigned_keys32(x).to(torch.int64) & 0xFFFFFFFF
+    """Unsigned order-preserving 32-bit keys of float32 values, as int64 (order_keys + 2**31)."""
+    return order_keys(x).to(torch.int64) + SIGN
 
 
 def below_key(x: torch.Tensor, key: int, out: torch.Tensor) -> torch.Tensor:
