@@ -21,24 +21,42 @@ def recovery():
         sys.path.remove(str(ROOT / "benchmarks"))
 
 
-def _arm(before: float, after: float, before2: float, after2: float) -> dict:
+def _arm(before: float, after: float, before2: float, after2: float, overrides: tuple[str, ...] = (),
+         sparsity: float = 0.5) -> dict:
     return {"metrics": {"perplexity_pruned": before, "perplexity_pruned.fortunes": before2,
-                        "perplexity_sparse": after, "perplexity_sparse.fortunes": after2, "sparsity": 0.5,
+                        "perplexity_sparse": after, "perplexity_sparse.fortunes": after2, "sparsity": sparsity,
                         "seconds_finetune": 10.0},
-            "rows": [{"step": 1, "train/step_seconds": 2.0}], "export": {"zeros_in_targets": 8, "pruned": 8}}
+            "rows": [{"step": 1, "train/step_seconds": 2.0}], "export": {"zeros_in_targets": 8, "pruned": 8},
+            "overrides": ["finetune.steps=4", *overrides]}
 
 
+DENSE = ("prune.sparsity=0.0",)
 SETTINGS = {"steps": 4, "seq_len": 8, "lr": 1e-4, "accumulation": 1, "eval_interval": 2}
 
 
 def test_targets_are_judged_against_the_dense_model(recovery):
-    arms = {recovery.REFERENCE: _arm(30.0, 20.0, 28.0, 30.0), "wanda": _arm(54.0, 24.0, 58.0, 42.0),
+    arms = {recovery.REFERENCE: _arm(30.0, 20.0, 28.0, 30.0, DENSE, 0.0), "wanda": _arm(54.0, 24.0, 58.0, 42.0),
             "far": _arm(54.0, 26.0, 58.0, 44.0)}
     lines = recovery.table(arms, SETTINGS)
     assert "Dense model: 30.00 (WikiText-2), 28.00 (fortunes); tuned alike (the reference arm): 20.00, 30.00." in lines
     # half-gap target on fortunes: 28 + (58 - 28) / 2 = 43
-    assert "| wanda | 54.00 | 24.00 | 1.200 | 58.00 | 42.00 | 43.00 met | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
-    assert "| far | 54.00 | 26.00 | 1.300 | 58.00 | 44.00 | 43.00 missed | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
+    assert "| wanda | 54.00 | 24.00 | 1.200 | 1.200 | 58.00 | 42.00 | 43.00 met | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
+    assert "| far | 54.00 | 26.00 | 1.300 | 1.300 | 58.00 | 44.00 | 43.00 missed | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
+
+
+def test_an_arm_tuned_on_other_data_is_also_judged_against_the_dense_model_tuned_on_that_data(recovery):
+    mix = ("finetune.data.generated_windows=8", "finetune.data.generated_share=0.5", "finetune.distill.beta=1.0")
+    arms = {recovery.REFERENCE: _arm(30.0, 20.0, 28.0, 30.0, DENSE, 0.0),
+            "dense on the mix": _arm(30.0, 22.0, 28.0, 27.0, (*DENSE, *mix), 0.0),
+            "one-shot on the mix": _arm(50.0, 26.4, 48.0, 40.0, mix),
+            "gradual on the mix": _arm(30.0, 27.5, 28.0, 37.0, ("prune.schedule=cubic", *mix))}
+    lines = recovery.table(arms, SETTINGS)
+    # 26.4 / 20 and 26.4 / 22; the dense arms are no target's
+    assert "| one-shot on the mix | 50.00 | 26.40 | 1.320 | 1.200 | 48.00 | 40.00 | 38.00 missed |" in "\n".join(lines)
+    assert "| dense on the mix | 30.00 | 22.00 | 1.100 | — | 28.00 | 27.00 | — |" in "\n".join(lines)
+    # starting dense, the gradual arm is held to half the best one-shot start's gap: 28 + (48 - 28) / 2
+    assert "| gradual on the mix | 30.00 | 27.50 | 1.375 | 1.250 | 28.00 | 37.00 | 38.00 (best one-shot) met |" \
+        in "\n".join(lines)
 
 
 def test_without_the_reference_arm_the_table_says_so_instead_of_nan(recovery):
@@ -46,5 +64,5 @@ def test_without_the_reference_arm_the_table_says_so_instead_of_nan(recovery):
     text = "\n".join(lines)
     assert "nan" not in text
     assert f"The reference arm ({recovery.REFERENCE}) is not measured with these settings." in lines
-    assert "| wanda | 54.00 | 24.00 | — | 58.00 | 42.00 | — | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
+    assert "| wanda | 54.00 | 24.00 | — | — | 58.00 | 42.00 | — | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
     assert "--name recovery_lr3e-4`; curves: `results/recovery_lr3e-4.png`" in text
