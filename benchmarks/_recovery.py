@@ -59,6 +59,12 @@ ARMS = {  # name -> overrides; the reference first: every other arm is judged ag
         "prune.method=admm", "prune.block_tuning.epochs=5", "finetune.neftune.alpha=5",
         "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5", "finetune.distill.beta=1.0",
         "finetune.distill.temperature=1.0", "finetune.distill.windows=sampled"],
+    # the same, the sampled windows also matched layer by layer to the dense model's outputs
+    # (finetune.distill.hidden, SquareHead): 30 targets per token instead of one distribution
+    "admm 50% block-tuned, alpha 5, WikiText-2 + sampled text distilled with layer outputs": [
+        "prune.method=admm", "prune.block_tuning.epochs=5", "finetune.neftune.alpha=5",
+        "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5", "finetune.distill.beta=1.0",
+        "finetune.distill.temperature=1.0", "finetune.distill.windows=sampled", "finetune.distill.hidden=1.0"],
     "cubic magnitude 0 -> 50%, alpha 5": ["prune.method=magnitude", "prune.schedule=cubic",
                                           "finetune.neftune.alpha=5"],
     "cubic SEVENdyn 0 -> 50%, alpha 5": ["prune.method=seven", "prune.schedule=cubic", "finetune.neftune.alpha=5"],

@@ -143,12 +143,21 @@ class LayerRunner:
                     count += target.numel() - 1
         return total, count
 
-    def logits(self, windows: torch.Tensor) -> torch.Tensor:
-        """Logits [n, seq_len, vocab] of a whole forward pass without gradients, one layer
-        gathered at a time (the distillation teacher). Collective."""
+    def run(self, windows: torch.Tensor, keep_hidden: bool = False
+            ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Logits [n, seq_len, vocab] of a whole forward pass without gradients, one layer gathered
+        at a time (the distillation teacher), and with `keep_hidden` every decoder layer's output
+        [n, seq_len, hidden] (finetune.distill.hidden); None without. Collective."""
         batches = self.start(windows)
+        hidden = [] if keep_hidden else None
         for index in range(len(self.layers)):
             batches = self.run_layer(index, batches)
+            if hidden is not None:
+                hidden.append(torch.cat([b.hidden for b in batches]))
         head = self.model.get_output_embeddings()
         with gathered(list(self.decoder.norm.parameters()) + list(head.parameters())), torch.no_grad():
-            return torch.cat([head(self.decoder.norm(b.hidden)) for b in batches])
+            return torch.cat([head(self.decoder.norm(b.hidden)) for b in batches]), hidden
+
+    def logits(self, windows: torch.Tensor) -> torch.Tensor:
+        """`run`'s logits alone."""
+        return self.run(windows)[0]

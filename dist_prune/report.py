@@ -166,10 +166,12 @@ def plan_table(cfg, job, *, cluster: str | None, registry_uri: str | None) -> st
 
 
 def _distillation(distill) -> str:
-    if distill.beta == 0:
+    if not distill.teaches:
         return ""
     on = "the sampled windows" if distill.windows == "sampled" else "every window"
-    return f"; distilled from the dense model on {on} (beta {distill.beta:g}, T {distill.temperature:g})"
+    terms = [f"beta {distill.beta:g}, T {distill.temperature:g}"] if distill.beta > 0 else []
+    terms += [f"layer outputs {distill.hidden:g}"] if distill.hidden > 0 else []
+    return f"; distilled from the dense model on {on} ({', '.join(terms)})"
 
 
 def _fmt(value) -> str:

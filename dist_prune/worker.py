@@ -128,7 +128,7 @@ def run_worker(job: WorkerJob, hooks: Hooks | None = None) -> dict:
             evaluate("pruned", "pruned, before tuning")  # the starting point of the fine-tuning
         hooks.metrics = metrics  # saved with every checkpoint
         teacher = None
-        if cfg.finetune.distill.beta > 0:  # the dense model, in its own ZeRO-3 partitions
+        if cfg.finetune.distill.teaches:  # the dense model, in its own ZeRO-3 partitions
             with timer("load"):
                 teacher = build_partitioned_model(Path(job.model_dir), checkpoint, dtype,
                                                   trust_remote_code=cfg.model.trust_remote_code)

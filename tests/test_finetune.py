@@ -36,6 +36,9 @@ CASES = {  # name -> overrides
                       "finetune.data.generated_share=0.5", "finetune.distill.beta=0.5",
                       "finetune.distill.windows=sampled"],
     "oneshot-distill": ["finetune.steps=6", "prune.sparsity=0.5", "finetune.distill.beta=0.5"],
+    # oneshot-zero3 with the teacher's layer outputs as a second target (finetune.distill.hidden)
+    "oneshot-hidden": ["finetune.steps=20", "prune.sparsity=0.5", "finetune.zero_stage=3",
+                       "finetune.distill.hidden=10"],
     "cubic-seven": ["finetune.steps=12", "prune.schedule=cubic", "prune.method=seven",
                     "prune.sparsity=0.5", "prune.interval=3", "prune.scope=global"],
 }
@@ -192,7 +195,7 @@ def test_distillation_trains_with_the_mask_kept(tuned):
 
 
 def test_distill_loss_known_answers():
-    from dist_prune.train.loop import distill_loss
+    from dist_prune.train.distill import distill_loss
 
     torch.manual_seed(0)
     student, targets = torch.randn(5, 7), torch.randint(0, 7, (5,))
@@ -215,24 +218,91 @@ def test_distill_loss_known_answers():
                                ce)
 
 
+def _layer_distance(student_dir: Path, teacher_dir: Path, ids: torch.Tensor) -> float:
+    """hidden_loss between two exported models' decoder layer outputs on `ids`."""
+    from transformers import AutoModelForCausalLM
+
+    from dist_prune.train.distill import LayerOutputs, hidden_loss
+
+    outputs = []
+    for directory in (student_dir, teacher_dir):
+        model = AutoModelForCausalLM.from_pretrained(directory)
+        layers = LayerOutputs(model.model.layers)
+        layers.capturing = True
+        with torch.no_grad():
+            model(input_ids=ids)
+        outputs.append(layers.take())
+        layers.remove()
+    return hidden_loss(*outputs).item()
+
+
+def test_the_layer_output_term_pulls_the_student_towards_the_teacher(tuned, tiny_llama, text_file):
+    """oneshot-hidden differs from oneshot-zero3 by finetune.distill.hidden alone: its layer
+    outputs end closer to the dense model's, and its masks are kept exactly."""
+    out, results = tuned
+    m = results["oneshot-hidden"]["metrics"]
+    assert m["pruned"] == m["prunable"] // 2 and m["finetune_zero_stage"] == 3
+    manifest = json.loads((out / "oneshot-hidden" / "sparsity.json").read_text())
+    assert all(manifest["tensors"][n]["zeros"] == c for n, c in manifest["pruned_counts"].items())
+    _, evalw = _data(tiny_llama, text_file.read_text())
+    with_term = _layer_distance(out / "oneshot-hidden", tiny_llama, evalw)
+    without = _layer_distance(out / "oneshot-zero3", tiny_llama, evalw)
+    assert with_term < 0.5 * without, (with_term, without)
+
+
+def test_hidden_loss_known_answers():
+    from dist_prune.train.distill import hidden_loss
+
+    torch.manual_seed(0)
+    teacher = [torch.randn(3, 4, 8) for _ in range(2)]
+    assert hidden_loss([t.clone() for t in teacher], teacher).item() == 0.0
+    # the student at zero: every token's error equals its own norm, 1 per token and layer
+    zeros = [torch.zeros_like(t) for t in teacher]
+    torch.testing.assert_close(hidden_loss(zeros, teacher), torch.tensor(2.0))
+    # normalised per token: one token 1000x larger (an attention sink) weighs no more than the others
+    student = [t + 0.1 * torch.randn_like(t) for t in teacher]
+    big_s, big_t = [s.clone() for s in student], [t.clone() for t in teacher]
+    for s, t in zip(big_s, big_t):
+        s[:, 0] *= 1000
+        t[:, 0] *= 1000
+    torch.testing.assert_close(hidden_loss(big_s, big_t), hidden_loss(student, teacher))
+    # only the windows named count, the others as zero
+    per_window = sum(((s - t) ** 2).sum(-1).div((t ** 2).sum(-1)).mean(-1) for s, t in zip(student, teacher))
+    torch.testing.assert_close(hidden_loss(student, teacher, torch.tensor([False, True, False])),
+                               per_window[1] / 3)
+
+
 def _teacher_logits(model_dir: str, ids):
     from dist_prune.io.checkpoint import open_checkpoint
     from dist_prune.layerwise import LayerRunner
     from dist_prune.sharding.partition import build_partitioned_model
 
     model = build_partitioned_model(Path(model_dir), open_checkpoint(Path(model_dir)), torch.float32)
-    return LayerRunner(model).logits(ids)
+    runner = LayerRunner(model)
+    logits, hidden = runner.run(ids, keep_hidden=True)
+    assert torch.equal(runner.logits(ids), logits)
+    return logits, hidden
 
 
-def test_teacher_logits_equal_plain_transformers(tiny_llama, text_file):
+def test_teacher_logits_and_layer_outputs_equal_plain_transformers(tiny_llama, text_file):
     from transformers import AutoModelForCausalLM
+
+    from dist_prune.train.distill import LayerOutputs
 
     _, evalw = _data(tiny_llama, text_file.read_text())
     got = run_on_ranks(_teacher_logits, 2, str(tiny_llama), evalw[:3])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    layers = LayerOutputs(model.model.layers)
+    layers.capturing = True
     with torch.no_grad():
-        want = AutoModelForCausalLM.from_pretrained(tiny_llama)(input_ids=evalw[:3]).logits
-    for logits in got:
+        want = model(input_ids=evalw[:3]).logits
+    want_hidden = layers.take()
+    assert len(want_hidden) == model.config.num_hidden_layers
+    for logits, hidden in got:
         torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
+        assert len(hidden) == len(want_hidden)
+        for h, w in zip(hidden, want_hidden):
+            torch.testing.assert_close(h, w, rtol=1e-4, atol=1e-5)
 
 
 def test_auto_stage_is_data_parallel_only_when_the_model_fits_and_computes_in_float32():

@@ -138,10 +138,19 @@ class DistillConfig:
     beta: float = doc(0.0, "weight of the distillation term: (1-beta)*CE + beta*T^2*KL(teacher || "
                            "student), the dense model as teacher; 0 = no teacher", valid="[0, 1]")
     temperature: float = doc(2.0, "distillation temperature T", valid="(0, 100]")
+    hidden: float = doc(0.0, "weight of a second teacher term added to the loss: the sum over decoder layers "
+                             "of the student's squared error to the dense model's layer output, per token "
+                             "divided by the dense output's squared norm (SquareHead, Kurtic et al. 2023); "
+                             "on the windows finetune.distill.windows names; 0 = none", valid="[0, 100]")
     windows: str = doc("all", "the windows the teacher's term applies to: all | sampled (only those "
                               "sampled from the dense model, finetune.data.generated_windows; the tuning "
                               "text's keep plain cross-entropy, and the teacher runs only where a step has "
                               "sampled windows)")
+
+    @property
+    def teaches(self) -> bool:
+        """Whether a term needs the dense model as teacher."""
+        return self.beta > 0 or self.hidden > 0
 
 
 @dataclass

@@ -261,7 +261,7 @@ def validate_finetune(cfg: JobConfig) -> None:
              f"model into each step: set finetune.data.generated_windows > 0")
     _require(ft.distill.windows in DISTILLED_WINDOWS, f"finetune.distill.windows '{ft.distill.windows}' is "
              f"unknown (allowed: {', '.join(DISTILLED_WINDOWS)})")
-    _require(ft.distill.windows == "all" or (ft.distill.beta > 0 and ft.data.generated_windows > 0),
+    _require(ft.distill.windows == "all" or (ft.distill.teaches and ft.data.generated_windows > 0),
              "finetune.distill.windows=sampled distils on windows sampled from the dense model: set "
-             f"finetune.distill.beta > 0 (got {ft.distill.beta}) and finetune.data.generated_windows > 0 "
-             f"(got {ft.data.generated_windows})")
+             f"finetune.distill.beta > 0 (got {ft.distill.beta}) or finetune.distill.hidden > 0 (got "
+             f"{ft.distill.hidden}), and finetune.data.generated_windows > 0 (got {ft.data.generated_windows})")

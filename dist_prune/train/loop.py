@@ -29,6 +29,7 @@ from dist_prune.methods import METHODS
 from dist_prune.report import progress
 from dist_prune.sharding.stages import agreed_stage, open_training
 from dist_prune.sharding.training import Training
+from dist_prune.train.distill import LayerOutputs, distill_loss, hidden_loss
 from dist_prune.train.masks import KeptMasks, NoMasks
 from dist_prune.train.neftune import NEFTune, DynamicAlpha
 from dist_prune.train.resume import load_train_state, read_meta
@@ -44,7 +45,7 @@ def finetune(model: torch.nn.Module, targets: list[Target], masks: dict[str, tor
     `windows` are ALL training windows (every rank sees the same tensor and takes its
     share of each step); `eval_windows` the evaluation texts by metric suffix ("" for eval.path,
     ".<stem>" for each of eval.extra_paths), all windows of each. `teacher`: the dense model in its own ZeRO-3 partitions, for
-    distillation (finetune.distill.beta > 0). Returns the final state; the model's
+    distillation (finetune.distill.beta or .hidden > 0). Returns the final state; the model's
     partitions hold the tuned weights and `state.masks` the final masks. Collective."""
     ft = cfg.finetune
     rank, world = rank_and_world()
@@ -73,16 +74,22 @@ def finetune(model: torch.nn.Module, targets: list[Target], masks: dict[str, tor
             keeper.update(state.masks)
         state.sharding = training.description
         noise = NEFTune(training.module.get_input_embeddings(), ft.neftune.alpha, cfg.seed, rank)
+        # finetune.distill.hidden: the student's layer outputs, matched to the teacher's
+        layers = LayerOutputs(training.module.get_decoder().layers) \
+            if teacher is not None and ft.distill.hidden > 0 else None
         try:
             _loop(training, targets, keeper, noise, cfg, windows, eval_windows, hooks, state,
-                  None if teacher is None else LayerRunner(teacher))
+                  None if teacher is None else LayerRunner(teacher), layers)
         finally:
             noise.remove()
+            if layers is not None:
+                layers.remove()
     return state
 
 
 def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, eval_windows,
-          hooks: Hooks, state: TrainState, teacher: LayerRunner | None) -> None:
+          hooks: Hooks, state: TrainState, teacher: LayerRunner | None,
+          layers: LayerOutputs | None) -> None:
     ft, prune = cfg.finetune, cfg.prune
     rank, world = rank_and_world()
     method = METHODS[prune.method]
@@ -129,15 +136,23 @@ def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, e
         for micro, indices in enumerate(micro_batches):
             noise.at(step, micro)
             ids = windows[indices].to(device)
+            if layers is not None:
+                layers.capturing = teach[micro]
             logits = training.logits(ids)
             vocab, tokens = logits.shape[-1], ids.shape[1] - 1
-            soft, distilled = None, None
+            soft, distilled, hidden = None, None, None
             if teach[micro]:
-                soft = teacher.logits(ids)[:, :-1].float().reshape(-1, vocab)
+                soft, hidden = teacher.run(ids, keep_hidden=layers is not None)
+                soft = soft[:, :-1].float().reshape(-1, vocab)
                 if sampled_only:
-                    distilled = (indices >= first_sampled).repeat_interleave(tokens).to(device)
+                    distilled = (indices >= first_sampled).to(device)
             loss = distill_loss(logits[:, :-1].float().reshape(-1, vocab), soft, ids[:, 1:].reshape(-1),
-                                ft.distill.beta, ft.distill.temperature, distilled)
+                                ft.distill.beta, ft.distill.temperature,
+                                None if distilled is None else distilled.repeat_interleave(tokens))
+            if hidden is not None:
+                layers.capturing = False
+                loss = loss + ft.distill.hidden * hidden_loss(layers.take(), [h.to(device) for h in hidden],
+                                                              distilled)
             training.backward(loss)
             loss_sum += loss.item()
             if training.at_step_boundary():
@@ -177,22 +192,6 @@ def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, e
                 and state.step % ft.checkpoint_interval == 0:
             hooks.checkpoint(state, training, hooks.metrics)
     bar.close()
-
-
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor, beta: float,
-                 temperature: float, distilled: torch.Tensor | None = None) -> torch.Tensor:
-    """(1 - beta) * CE + beta * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) per token, averaged
-    over tokens (Hinton et al. 2015: T^2 keeps the soft term's gradients at the scale of the hard
-    one's). `student`, `teacher`: [tokens, vocab] logits; `distilled`: [tokens] bool, the tokens the
-    teacher's term applies to (the others keep plain CE); None = all."""
-    if beta == 0.0 or teacher is None:
-        return F.cross_entropy(student, targets)
-    ce = F.cross_entropy(student, targets, reduction="none")
-    log_student = F.log_softmax(student / temperature, dim=-1)
-    log_teacher = F.log_softmax(teacher / temperature, dim=-1)
-    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
-    weight = torch.full_like(ce, beta) if distilled is None else beta * distilled.to(ce.dtype)
-    return ((1.0 - weight) * ce + weight * temperature**2 * kl).mean()
 
 
 def reselect(targets: list[Target], state: TrainState, method, cfg: JobConfig, sparsity: float,
