@@ -80,8 +80,8 @@ def with_sampled_windows(data: dict, overrides: list[str]) -> dict:
     a parent that calls this before its ranks start samples once, and the ranks read the cache."""
     from transformers import AutoTokenizer
 
-    from dist_prune.config import load_config, reads_training_text, sampled_windows_of
-    from dist_prune.generated import sampled_inputs, tuning_windows
+    from dist_prune.config import calibration_split, load_config, sampled_windows_of
+    from dist_prune.generated import sampled_inputs, with_samples
     from dist_prune.io.checkpoint import open_checkpoint
 
     cfg = load_config(None, [f"model.path={data['model']}", *overrides])
@@ -90,10 +90,11 @@ def with_sampled_windows(data: dict, overrides: list[str]) -> dict:
     model = Path(data["model"])
     sampled = sampled_inputs(cfg, model, AutoTokenizer.from_pretrained(model).all_special_ids,
                              open_checkpoint(model).shard_sha256(), show=False)
-    if "training" in sampled:
-        sampled["training"] = tuning_windows(data.get("training") if reads_training_text(cfg) else None,
-                                             sampled["training"])
-    return {**data, **sampled}
+    text = data.get("calibration")
+    if "calibration" in sampled and text is not None:  # the first of its seeded offsets, as job.prepare reads
+        text = text[:calibration_split(cfg)[0]]
+    calibration, training = with_samples(cfg, text, data.get("training"), sampled)
+    return {**data, "calibration": calibration, "training": training}
 
 
 def machine(world: int) -> str:

@@ -51,7 +51,10 @@ VARIANTS = {"wanda-1pass": ("wanda", ["data.calibration.sequential=false"]),
             # each pruned layer tuned towards the dense layer's outputs (dist_prune/block_tuning.py)
             "admm-tuned": ("admm", ["prune.block_tuning.epochs=5"]),
             # the same, calibrated on text the dense model sampled itself (data.calibration.generated)
-            "admm-tuned-sampled": ("admm", ["prune.block_tuning.epochs=5", "data.calibration.generated=true"])}
+            "admm-tuned-sampled": ("admm", ["prune.block_tuning.epochs=5", "data.calibration.generated=true"]),
+            # half of each: WikiText-2 valid's windows, then the dense model's samples
+            "admm-tuned-mixed": ("admm", ["prune.block_tuning.epochs=5", "data.calibration.generated=true",
+                                          "data.calibration.generated_share=0.5"])}
 METHODS = tuple(m for name in ONE_SHOT for m in (name, *[v for v, (base, _) in VARIANTS.items() if base == name]))
 STRUCTURES = ("unstructured", "2:4", "heads", "channels")
 GROUP_METHODS = tuple(name for name, m in REGISTRY.items() if "channels" in m.structures)  # rank groups

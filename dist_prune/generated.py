@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dist_prune.config import JobConfig, sampled_windows_of
+from dist_prune.config import JobConfig, calibration_split, reads_training_text, sampled_windows_of
 from dist_prune.io.checkpoint import cache_dir
 from dist_prune.report import progress
 
@@ -52,11 +52,20 @@ def sampled_inputs(cfg: JobConfig, model_dir: Path, special_ids: list[int], shar
     return out
 
 
-def tuning_windows(text: torch.Tensor | None, sampled: torch.Tensor) -> torch.Tensor:
-    """The fine-tuning windows of a job that samples some: the sampled ones alone, or after the
-    text's (finetune.data.generated_share < 1; train/schedule.step_windows draws the share of each
-    step from these last rows)."""
-    return sampled if text is None else torch.cat([text, sampled])
+def with_samples(cfg: JobConfig, calibration: torch.Tensor | None, training: torch.Tensor | None,
+                 sampled: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The calibration and fine-tuning windows of a job that samples some (`sampled`, by role):
+    the sampled ones alone, or after the text's where a share below 1 mixes the two
+    (data.calibration.generated_share; finetune.data.generated_share, whose
+    train/schedule.step_windows draws the share of each step from these last rows)."""
+    def text_then_sampled(text: torch.Tensor | None, role: str) -> torch.Tensor:
+        return sampled[role] if text is None else torch.cat([text, sampled[role]])
+
+    if "calibration" in sampled:
+        calibration = text_then_sampled(calibration if calibration_split(cfg)[0] else None, "calibration")
+    if "training" in sampled:
+        training = text_then_sampled(training if reads_training_text(cfg) else None, "training")
+    return calibration, training
 
 
 def sampled_windows(model_dir: Path, num_windows: int, seq_len: int, seed: int, *, special_ids: list[int],

@@ -20,12 +20,12 @@ from urllib.parse import urlsplit
 
 from dist_prune import __version__, git_commit
 from dist_prune.io.checkpoint import configure_jit_builds, open_checkpoint, resolve_model
-from dist_prune.config import (JobConfig, config_sha256, reads_calibration_data, reads_training_text,
-                               sampled_windows_of, scope_of, to_dict)
+from dist_prune.config import (JobConfig, calibration_split, config_sha256, reads_calibration_data,
+                               reads_training_text, sampled_windows_of, scope_of, to_dict)
 from dist_prune.data import (calibration_windows, eval_windows, read_text, read_training_text,
                              tokenize, training_windows)
 from dist_prune.errors import UserError
-from dist_prune.generated import sampled_inputs, tuning_windows
+from dist_prune.generated import sampled_inputs, with_samples
 from dist_prune.io.destination import check_destination, check_not_an_input, exclusive
 from dist_prune.io.model_files import check_contained, read_side_file
 from dist_prune.io.formats import format_of
@@ -86,9 +86,10 @@ def prepare(cfg: JobConfig, *, sample: bool = True) -> WorkerJob:
     check_target_shapes(cfg, checkpoint)
     to_sample = sampled_windows_of(cfg)  # windows sampled from the dense model instead of read from a text
     cal = cfg.data.calibration
-    if reads_calibration_data(cfg) and "calibration" not in to_sample:
+    from_text = calibration_split(cfg)[0]  # the rest, if any, sampled from the dense model
+    if reads_calibration_data(cfg) and from_text:
         ids = tokenize(read_text(cal.path, role="calibration"), tokenizer)
-        calibration = calibration_windows(ids, cal.num_samples, cal.seq_len, cal.seed,
+        calibration = calibration_windows(ids, from_text, cal.seq_len, cal.seed,
                                           source=cal.path or "(built-in corpus)")
     if cfg.eval.num_windows > 0:
         ids = tokenize(read_text(cfg.eval.path, role="eval"), tokenizer)
@@ -107,8 +108,7 @@ def prepare(cfg: JobConfig, *, sample: bool = True) -> WorkerJob:
     source_sha256 = checkpoint.shard_sha256()
     if to_sample and sample:  # minutes: after every text above has been read and checked
         sampled = sampled_inputs(cfg, model_dir, tokenizer.all_special_ids, source_sha256, show=True)
-        calibration = sampled.get("calibration", calibration)
-        training = tuning_windows(training, sampled["training"]) if "training" in sampled else training
+        calibration, training = with_samples(cfg, calibration, training, sampled)
     report = {"method": cfg.prune.method, "structure": cfg.prune.structure,
               "scope": scope_of(cfg.prune), "target_sparsity": cfg.prune.sparsity,
               "config_sha256": config_sha256(cfg), "source_model": str(cfg.model.path or model_dir),

@@ -141,8 +141,10 @@ def plan_table(cfg, job, *, cluster: str | None, registry_uri: str | None) -> st
         if role not in sampled:
             return read
         made = f"{sampled[role][0]} windows x {sampled[role][1]} tokens sampled from the dense model"
-        # only tuning mixes the two (finetune.data.generated_share < 1)
-        return made if ids is None else f"{read} + {made} ({cfg.finetune.data.generated_share:.0%} of each step)"
+        if ids is None:
+            return made
+        share = cfg.finetune.data.generated_share if role == "training" else None
+        return f"{read} + {made}" + (f" ({share:.0%} of each step)" if share else "")
 
     p, c = cfg.prune, cfg.cluster
     rows = [("model", f"{job.model_dir} ({job.report['tensors_in_checkpoint']} tensors)"),

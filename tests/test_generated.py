@@ -166,6 +166,37 @@ def test_generated_calibration_is_planned_sampled_and_exclusive_of_a_calibration
     assert err.count("\n") == 1 and "data.calibration.generated=true" in err and "set one of them" in err, err
 
 
+def test_mixed_calibration_reads_the_text_then_samples_the_rest(tiny_llama, text_file, tmp_path, cache,
+                                                                monkeypatch, capsys):
+    """data.calibration.generated_share=0.5 of 4 windows: the first 2 of the text's seeded offsets
+    (the windows a text-only job reads first), then the 2 windows a job sampling 2 samples."""
+    from dist_prune.config import load_config
+    from dist_prune.job import prepare
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    base = [*_small(tiny_llama, text_file), "data.calibration.num_samples=4", "registry.enabled=false"]
+    no_path = [a for a in base if not a.startswith("data.calibration.path")]
+    mixed = [*base, "data.calibration.generated=true", "data.calibration.generated_share=0.5"]
+    assert main(["run", "--dry-run", *mixed]) == 0
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in capsys.readouterr().out.splitlines()[1:])
+    assert rows["calibration"] == (f"2 windows x 16 tokens from {text_file} + 2 windows x 16 tokens sampled "
+                                   "from the dense model")
+    job = prepare(load_config(None, mixed))
+    text_only = prepare(load_config(None, base)).calibration
+    sampled_only = prepare(load_config(None, [*no_path, "data.calibration.generated=true",
+                                              "data.calibration.num_samples=2"])).calibration
+    assert job.calibration.shape == (4, 16)
+    assert torch.equal(job.calibration[:2], text_only[:2]) and torch.equal(job.calibration[2:], sampled_only)
+    capsys.readouterr()
+    for wrong, named in [(["data.calibration.generated_share=0.5"], "set data.calibration.generated=true"),
+                         (["data.calibration.generated=true", "data.calibration.generated_share=0.1"],
+                          "leaves no window to one of the two sources")]:
+        assert main(["run", "--dry-run", *base, *wrong]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "data.calibration.generated_share" in err and named in err, err
+
+
 def test_the_benchmarks_sample_what_a_run_samples(tiny_llama, text_file, tmp_path, cache, monkeypatch):
     """benchmarks/_ranks.py hands the ranks windows directly: for a job that samples, they must be
     the windows `dist-prune run` would sample (job.prepare), the same for calibration and tuning."""
@@ -192,3 +223,9 @@ def test_the_benchmarks_sample_what_a_run_samples(tiny_llama, text_file, tmp_pat
     job = prepare(load_config(None, mixed))
     data = with_sampled_windows({**plain, "training": job.training[:-3]}, mixed)  # the text, as tokens() gives it
     assert torch.equal(data["training"], job.training)  # then the same samples, in the same rows
+    mixed = [*overrides, f"data.calibration.path={text_file}", "data.calibration.num_samples=4",
+             "data.calibration.generated_share=0.5"]
+    job = prepare(load_config(None, mixed))
+    text = prepare(load_config(None, [*mixed[:-1], "data.calibration.generated=false"]))  # the text's alone
+    data = with_sampled_windows({**plain, "calibration": text.calibration}, mixed)  # 4 text windows given
+    assert data["calibration"].shape == (4, 16) and torch.equal(data["calibration"], job.calibration)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dist_prune.config._inputs import (InputPath, input_paths, reads_calibration_data, reads_training_text,
-                                      sampled_windows_of, set_input_path)
+from dist_prune.config._inputs import (InputPath, calibration_split, input_paths, reads_calibration_data,
+                                      reads_training_text, sampled_windows_of, set_input_path)
 from dist_prune.config._parse import apply_overrides, config_from_dict, parse_overrides, read_raw
 from dist_prune.config._schema import (
     CalibrationConfig, ClusterConfig, DataConfig, DistillConfig, EvalConfig, ExportConfig, FinetuneConfig,
@@ -23,7 +23,7 @@ __all__ = [
     "CalibrationConfig", "ClusterConfig", "DataConfig", "DistillConfig", "EvalConfig", "ExportConfig",
     "FinetuneConfig", "FinetuneDataConfig", "InputPath", "JobConfig", "ModelConfig", "NeftuneConfig", "PruneConfig",
     "RegistryConfig", "apply_overrides", "config_from_dict", "config_sha256", "config_yaml", "describe_keys", "doc",
-    "input_paths", "load_config", "parse_overrides", "read_yaml", "reads_calibration_data", "reads_training_text",
+    "calibration_split", "input_paths", "load_config", "parse_overrides", "read_yaml", "reads_calibration_data", "reads_training_text",
     "sampled_windows_of", "scope_of", "set_input_path", "to_dict", "validate",
 ]
 

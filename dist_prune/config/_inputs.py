@@ -26,13 +26,21 @@ def reads_calibration_data(cfg: JobConfig) -> bool:
     return METHODS[cfg.prune.method].needs_calibration_data and cfg.prune.schedule == "oneshot"
 
 
+def calibration_split(cfg: JobConfig) -> tuple[int, int]:
+    """(windows read from the calibration text, windows sampled from the dense model) of the
+    job's data.calibration.num_samples: the text's come first."""
+    cal = cfg.data.calibration
+    sampled = round(cal.num_samples * cal.generated_share) if cal.generated else 0
+    return cal.num_samples - sampled, sampled
+
+
 def sampled_windows_of(cfg: JobConfig) -> dict[str, tuple[int, int, int]]:
     """What the job samples from the dense model instead of reading a text, by role:
     {"calibration" | "training": (windows, tokens each, seed)}."""
     cal, data = cfg.data.calibration, cfg.finetune.data
     wanted = {}
     if cal.generated and reads_calibration_data(cfg):
-        wanted["calibration"] = (cal.num_samples, cal.seq_len, cal.seed)
+        wanted["calibration"] = (calibration_split(cfg)[1], cal.seq_len, cal.seed)
     if data.generated_windows > 0 and cfg.finetune.steps > 0:
         wanted["training"] = (data.generated_windows, data.seq_len, cfg.seed)
     return wanted

@@ -99,6 +99,9 @@ class CalibrationConfig:
     generated: bool = doc(False, "calibrate on num_samples windows sampled from the dense model instead of "
                                  "a text (self-calibration; docs: README, Methods): better on text unlike "
                                  "any calibration text, worse on the text a job would calibrate on")
+    generated_share: float = doc(1.0, "with generated=true, the share of the num_samples windows sampled from "
+                                      "the dense model; below 1 the rest are read from path (or the built-in "
+                                      "corpus): calibration on both", valid="(0, 1]")
     batch_size: int = doc(4, "windows per gradient step, over all workers (taylor, obd, seven); a "
                              "multiple of cluster.num_workers, so every world size takes the same steps",
                              valid="[1, inf)")

@@ -14,7 +14,7 @@ import math
 import re
 from pathlib import Path
 
-from dist_prune.config._inputs import input_paths
+from dist_prune.config._inputs import calibration_split, input_paths
 from dist_prune.config._schema import JobConfig, scope_of
 from dist_prune.errors import UserError
 
@@ -70,9 +70,18 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> None:
     from dist_prune.methods import METHODS  # lazy: imports torch (module docstring)
 
     check_ranges(cfg)
-    _require(not cfg.data.calibration.generated or cfg.data.calibration.path is None,
+    cal = cfg.data.calibration
+    _require(not cal.generated or cal.path is None or cal.generated_share < 1,
              f"data.calibration.generated=true calibrates on text sampled from the dense model instead of "
-             f"data.calibration.path={cfg.data.calibration.path}: set one of them")
+             f"data.calibration.path={cal.path}: set one of them, or data.calibration.generated_share below 1 "
+             f"to mix the two")
+    _require(cal.generated or cal.generated_share == 1,
+             f"data.calibration.generated_share={cal.generated_share} mixes windows sampled from the dense model "
+             f"into the calibration set: set data.calibration.generated=true")
+    _require(cal.generated_share == 1 or 0 not in calibration_split(cfg),
+             f"data.calibration.generated_share={cal.generated_share} of data.calibration.num_samples="
+             f"{cal.num_samples} leaves no window to one of the two sources: raise num_samples or move the share "
+             f"towards 0.5")
     p = cfg.prune
     _require(p.method in METHODS, f"prune.method '{p.method}' is unknown (allowed: {', '.join(METHODS)})")
     method = METHODS[p.method]

@@ -105,7 +105,7 @@ def _loop(training: Training, targets, keeper, noise, cfg: JobConfig, windows, e
         dynamic.load_state_dict(state.alpha)
     global_batch = ft.micro_batch_size * world * ft.gradient_accumulation_steps
     device = training.device
-    # sampled windows mixed into the text's: the last rows of `windows` (generated.tuning_windows)
+    # sampled windows mixed into the text's: the last rows of `windows` (generated.with_samples)
     mixed_in = ft.data.generated_windows if ft.data.generated_share < 1 else 0
     first_sampled = windows.shape[0] - mixed_in
     # finetune.distill.windows=sampled: the teacher's term applies only to rows >= first_sampled
