@@ -76,6 +76,13 @@ ARMS = {  # name -> overrides; the reference first: every other arm is judged ag
         "prune.method=admm", "prune.block_tuning.epochs=5", "data.calibration.generated=true",
         "finetune.neftune.alpha=5", "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5",
         "finetune.distill.beta=1.0", "finetune.distill.temperature=1.0", "finetune.distill.windows=sampled"],
+    # the same recovery from ADMM calibrated on both: 16 windows of WikiText-2 valid, 16 sampled
+    # (data.calibration.generated_share=0.5)
+    "admm 50% block-tuned on WikiText-2 + sampled text, alpha 5, WikiText-2 + sampled text distilled": [
+        "prune.method=admm", "prune.block_tuning.epochs=5", "data.calibration.generated=true",
+        "data.calibration.generated_share=0.5", "finetune.neftune.alpha=5", "finetune.data.generated_windows=200",
+        "finetune.data.generated_share=0.5", "finetune.distill.beta=1.0", "finetune.distill.temperature=1.0",
+        "finetune.distill.windows=sampled"],
     # gradual SEVENdyn on the mix above: the mask is chosen while the model is tuned on both texts,
     # not on WikiText-2 calibration alone (the ablation's best method at 30%, experiment_design.md)
     "cubic SEVENdyn 0 -> 50%, alpha 5, WikiText-2 + sampled text distilled": [
