@@ -66,3 +66,14 @@ def test_without_the_reference_arm_the_table_says_so_instead_of_nan(recovery):
     assert f"The reference arm ({recovery.REFERENCE}) is not measured with these settings." in lines
     assert "| wanda | 54.00 | 24.00 | — | — | 58.00 | 42.00 | — | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
     assert "--name recovery_lr3e-4`; curves: `results/recovery_lr3e-4.png`" in text
+
+
+def test_a_dense_arm_other_than_the_reference_gives_the_untuned_dense_model(recovery):
+    mix = ("finetune.data.generated_share=0.5", "finetune.distill.beta=1.0")
+    arms = {"dense on the mix": _arm(30.0, 22.0, 28.0, 27.0, (*DENSE, *mix), 0.0),
+            "gradual on the mix": _arm(30.0, 27.5, 28.0, 37.0, ("prune.schedule=cubic", *mix))}
+    lines = recovery.table(arms, SETTINGS)
+    assert ("Dense model: 30.00 (WikiText-2), 28.00 (fortunes); the reference arm "
+            f"({recovery.REFERENCE}) is not measured with these settings.") in lines
+    # 27.5 / 22 against the dense arm of the same recipe; no one-shot start, so no half-gap target
+    assert "| gradual on the mix | 30.00 | 27.50 | — | 1.250 | 28.00 | 37.00 | — |" in "\n".join(lines)
