@@ -279,8 +279,8 @@ def table(arms: dict, s: dict, curves: str = "recovery.png") -> list[str]:
             f" ({zeros['zeros_in_targets']:,} / {zeros['pruned']:,})"
         step_s = [r["train/step_seconds"] for r in arm["rows"] if "train/step_seconds" in r]
         ratio = "—" if REFERENCE not in arms else f"{after[''] / tuned['']:.3f}"
-        lines.append(f"| {name} | {before['']:.2f} | {after['']:.2f} | {ratio} | {like_ratio} | "
-                     f"{before[second]:.2f} | {after[second]:.2f} | {met} | {exact} | {m['sparsity']:.4f} | "
+        lines.append(f"| {name} | {_ppl(before[''])} | {after['']:.2f} | {ratio} | {like_ratio} | "
+                     f"{_ppl(before[second])} | {after[second]:.2f} | {met} | {exact} | {m['sparsity']:.4f} | "
                      f"{m.get('seconds_finetune', 0):.0f} | {_median(step_s):.2f} |")
     lines += ["", "Targets for the best 50% arm: WikiText-2 ≤ 1.25 × the dense model tuned alike; fortunes ≤ dense + "
               "½ (before − dense), i.e. tuning closes at least half of the one-shot model's gap on a text it never "
@@ -292,6 +292,12 @@ def table(arms: dict, s: dict, curves: str = "recovery.png") -> list[str]:
               f"`{command(s)}{'' if curves == 'recovery.png' else ' --name ' + Path(curves).stem}`; curves: "
               f"`{Path(RESULTS.name) / curves}`"]
     return lines
+
+
+def _ppl(x: float) -> str:
+    """A perplexity, or '—' where it is unknown (nan: an arm that starts dense, with no dense arm
+    in the table to give the dense model's value)."""
+    return "—" if math.isnan(x) else f"{x:.2f}"
 
 
 def _median(xs: list[float]) -> float:

@@ -77,3 +77,14 @@ def test_a_dense_arm_other_than_the_reference_gives_the_untuned_dense_model(reco
             f"({recovery.REFERENCE}) is not measured with these settings.") in lines
     # 27.5 / 22 against the dense arm of the same recipe; no one-shot start, so no half-gap target
     assert "| gradual on the mix | 30.00 | 27.50 | — | 1.250 | 28.00 | 37.00 | — |" in "\n".join(lines)
+
+
+def test_a_gradual_arm_alone_shows_no_nan_before_tuning(recovery):
+    # measured this way (recovery_600_lr3e-4.md): a cubic arm starts dense and is not evaluated
+    # before tuning, and with no dense arm beside it its start is unknown
+    gradual = _arm(30.0, 21.17, 28.0, 43.06, ("prune.schedule=cubic",))
+    for key in ("perplexity_pruned", "perplexity_pruned.fortunes"):
+        del gradual["metrics"][key]
+    lines = recovery.table({"gradual": gradual}, SETTINGS, "recovery_600_lr3e-4.png")
+    assert "nan" not in "\n".join(lines)
+    assert "| gradual | — | 21.17 | — | — | — | 43.06 | — | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
