@@ -88,3 +88,18 @@ def test_a_gradual_arm_alone_shows_no_nan_before_tuning(recovery):
     lines = recovery.table({"gradual": gradual}, SETTINGS, "recovery_600_lr3e-4.png")
     assert "nan" not in "\n".join(lines)
     assert "| gradual | — | 21.17 | — | — | — | 43.06 | — | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
+
+
+def test_every_arm_is_a_valid_job(recovery):
+    """Each arm's overrides, on top of the shared budget, load and validate as a job config: a
+    misspelt key or a combination the product refuses fails here, not an hour into a run."""
+    from dist_prune.config import load_config, scope_of
+
+    budget = recovery.base_overrides({**SETTINGS, "steps": 600})
+    configs = {name: load_config(None, ["model.path=m.gguf", *budget, *overrides], check_paths=False)
+               for name, overrides in recovery.ARMS.items()}
+    layer = "cubic SEVENdyn 0 -> 50% per layer by step 200, alpha 5, WikiText-2 + sampled text distilled"
+    assert scope_of(configs[layer].prune) == "layer"
+    assert configs[layer].prune.end_step == 200
+    assert scope_of(configs[layer.replace(" per layer", "")].prune) == "global"  # SEVENdyn's default
+    assert configs[recovery.REFERENCE].prune.sparsity == 0.0
