@@ -8,6 +8,7 @@ import os
 import platform
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +96,31 @@ def with_sampled_windows(data: dict, overrides: list[str]) -> dict:
         text = text[:calibration_split(cfg)[0]]
     calibration, training = with_samples(cfg, text, data.get("training"), sampled)
     return {**data, "calibration": calibration, "training": training}
+
+
+class LoadSampler:
+    """The 1-minute load average every `every` seconds while a benchmark runs, in `samples`. Its
+    own ranks count: 2 busy ranks give about 2 on the 2-core machine, so anything above that is
+    other work competing for the cores (and slowing the steps measured beside it)."""
+
+    def __init__(self, every: float = 60.0):
+        self.every, self.samples = every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            self.samples.append(round(os.getloadavg()[0], 2))
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def machine(world: int) -> str:

@@ -18,7 +18,7 @@ import math
 import os
 from pathlib import Path
 
-from _ranks import RESULTS, SECOND_TEXT, machine, run_job, run_ranks, tokens, with_sampled_windows
+from _ranks import RESULTS, SECOND_TEXT, LoadSampler, machine, run_job, run_ranks, tokens, with_sampled_windows
 
 WORLD = 2
 SECOND = SECOND_TEXT.stem  # the metric suffix of the second text: perplexity_sparse.fortunes
@@ -117,6 +117,11 @@ ARMS = {  # name -> overrides; the reference first: every other arm is judged ag
         "prune.interval=50", "finetune.neftune.alpha=5", "finetune.data.generated_windows=200",
         "finetune.data.generated_share=0.5", "finetune.distill.beta=1.0", "finetune.distill.temperature=1.0",
         "finetune.distill.windows=sampled"],
+    # the by-step-150 arm moved earlier again, in as many cuts (every 20 steps to step 100)
+    "cubic SEVENdyn 0 -> 50% by step 100, alpha 5, WikiText-2 + sampled text distilled": [
+        "prune.method=seven", "prune.schedule=cubic", "prune.end_step=100", "prune.interval=20",
+        "finetune.neftune.alpha=5", "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5",
+        "finetune.distill.beta=1.0", "finetune.distill.temperature=1.0", "finetune.distill.windows=sampled"],
     # no movement arm: prune.method movement refuses a warm-up under 5,400 steps, ten times this
     # budget (its scores pruned the largest weights after 4-100 steps: results/movement_study.md)
 }
@@ -183,9 +188,11 @@ def run(args) -> None:
         data = data or tokens(resolve_model(None), training_seq_len=args.seq_len)
         every = [*base_overrides(settings), *overrides]
         with_sampled_windows(data, every)  # sampled here once, read from the cache by the ranks
-        result = run_ranks(_rank_main, every, data, world=WORLD)
+        with LoadSampler() as load:
+            result = run_ranks(_rank_main, every, data, world=WORLD)
         arm_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"arm": name, "overrides": every, **settings, **result}, indent=2, default=str))
+        path.write_text(json.dumps({"arm": name, "overrides": every, **settings, **result,
+                                    "load_average_1min_per_minute": load.samples}, indent=2, default=str))
         print(f"{name}: {json.dumps(_ends(result['metrics']))}", flush=True)
     arms = load_arms(arm_dir)
     lines = table(arms, settings, f"{args.name}.png")
@@ -271,8 +278,8 @@ def table(arms: dict, s: dict, curves: str = "recovery.png") -> list[str]:
              "calibrated or tuned on it).",
              "", _dense_line(arms, dense, tuned), "",
              "| arm | WikiText-2: before | after | × dense tuned | × dense, same recipe | fortunes: before | after | "
-             "half-gap target | exported zeros = pruned | sparsity | tune s | s/step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "half-gap target | exported zeros = pruned | sparsity | tune s | s/step | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     second = "." + SECOND
     starts = {name: {suffix: curve(arm, suffix, dense)[0][1] for suffix in TEXTS} for name, arm in arms.items()}
     # an arm that starts dense has no one-shot gap of its own: it is held to the best one-shot start's
@@ -295,14 +302,15 @@ def table(arms: dict, s: dict, curves: str = "recovery.png") -> list[str]:
         ratio = "—" if REFERENCE not in arms else f"{after[''] / tuned['']:.3f}"
         lines.append(f"| {name} | {_ppl(before[''])} | {after['']:.2f} | {ratio} | {like_ratio} | "
                      f"{_ppl(before[second])} | {after[second]:.2f} | {met} | {exact} | {m['sparsity']:.4f} | "
-                     f"{m.get('seconds_finetune', 0):.0f} | {_median(step_s):.2f} |")
+                     f"{m.get('seconds_finetune', 0):.0f} | {_median(step_s):.2f} | {_load(arm)} |")
     lines += ["", "Targets for the best 50% arm: WikiText-2 ≤ 1.25 × the dense model tuned alike; fortunes ≤ dense + "
               "½ (before − dense), i.e. tuning closes at least half of the one-shot model's gap on a text it never "
               "saw; cubic arms start dense and are held to half the gap of the best one-shot start in the table. "
               "\"Same recipe\" divides by the dense arm tuned on the same data with the same loss (WikiText-2 "
               "alone: the reference). Tune seconds include the evaluations every "
               f"{s['eval_interval']} steps and whatever else ran on this 2-core machine at the time; s/step is the "
-              "median of the logged step times.", "", f"Command (repeat until every arm is measured): "
+              "median of the logged step times; load is the median 1-minute load average sampled every minute of the "
+              "arm (its 2 ranks alone give about 2; — where it was not recorded).", "", f"Command (repeat until every arm is measured): "
               f"`{command(s)}{'' if curves == 'recovery.png' else ' --name ' + Path(curves).stem}`; curves: "
               f"`{Path(RESULTS.name) / curves}`"]
     return lines
@@ -312,6 +320,11 @@ def _ppl(x: float) -> str:
     """A perplexity, or '—' where it is unknown (nan: an arm that starts dense, with no dense arm
     in the table to give the dense model's value)."""
     return "—" if math.isnan(x) else f"{x:.2f}"
+
+
+def _load(arm: dict) -> str:
+    samples = arm.get("load_average_1min_per_minute")
+    return f"{_median(samples):.2f}" if samples else "—"
 
 
 def _median(xs: list[float]) -> float:

@@ -4,6 +4,7 @@ the dense model, and what it shows when the reference arm was not run with the s
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,8 @@ def test_targets_are_judged_against_the_dense_model(recovery):
     lines = recovery.table(arms, SETTINGS)
     assert "Dense model: 30.00 (WikiText-2), 28.00 (fortunes); tuned alike (the reference arm): 20.00, 30.00." in lines
     # half-gap target on fortunes: 28 + (58 - 28) / 2 = 43
-    assert "| wanda | 54.00 | 24.00 | 1.200 | 1.200 | 58.00 | 42.00 | 43.00 met | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
-    assert "| far | 54.00 | 26.00 | 1.300 | 1.300 | 58.00 | 44.00 | 43.00 missed | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
+    assert "| wanda | 54.00 | 24.00 | 1.200 | 1.200 | 58.00 | 42.00 | 43.00 met | yes (8 / 8) | 0.5000 | 10 | 2.00 | — |" in lines
+    assert "| far | 54.00 | 26.00 | 1.300 | 1.300 | 58.00 | 44.00 | 43.00 missed | yes (8 / 8) | 0.5000 | 10 | 2.00 | — |" in lines
 
 
 def test_an_arm_tuned_on_other_data_is_also_judged_against_the_dense_model_tuned_on_that_data(recovery):
@@ -64,7 +65,7 @@ def test_without_the_reference_arm_the_table_says_so_instead_of_nan(recovery):
     text = "\n".join(lines)
     assert "nan" not in text
     assert f"The reference arm ({recovery.REFERENCE}) is not measured with these settings." in lines
-    assert "| wanda | 54.00 | 24.00 | — | — | 58.00 | 42.00 | — | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
+    assert "| wanda | 54.00 | 24.00 | — | — | 58.00 | 42.00 | — | yes (8 / 8) | 0.5000 | 10 | 2.00 | — |" in lines
     assert "--name recovery_lr3e-4`; curves: `results/recovery_lr3e-4.png`" in text
 
 
@@ -87,7 +88,30 @@ def test_a_gradual_arm_alone_shows_no_nan_before_tuning(recovery):
         del gradual["metrics"][key]
     lines = recovery.table({"gradual": gradual}, SETTINGS, "recovery_600_lr3e-4.png")
     assert "nan" not in "\n".join(lines)
-    assert "| gradual | — | 21.17 | — | — | — | 43.06 | — | yes (8 / 8) | 0.5000 | 10 | 2.00 |" in lines
+    assert "| gradual | — | 21.17 | — | — | — | 43.06 | — | yes (8 / 8) | 0.5000 | 10 | 2.00 | — |" in lines
+
+
+def test_the_table_gives_each_arm_its_median_load_where_it_was_recorded(recovery):
+    loaded = {**_arm(54.0, 24.0, 58.0, 42.0), "load_average_1min_per_minute": [2.1, 3.9, 2.5, 2.7]}
+    lines = recovery.table({"loaded": loaded, "older": _arm(54.0, 26.0, 58.0, 44.0)}, SETTINGS)
+    rows = {line.split(" | ")[0]: line.split(" | ")[-1] for line in lines if line.startswith("| ")}
+    assert rows["| loaded"] == "2.60 |"  # median of 4: (2.5 + 2.7) / 2
+    assert rows["| older"] == "— |"
+
+
+def test_the_load_sampler_samples_from_its_start_until_it_is_closed():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _ranks import LoadSampler
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    with LoadSampler(every=0.01) as load:
+        while len(load.samples) < 3:
+            pass
+    closed = len(load.samples)
+    time.sleep(0.05)
+    assert len(load.samples) == closed  # no sampling after the arm ends
+    assert all(isinstance(x, float) and x >= 0 for x in load.samples)
 
 
 def test_every_arm_is_a_valid_job(recovery):
