@@ -99,20 +99,26 @@ def with_sampled_windows(data: dict, overrides: list[str]) -> dict:
 
 
 class LoadSampler:
-    """The 1-minute load average every `every` seconds while a benchmark runs, in `samples`. Its
-    own ranks count: 2 busy ranks give about 2 on the 2-core machine, so anything above that is
-    other work competing for the cores (and slowing the steps measured beside it)."""
+    """What else ran while a benchmark ran, every `every` seconds: `samples`, the 1-minute load
+    average (it counts the benchmark's own runnable threads too: 2 ranks measured 2.2-2.9 on the
+    quiet 2-core machine), and `other_cpu`, the share of all cores' time over each interval spent
+    by processes outside this one and its children: 0 on a quiet machine, 0.25 = half a core."""
 
     def __init__(self, every: float = 60.0):
-        self.every, self.samples = every, []
+        self.every, self.samples, self.other_cpu = every, [], []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
+        before = (*_cpu_ticks(), _own_ticks(os.getpid()))
         while True:
             self.samples.append(round(os.getloadavg()[0], 2))
             if self._stop.wait(self.every):
                 return
+            now = (*_cpu_ticks(), _own_ticks(os.getpid()))
+            busy, total, own = (b - a for a, b in zip(before, now))
+            self.other_cpu.append(round(max(busy - own, 0) / max(total, 1), 3))
+            before = now
 
     def __enter__(self) -> LoadSampler:
         self._thread.start()
@@ -121,6 +127,32 @@ class LoadSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all cores since boot (/proc/stat's first line)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+def _own_ticks(root: int) -> int:
+    """CPU ticks of `root` and every process below it. A reaped child's ticks move into its
+    parent's cutime/cstime, so they are counted once, before and after it exits."""
+    parent, ticks = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # the name in () may hold spaces
+        except OSError:  # exited while listed
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+        ticks[int(stat.parent.name)] = sum(map(int, fields[11:15]))  # utime stime cutime cstime
+    own = 0
+    for pid, n in ticks.items():
+        while pid not in (root, 0, None):
+            pid = parent.get(pid)
+        own += n if pid == root else 0
+    return own
 
 
 def machine(world: int) -> str:

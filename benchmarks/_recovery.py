@@ -192,7 +192,8 @@ def run(args) -> None:
             result = run_ranks(_rank_main, every, data, world=WORLD)
         arm_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"arm": name, "overrides": every, **settings, **result,
-                                    "load_average_1min_per_minute": load.samples}, indent=2, default=str))
+                                    "load_average_1min_per_minute": load.samples,
+                                    "other_cpu_share_per_minute": load.other_cpu}, indent=2, default=str))
         print(f"{name}: {json.dumps(_ends(result['metrics']))}", flush=True)
     arms = load_arms(arm_dir)
     lines = table(arms, settings, f"{args.name}.png")
@@ -278,7 +279,7 @@ def table(arms: dict, s: dict, curves: str = "recovery.png") -> list[str]:
              "calibrated or tuned on it).",
              "", _dense_line(arms, dense, tuned), "",
              "| arm | WikiText-2: before | after | × dense tuned | × dense, same recipe | fortunes: before | after | "
-             "half-gap target | exported zeros = pruned | sparsity | tune s | s/step | load |",
+             "half-gap target | exported zeros = pruned | sparsity | tune s | s/step | load, other CPU |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     second = "." + SECOND
     starts = {name: {suffix: curve(arm, suffix, dense)[0][1] for suffix in TEXTS} for name, arm in arms.items()}
@@ -309,8 +310,9 @@ def table(arms: dict, s: dict, curves: str = "recovery.png") -> list[str]:
               "\"Same recipe\" divides by the dense arm tuned on the same data with the same loss (WikiText-2 "
               "alone: the reference). Tune seconds include the evaluations every "
               f"{s['eval_interval']} steps and whatever else ran on this 2-core machine at the time; s/step is the "
-              "median of the logged step times; load is the median 1-minute load average sampled every minute of the "
-              "arm (its 2 ranks alone give about 2; — where it was not recorded).", "", f"Command (repeat until every arm is measured): "
+              "median of the logged step times; load is the median of the 1-minute load average sampled every minute "
+              "of the arm (its 2 ranks count: 2.2-2.9 on the quiet machine), other CPU the median share of both "
+              "cores' time that processes outside the benchmark took per minute (— where not recorded).", "", f"Command (repeat until every arm is measured): "
               f"`{command(s)}{'' if curves == 'recovery.png' else ' --name ' + Path(curves).stem}`; curves: "
               f"`{Path(RESULTS.name) / curves}`"]
     return lines
@@ -323,8 +325,8 @@ def _ppl(x: float) -> str:
 
 
 def _load(arm: dict) -> str:
-    samples = arm.get("load_average_1min_per_minute")
-    return f"{_median(samples):.2f}" if samples else "—"
+    load, other = arm.get("load_average_1min_per_minute"), arm.get("other_cpu_share_per_minute")
+    return "—" if not load else f"{_median(load):.2f}, " + (f"{_median(other):.0%}" if other else "—")
 
 
 def _median(xs: list[float]) -> float:

@@ -3,6 +3,8 @@ the dense model, and what it shows when the reference arm was not run with the s
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -92,26 +94,43 @@ def test_a_gradual_arm_alone_shows_no_nan_before_tuning(recovery):
 
 
 def test_the_table_gives_each_arm_its_median_load_where_it_was_recorded(recovery):
-    loaded = {**_arm(54.0, 24.0, 58.0, 42.0), "load_average_1min_per_minute": [2.1, 3.9, 2.5, 2.7]}
-    lines = recovery.table({"loaded": loaded, "older": _arm(54.0, 26.0, 58.0, 44.0)}, SETTINGS)
+    loaded = {**_arm(54.0, 24.0, 58.0, 42.0), "load_average_1min_per_minute": [2.1, 3.9, 2.5, 2.7],
+              "other_cpu_share_per_minute": [0.0, 0.5, 0.02]}
+    load_only = {**_arm(54.0, 25.0, 58.0, 43.0), "load_average_1min_per_minute": [2.5]}
+    lines = recovery.table({"loaded": loaded, "load only": load_only, "older": _arm(54.0, 26.0, 58.0, 44.0)},
+                           SETTINGS)
     rows = {line.split(" | ")[0]: line.split(" | ")[-1] for line in lines if line.startswith("| ")}
-    assert rows["| loaded"] == "2.60 |"  # median of 4: (2.5 + 2.7) / 2
+    assert rows["| loaded"] == "2.60, 2% |"  # medians: (2.5 + 2.7) / 2 and 0.02
+    assert rows["| load only"] == "2.50, — |"
     assert rows["| older"] == "— |"
 
 
-def test_the_load_sampler_samples_from_its_start_until_it_is_closed():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from _ranks import LoadSampler
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    with LoadSampler(every=0.01) as load:
-        while len(load.samples) < 3:
-            pass
-    closed = len(load.samples)
+@pytest.fixture(scope="module")
+def ranks(recovery):
+    import _ranks  # importable while `recovery` holds benchmarks/ on the path
+    return _ranks
+
+
+def test_the_load_sampler_samples_from_its_start_until_it_is_closed(ranks):
+    with ranks.LoadSampler(every=0.01) as load:
+        while len(load.other_cpu) < 3:
+            time.sleep(0.005)
+    closed = len(load.samples), len(load.other_cpu)
     time.sleep(0.05)
-    assert len(load.samples) == closed  # no sampling after the arm ends
-    assert all(isinstance(x, float) and x >= 0 for x in load.samples)
+    assert (len(load.samples), len(load.other_cpu)) == closed  # nothing after the arm ends
+    assert len(load.samples) == len(load.other_cpu) + 1  # the first sample has no interval yet
+    assert all(x >= 0 for x in load.samples) and all(0 <= x <= 1 for x in load.other_cpu)
+
+
+def test_a_child_processes_cpu_time_is_its_own_not_other_work(ranks):
+    """The ranks are children of the benchmark, spawned and reaped per arm: their CPU time must
+    count as the benchmark's, before and after they exit, or every arm would report them as
+    other work."""
+    before = ranks._own_ticks(os.getpid())
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                    "while time.process_time() - t < 0.5: pass"], check=True)
+    spent = ranks._own_ticks(os.getpid()) - before
+    assert spent >= 0.4 * os.sysconf("SC_CLK_TCK")  # the reaped child's 0.5 s, in cutime
 
 
 def test_every_arm_is_a_valid_job(recovery):
