@@ -24,14 +24,27 @@ WORLD = 2
 SECOND = SECOND_TEXT.stem  # the metric suffix of the second text: perplexity_sparse.fortunes
 TEXTS = {"": "WikiText-2 test", f".{SECOND}": "fortunes (out of domain)"}
 REFERENCE = "dense, alpha 5 (reference)"
+# the mixed recipe: each step half WikiText-2 valid on cross-entropy, half windows the dense model
+# sampled itself (200 of them), distilled from it (beta 1, T 1; finetune.distill.windows=sampled)
+MIX = ["finetune.data.generated_windows=200", "finetune.data.generated_share=0.5"]
+MIX_DISTILLED = [*MIX, "finetune.distill.beta=1.0", "finetune.distill.temperature=1.0",
+                 "finetune.distill.windows=sampled"]
+
+
+def seven_by(end_step: int, interval: int | None = None, *more: str) -> list[str]:
+    """Gradual SEVENdyn from dense to 50% by `end_step`, re-selected every `interval` steps, alpha 5,
+    tuned on the distilled mix."""
+    every = [] if interval is None else [f"prune.interval={interval}"]
+    return ["prune.method=seven", "prune.schedule=cubic", *more, f"prune.end_step={end_step}", *every,
+            "finetune.neftune.alpha=5", *MIX_DISTILLED]
+
+
 ARMS = {  # name -> overrides; the reference first: every other arm is judged against it
     REFERENCE: ["prune.method=magnitude", "prune.sparsity=0.0", "finetune.neftune.alpha=5"],
     # the dense model tuned with the mixed recipe below (half WikiText-2 valid on cross-entropy, half
     # sampled windows distilled): what that recipe gives without pruning, its arms' like-for-like reference
     "dense, alpha 5, WikiText-2 + sampled text distilled": [
-        "prune.method=magnitude", "prune.sparsity=0.0", "finetune.neftune.alpha=5",
-        "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5", "finetune.distill.beta=1.0",
-        "finetune.distill.temperature=1.0", "finetune.distill.windows=sampled"],
+        "prune.method=magnitude", "prune.sparsity=0.0", "finetune.neftune.alpha=5", *MIX_DISTILLED],
     "wanda 50%, alpha 0": ["prune.method=wanda", "finetune.neftune.alpha=0"],
     "wanda 50%, alpha 5": ["prune.method=wanda", "finetune.neftune.alpha=5"],
     "wanda 50%, dynamic alpha 5": ["prune.method=wanda", "finetune.neftune.alpha=5", "finetune.neftune.dynamic=true"],
@@ -52,21 +65,17 @@ ARMS = {  # name -> overrides; the reference first: every other arm is judged ag
     # the same start, each step half WikiText-2 valid and half the sampled text, cross-entropy on
     # both (finetune.data.generated_share): the text fits WikiText-2, the samples hold the rest
     "admm 50% block-tuned, alpha 5, WikiText-2 + sampled text": [
-        "prune.method=admm", "prune.block_tuning.epochs=5", "finetune.neftune.alpha=5",
-        "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5"],
+        "prune.method=admm", "prune.block_tuning.epochs=5", "finetune.neftune.alpha=5", *MIX],
     # the same mix, the sampled windows distilled (beta 1, T 1) and WikiText-2 valid's kept on
     # cross-entropy (finetune.distill.windows=sampled): the teacher where it knows best
     "admm 50% block-tuned, alpha 5, WikiText-2 + sampled text distilled": [
-        "prune.method=admm", "prune.block_tuning.epochs=5", "finetune.neftune.alpha=5",
-        "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5", "finetune.distill.beta=1.0",
-        "finetune.distill.temperature=1.0", "finetune.distill.windows=sampled"],
+        "prune.method=admm", "prune.block_tuning.epochs=5", "finetune.neftune.alpha=5", *MIX_DISTILLED],
     # the same, the sampled windows also matched layer by layer to the dense model's outputs
     # (finetune.distill.hidden, SquareHead): 30 targets per token instead of one distribution.
     # Measured at 100 steps: worse on both texts (25.29 / 47.81 against 24.12 / 47.36)
     "admm 50% block-tuned, alpha 5, WikiText-2 + sampled text distilled with layer outputs": [
-        "prune.method=admm", "prune.block_tuning.epochs=5", "finetune.neftune.alpha=5",
-        "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5", "finetune.distill.beta=1.0",
-        "finetune.distill.temperature=1.0", "finetune.distill.windows=sampled", "finetune.distill.hidden=1.0"],
+        "prune.method=admm", "prune.block_tuning.epochs=5", "finetune.neftune.alpha=5", *MIX_DISTILLED,
+        "finetune.distill.hidden=1.0"],
     "cubic magnitude 0 -> 50%, alpha 5": ["prune.method=magnitude", "prune.schedule=cubic",
                                           "finetune.neftune.alpha=5"],
     "cubic SEVENdyn 0 -> 50%, alpha 5": ["prune.method=seven", "prune.schedule=cubic", "finetune.neftune.alpha=5"],
@@ -75,59 +84,36 @@ ARMS = {  # name -> overrides; the reference first: every other arm is judged ag
     # (quality.md), a start nearer the dense model on the text nothing is tuned on
     "admm 50% block-tuned on sampled text, alpha 5, WikiText-2 + sampled text distilled": [
         "prune.method=admm", "prune.block_tuning.epochs=5", "data.calibration.generated=true",
-        "finetune.neftune.alpha=5", "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5",
-        "finetune.distill.beta=1.0", "finetune.distill.temperature=1.0", "finetune.distill.windows=sampled"],
+        "finetune.neftune.alpha=5", *MIX_DISTILLED],
     # the same recovery from ADMM calibrated on both: 16 windows of WikiText-2 valid, 16 sampled
     # (data.calibration.generated_share=0.5)
     "admm 50% block-tuned on WikiText-2 + sampled text, alpha 5, WikiText-2 + sampled text distilled": [
         "prune.method=admm", "prune.block_tuning.epochs=5", "data.calibration.generated=true",
-        "data.calibration.generated_share=0.5", "finetune.neftune.alpha=5", "finetune.data.generated_windows=200",
-        "finetune.data.generated_share=0.5", "finetune.distill.beta=1.0", "finetune.distill.temperature=1.0",
-        "finetune.distill.windows=sampled"],
+        "data.calibration.generated_share=0.5", "finetune.neftune.alpha=5", *MIX_DISTILLED],
     # gradual SEVENdyn on the mix above: the mask is chosen while the model is tuned on both texts,
     # not on WikiText-2 calibration alone (the ablation's best method at 30%, experiment_design.md)
     "cubic SEVENdyn 0 -> 50%, alpha 5, WikiText-2 + sampled text distilled": [
-        "prune.method=seven", "prune.schedule=cubic", "finetune.neftune.alpha=5",
-        "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5", "finetune.distill.beta=1.0",
-        "finetune.distill.temperature=1.0", "finetune.distill.windows=sampled"],
+        "prune.method=seven", "prune.schedule=cubic", "finetune.neftune.alpha=5", *MIX_DISTILLED],
     # the same, 50% reached at step 300 whatever the steps: with 600 (the 60-minute budget's
     # worth at 5.1 s a step) half the tuning runs at the final mask, with the learning rate still high
-    "cubic SEVENdyn 0 -> 50% by step 300, alpha 5, WikiText-2 + sampled text distilled": [
-        "prune.method=seven", "prune.schedule=cubic", "prune.end_step=300", "finetune.neftune.alpha=5",
-        "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5", "finetune.distill.beta=1.0",
-        "finetune.distill.temperature=1.0", "finetune.distill.windows=sampled"],
+    "cubic SEVENdyn 0 -> 50% by step 300, alpha 5, WikiText-2 + sampled text distilled": seven_by(300),
     # the same, 50% reached at step 200 (re-selected every 50 steps): measured at 600 steps, the
     # arm above ends 0.2 above 1.25x the dense arm of the same recipe (20.86 against 16.53) and is
     # still falling when the learning rate runs out; this one gives the final mask 400 steps
-    "cubic SEVENdyn 0 -> 50% by step 200, alpha 5, WikiText-2 + sampled text distilled": [
-        "prune.method=seven", "prune.schedule=cubic", "prune.end_step=200", "prune.interval=50",
-        "finetune.neftune.alpha=5", "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5",
-        "finetune.distill.beta=1.0", "finetune.distill.temperature=1.0", "finetune.distill.windows=sampled"],
+    "cubic SEVENdyn 0 -> 50% by step 200, alpha 5, WikiText-2 + sampled text distilled": seven_by(200, 50),
     # the same, 50% reached at step 150 in six smaller cuts (re-selected every 25 steps): the final
     # mask tunes 450 steps, and each cut is chosen from statistics of the weights left by the last
-    "cubic SEVENdyn 0 -> 50% by step 150, alpha 5, WikiText-2 + sampled text distilled": [
-        "prune.method=seven", "prune.schedule=cubic", "prune.end_step=150", "prune.interval=25",
-        "finetune.neftune.alpha=5", "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5",
-        "finetune.distill.beta=1.0", "finetune.distill.temperature=1.0", "finetune.distill.windows=sampled"],
+    "cubic SEVENdyn 0 -> 50% by step 150, alpha 5, WikiText-2 + sampled text distilled": seven_by(150, 25),
     # the by-step-200 arm with one threshold per layer (prune.scope=layer) instead of one over the
     # model: every layer ends at 50%. Measured at 600 steps: worse on both texts (21.29 / 45.04
     # against 20.80 / 42.70), behind from its first cut on
-    "cubic SEVENdyn 0 -> 50% per layer by step 200, alpha 5, WikiText-2 + sampled text distilled": [
-        "prune.method=seven", "prune.schedule=cubic", "prune.scope=layer", "prune.end_step=200",
-        "prune.interval=50", "finetune.neftune.alpha=5", "finetune.data.generated_windows=200",
-        "finetune.data.generated_share=0.5", "finetune.distill.beta=1.0", "finetune.distill.temperature=1.0",
-        "finetune.distill.windows=sampled"],
+    "cubic SEVENdyn 0 -> 50% per layer by step 200, alpha 5, WikiText-2 + sampled text distilled":
+        seven_by(200, 50, "prune.scope=layer"),
     # the by-step-150 arm moved earlier again, in as many cuts (every 20 steps to step 100).
     # Measured at 600 steps: 20.78 / 42.43, behind by-150 on WikiText-2, ahead on fortunes
-    "cubic SEVENdyn 0 -> 50% by step 100, alpha 5, WikiText-2 + sampled text distilled": [
-        "prune.method=seven", "prune.schedule=cubic", "prune.end_step=100", "prune.interval=20",
-        "finetune.neftune.alpha=5", "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5",
-        "finetune.distill.beta=1.0", "finetune.distill.temperature=1.0", "finetune.distill.windows=sampled"],
+    "cubic SEVENdyn 0 -> 50% by step 100, alpha 5, WikiText-2 + sampled text distilled": seven_by(100, 20),
     # the by-step-150 arm in 15 smaller cuts (every 10 steps) instead of 6
-    "cubic SEVENdyn 0 -> 50% by step 150 every 10, alpha 5, WikiText-2 + sampled text distilled": [
-        "prune.method=seven", "prune.schedule=cubic", "prune.end_step=150", "prune.interval=10",
-        "finetune.neftune.alpha=5", "finetune.data.generated_windows=200", "finetune.data.generated_share=0.5",
-        "finetune.distill.beta=1.0", "finetune.distill.temperature=1.0", "finetune.distill.windows=sampled"],
+    "cubic SEVENdyn 0 -> 50% by step 150 every 10, alpha 5, WikiText-2 + sampled text distilled": seven_by(150, 10),
     # no movement arm: prune.method movement refuses a warm-up under 5,400 steps, ten times this
     # budget (its scores pruned the largest weights after 4-100 steps: results/movement_study.md)
 }
@@ -318,7 +304,8 @@ def table(arms: dict, s: dict, curves: str = "recovery.png") -> list[str]:
               f"{s['eval_interval']} steps and whatever else ran on this 2-core machine at the time; s/step is the "
               "median of the logged step times; load is the median of the 1-minute load average sampled every minute "
               "of the arm (its 2 ranks count: 2.2-2.9 on the quiet machine), other CPU the median share of both "
-              "cores' time that processes outside the benchmark took per minute (— where not recorded).", "", f"Command (repeat until every arm is measured): "
+              "cores' time that processes outside the benchmark took per minute (— where not recorded).", "",
+              "Command (repeat until every arm is measured): "
               f"`{command(s)}{'' if curves == 'recovery.png' else ' --name ' + Path(curves).stem}`; curves: "
               f"`{Path(RESULTS.name) / curves}`"]
     return lines
